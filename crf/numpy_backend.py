@@ -1,0 +1,45 @@
+"""Mean-field inference in numpy on the permutohedral lattice (the portable CPU backend)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .features import bilateral_features, softmax_rows, spatial_features
+from .lattice import PermutohedralLattice
+from .params import CRFParams
+
+
+class _Kernel:
+    """One Gaussian kernel with its lattice and normaliser, built once per image."""
+
+    def __init__(self, features: np.ndarray, weight: float, normalization: str):
+        self.lattice = PermutohedralLattice(features)
+        norm = self.lattice.filter(np.ones((features.shape[0], 1), np.float32))[:, 0]
+        if normalization == "symmetric":
+            self.norm = (1.0 / np.sqrt(norm + 1e-20)).astype(np.float32)[:, None]
+        else:
+            self.norm = (1.0 / (norm + 1e-20)).astype(np.float32)[:, None]
+        self.symmetric = normalization == "symmetric"
+        self.weight = np.float32(weight)
+
+    def message(self, q: np.ndarray) -> np.ndarray:
+        """w * normalised K q (Potts: the compatibility is -w, subtracted in the update)."""
+        x = q * self.norm if self.symmetric else q
+        return self.weight * (self.lattice.filter(x) * self.norm)
+
+
+def mean_field(unary: np.ndarray, image: np.ndarray, params: CRFParams) -> np.ndarray:
+    """unary (C, H, W) float32 -log p, image H x W x 3 uint8 -> marginals (C, H, W) float32."""
+    c, h, w = unary.shape
+    u = np.ascontiguousarray(unary.reshape(c, h * w).T)  # (N, C)
+    q = softmax_rows(-u)
+    if params.iterations > 0:
+        kernels = [
+            _Kernel(spatial_features(h, w, params), params.pos_w, params.normalization),
+            _Kernel(bilateral_features(image, params), params.bi_w, params.normalization),
+        ]
+        for _ in range(params.iterations):
+            t = -u
+            for k in kernels:
+                t = t + k.message(q)
+            q = softmax_rows(t)
+    return np.ascontiguousarray(q.T.reshape(c, h, w))

@@ -1,0 +1,38 @@
+"""CRF parameters; the defaults are those of the released DeepLab-LargeFOV test.prototxt."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+NORMALIZATIONS = ("after", "symmetric")
+
+
+@dataclass(frozen=True)
+class CRFParams:
+    """Fully connected CRF of DeepLab v1 (Krähenbühl & Koltun 2011, Potts model).
+
+    bi_w / bi_xy_std / bi_rgb_std: appearance kernel weight w1 and bandwidths sigma_alpha (pixels),
+    sigma_beta (0..255 colour units). pos_w / pos_xy_std: smoothness kernel weight w2 and sigma_gamma.
+    normalization: "after" (the 2011 code DeepLab shipped: per-pixel 1/norm after filtering) or
+    "symmetric" (pydensecrf's default: D^-1/2 K D^-1/2).
+    """
+
+    bi_w: float = 5.0
+    bi_xy_std: float = 50.0
+    bi_rgb_std: float = 10.0
+    pos_w: float = 3.0
+    pos_xy_std: float = 3.0
+    iterations: int = 10
+    normalization: str = "after"
+
+    def __post_init__(self) -> None:
+        for name in ("bi_w", "bi_xy_std", "bi_rgb_std", "pos_w", "pos_xy_std"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"CRFParams.{name} must be a finite number > 0, got {v!r}")
+        if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 0:
+            raise ValueError(f"CRFParams.iterations must be an int >= 0, got {self.iterations!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"CRFParams.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
+            )

@@ -1,0 +1,183 @@
+"""Weight import and export: PyTorch state dicts, safetensors, released Caffe models, ImageNet VGG-16.
+
+Every loader returns a state dict in *our* naming (caffemodel layer names, ``conv1_1.weight``) and
+every path into a model goes through :func:`load_into`, which checks names and shapes and names
+what is missing, unexpected or mis-shaped instead of loading half a network.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from .model import DeepLabV1, ModelConfig
+
+
+class WeightsError(ValueError):
+    """Weights that do not fit the model, with the layers concerned named."""
+
+
+# Prefixes that training wrappers commonly add (DataParallel, our export wrapper, Lightning).
+_PREFIXES = ("module.", "net.", "model.")
+
+
+def _canonical_name(key: str) -> str:
+    for p in _PREFIXES:
+        if key.startswith(p):
+            key = key[len(p):]
+    layer, _, param = key.partition(".")
+    if layer.startswith("fc8"):  # fc8_voc12, fc8_pascal, ... : the classifier, whatever its dataset
+        layer = "fc8"
+    return f"{layer}.{param}" if param else layer
+
+
+def normalise_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_canonical_name(k): v for k, v in state.items()}
+
+
+def load_into(model: DeepLabV1, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
+    """Copy ``state`` into ``model`` after checking that every layer is present with its shape."""
+    state = normalise_keys(state)
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    wrong = []
+    for k, v in expected.items():
+        if k in state and tuple(state[k].shape) != tuple(v.shape):
+            wrong.append(f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}")
+    problems = []
+    if wrong:
+        hint = ""
+        if any(w.startswith("fc8.") for w in wrong):
+            n = state["fc8.weight"].shape[0]
+            hint = f" (the file has {n} classes, the model {model.config.num_classes}: pass --num-classes {n})"
+        problems.append("shape mismatch: " + "; ".join(wrong) + hint)
+    if missing:
+        problems.append("missing layers: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected layers: " + ", ".join(unexpected))
+    if problems:
+        raise WeightsError(f"{source} does not fit DeepLab {model.config}: " + " | ".join(problems))
+    model.load_state_dict({k: torch.as_tensor(state[k]) for k in expected}, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Our checkpoint format: safetensors (or .pt/.pth) + metadata describing the model.
+
+def save_checkpoint(model: DeepLabV1, path: str | Path, class_names=None, palette=None) -> None:
+    """Save weights plus the config, class names and palette needed to rebuild and label them."""
+    from safetensors.torch import save_file
+
+    meta = {"deeplab_config": json.dumps(model.config.to_dict())}
+    if class_names is not None:
+        meta["class_names"] = json.dumps(list(class_names))
+    if palette is not None:
+        meta["palette"] = json.dumps([list(map(int, c)) for c in palette])
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a .safetensors / .pt / .pth file: (state dict, metadata dict possibly empty)."""
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"weights file not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+                raw = f.metadata() or {}
+        except Exception as e:  # safetensors raises its own error types
+            raise WeightsError(f"cannot read safetensors file {p}: {e}") from e
+        meta = {k: json.loads(v) for k, v in raw.items() if k in ("deeplab_config", "class_names", "palette")}
+        return state, meta
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"cannot read PyTorch checkpoint {p}: {e}") from e
+    meta = {}
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        meta = {k: obj[k] for k in ("deeplab_config", "class_names", "palette") if k in obj}
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{p} is not a state dict (a mapping of names to tensors)")
+    return obj, meta
+
+
+def infer_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """Guess variant, width and class count from the tensor shapes of a DeepLab state dict."""
+    state = normalise_keys(state)
+    for needed in ("conv1_1.weight", "fc6.weight", "fc8.weight"):
+        if needed not in state:
+            raise WeightsError(f"not a DeepLab v1 state dict: no {needed}")
+    width = state["conv1_1.weight"].shape[0] / 64
+    k = state["fc6.weight"].shape[-1]
+    variant = {3: "largefov", 7: "7x7", 4: "4x4"}.get(k)
+    if variant is None:
+        raise WeightsError(f"fc6 has a {k}x{k} kernel: not a DeepLab v1 head (3, 4 or 7)")
+    return ModelConfig(num_classes=int(state["fc8.weight"].shape[0]), variant=variant, width=width)
+
+
+def load_model(path: str | Path, config: ModelConfig | None = None) -> tuple[DeepLabV1, dict]:
+    """Build a DeepLabV1 from any supported weights file; returns (model in eval mode, metadata)."""
+    p = Path(path)
+    if p.suffix == ".caffemodel":
+        from .caffe import read_caffemodel
+
+        state, meta = read_caffemodel(p, config or ModelConfig()), {}
+    else:
+        state, meta = read_checkpoint(p)
+    if config is None:
+        config = ModelConfig(**meta["deeplab_config"]) if "deeplab_config" in meta else infer_config(state)
+    model = DeepLabV1(config)
+    load_into(model, state, source=str(p))
+    return model.eval(), meta
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet VGG-16 (torchvision layout) -> DeepLab initialisation, as the paper did.
+
+_TV_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # torchvision vgg16().features indices
+
+
+def vgg16_to_deeplab(vgg: Mapping[str, torch.Tensor], config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Map a torchvision VGG-16 state dict onto DeepLab (LargeFOV or a 4x4/7x7 head).
+
+    Convolutions map one to one. fc6 (4096 x 25088 = 4096 x 512 x 7 x 7) is spatially decimated to
+    the head's kernel and its filters subsampled to the head's channel count; fc7 is subsampled on
+    both axes likewise (the paper: LargeFOV keeps 1,024 of 4,096 filters, 3x3 of 7x7). fc8 is new:
+    Gaussian std 0.01, bias 0, as in the DeepLab prototxt.
+    """
+    from .model import HEADS, VGG_BLOCKS
+
+    if config.width != 1.0:
+        raise WeightsError("ImageNet VGG-16 weights only fit width 1.0")
+    names = [n for block in VGG_BLOCKS for n, _ in block]
+    out: dict[str, torch.Tensor] = {}
+    for name, idx in zip(names, _TV_CONVS):
+        for param in ("weight", "bias"):
+            key = f"features.{idx}.{param}"
+            if key not in vgg:
+                raise WeightsError(f"not a torchvision VGG-16 state dict: no {key}")
+            out[f"{name}.{param}"] = vgg[key]
+    for key in ("classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias"):
+        if key not in vgg:
+            raise WeightsError(f"not a torchvision VGG-16 state dict: no {key}")
+    head = HEADS[config.variant]
+    k, c = head["kernel"], head["channels"]
+    fc6 = vgg["classifier.0.weight"].reshape(4096, 512, 7, 7)
+    keep = torch.arange(0, 4096, 4096 // c)[:c]
+    taps = torch.round(torch.linspace(0, 6, k)).long()  # 3x3: rows/cols 0, 3, 6
+    out["fc6.weight"] = fc6[keep][:, :, taps][:, :, :, taps].contiguous()
+    out["fc6.bias"] = vgg["classifier.0.bias"][keep].clone()
+    out["fc7.weight"] = vgg["classifier.3.weight"][keep][:, keep].reshape(c, c, 1, 1).contiguous()
+    out["fc7.bias"] = vgg["classifier.3.bias"][keep].clone()
+    g = torch.Generator().manual_seed(seed)
+    out["fc8.weight"] = torch.randn(config.num_classes, c, 1, 1, generator=g) * 0.01
+    out["fc8.bias"] = torch.zeros(config.num_classes)
+    return out

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Train a small DeepLab v1 (same topology as LargeFOV, reduced width) on generated scenes, on the CPU.
+
+    python tools/train.py --out models/deeplab_shapes.safetensors
+
+Deterministic: scenes come from tools.scenes with seeds 0.. (the held-out set used by
+tools/evaluate.py starts at seed 1,000,000), and torch is seeded. Loss: softmax cross-entropy on
+the align-corners upsampled scores, as the deployed pipeline sees them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from export.model import DeepLabPipeline, DeepLabV1, ModelConfig  # noqa: E402
+from export.weights import save_checkpoint  # noqa: E402
+from tools.scenes import CLASS_NAMES, PALETTE, make_scene  # noqa: E402
+
+
+def batch(seeds, size):
+    pairs = [make_scene(int(s), size, size) for s in seeds]
+    images = torch.from_numpy(np.stack([p[0] for p in pairs]))
+    labels = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
+    return images, labels
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="models/deeplab_shapes.safetensors")
+    ap.add_argument("--width", type=float, default=0.125, help="channel width multiplier")
+    ap.add_argument("--iters", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=12)
+    ap.add_argument("--size", type=int, default=161, help="training crop side (8k+1)")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    config = ModelConfig(num_classes=len(CLASS_NAMES), variant="largefov", width=args.width)
+    net = DeepLabV1(config)
+    # He initialisation: a 16-layer plain ReLU net without batch norm trains from scratch only
+    # when the signal neither vanishes nor explodes through depth.
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            torch.nn.init.zeros_(m.bias)
+    torch.nn.init.normal_(net.fc8.weight, std=0.01)
+    pipe = DeepLabPipeline(net).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.iters, pct_start=0.1)
+    # Class weights counter the dominance of background pixels.
+    weight = torch.tensor([0.5] + [1.0] * (len(CLASS_NAMES) - 1))
+    t0 = time.time()
+    bar = tqdm(range(args.iters), desc="train", unit="it")
+    ema = None
+    for it in bar:
+        seeds = np.arange(it * args.batch, (it + 1) * args.batch) + args.seed * 10_000_000
+        images, labels = batch(seeds, args.size)
+        if it % 2:  # mirroring, as DeepLab trained
+            images, labels = images.flip(2), labels.flip(2)
+        scores = pipe(images)
+        loss = F.cross_entropy(scores, labels, weight=weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(net.eval(), args.out, class_names=CLASS_NAMES, palette=PALETTE)
+    print(f"saved {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB) after {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
