@@ -1,0 +1,74 @@
+"""Class names, colour palettes, colour masks, overlays and indexed (VOC-style) PNG files."""
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map (RGB, n x 3 uint8): bit-interleaved label index."""
+    pal = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+def check_palette(palette, num_classes: int) -> np.ndarray:
+    pal = np.asarray(palette)
+    if pal.ndim != 2 or pal.shape[1] != 3 or pal.shape[0] < num_classes:
+        raise ValueError(f"palette must be (>= {num_classes}) x 3 RGB, got shape {pal.shape}")
+    if pal.min() < 0 or pal.max() > 255:
+        raise ValueError("palette values must be in 0..255")
+    return pal.astype(np.uint8)
+
+
+def colour_mask(labels: np.ndarray, palette_rgb: np.ndarray) -> np.ndarray:
+    """H x W labels -> H x W x 3 uint8 BGR colour image (OpenCV order)."""
+    return np.ascontiguousarray(palette_rgb[labels][:, :, ::-1])
+
+
+def blend(image_bgr: np.ndarray, labels: np.ndarray, palette_rgb: np.ndarray, alpha: float = 0.5,
+          skip_background: bool = True) -> np.ndarray:
+    """Overlay class colours on the image; label 0 left untouched when skip_background."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if image_bgr.shape[:2] != labels.shape:
+        raise ValueError(f"image {image_bgr.shape[:2]} and labels {labels.shape} differ in size")
+    colours = colour_mask(labels, palette_rgb).astype(np.float32)
+    out = image_bgr.astype(np.float32)
+    sel = labels != 0 if skip_background else np.ones(labels.shape, bool)
+    out[sel] = (1 - alpha) * out[sel] + alpha * colours[sel]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def write_indexed_png(path: str | Path, labels: np.ndarray, palette_rgb: np.ndarray) -> None:
+    """Write labels as an 8-bit palettised PNG (the VOC ground-truth format) without Pillow."""
+    if labels.dtype != np.uint8 or labels.ndim != 2:
+        raise ValueError(f"labels must be H x W uint8, got {labels.dtype} {labels.shape}")
+    h, w = labels.shape
+    pal = np.zeros((256, 3), np.uint8)
+    n = min(256, len(palette_rgb))
+    pal[:n] = palette_rgb[:n]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), labels], axis=1).tobytes()  # filter 0 per row
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
+           + chunk(b"PLTE", pal.tobytes()) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    Path(path).write_bytes(png)

@@ -1,0 +1,190 @@
+"""``Segmenter``: image -> preprocess -> network -> (upsampled in-graph) -> CRF -> labels.
+
+    from runtime import Segmenter
+    seg = Segmenter("models/deeplab_shapes.onnx")
+    result = seg("samples/scene_0.png")       # or a BGR uint8 array, or a list of them
+    cv2.imwrite("overlay.png", seg.overlay(result))
+    print(result.labels.shape, result.timings)
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from crf import CRFParams, refine
+from crf.features import unary_from_scores
+
+from .contract import (DEFAULT_MAX_SIZE, ImageError, ImageLike, aligned_size, as_bgr_uint8, fit_scale,
+                       load_image, pad_image)
+from .palette import VOC_CLASSES, blend, check_palette, colour_mask, voc_palette
+
+_DEFAULT = object()
+
+
+@dataclass
+class Segmentation:
+    """Result of one image. labels: H x W uint8 class ids. probabilities: C x H x W float32 (CRF
+    marginals, or the network's softmax without CRF), only when asked for. timings: milliseconds
+    per stage (preprocess, network, crf, postprocess, total). image: the BGR image segmented."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    timings: dict[str, float]
+    image: np.ndarray = field(repr=False)
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    return np.exp(-unary_from_scores(scores))
+
+
+def _resize_scores(scores: np.ndarray, h: int, w: int) -> np.ndarray:
+    """C x h0 x w0 -> C x h x w, bilinear align-corners-free (cv2), in chunks of <= 512 channels."""
+    import cv2
+
+    out = np.empty((scores.shape[0], h, w), np.float32)
+    for c0 in range(0, scores.shape[0], 512):
+        part = np.ascontiguousarray(scores[c0:c0 + 512].transpose(1, 2, 0))
+        r = cv2.resize(part, (w, h), interpolation=cv2.INTER_LINEAR)
+        out[c0:c0 + 512] = r.reshape(h, w, -1).transpose(2, 0, 1)
+    return out
+
+
+class Segmenter:
+    """DeepLab v1 segmentation with the dense CRF, for embedded apps.
+
+    model_path: an .onnx exported by tools/export.py. crf: CRFParams (default: DeepLab-LargeFOV's)
+    or None to skip the CRF. backend: "auto" or "onnxruntime" for the network. class_names /
+    palette (RGB rows): override the model's (from its metadata) or VOC's. max_size: images with a
+    side above it are shrunk for the network and the scores resized back (see runtime.contract).
+    input_size: (H, W) to pad every image to a fixed network size instead of the next 8k+1.
+    """
+
+    def __init__(self, model_path: str | Path, crf: CRFParams | None = _DEFAULT, backend: str = "auto",  # type: ignore[assignment]
+                 class_names: Sequence[str] | None = None, palette=None, max_size: int = DEFAULT_MAX_SIZE,
+                 input_size: tuple[int, int] | None = None, crf_backend: str = "auto", threads: int | None = None):
+        path = Path(model_path)
+        if backend not in ("auto", "onnxruntime"):
+            raise ValueError(f"unknown backend {backend!r}: choose 'auto' or 'onnxruntime'")
+        if path.suffix in (".engine", ".plan", ".trt"):
+            raise ValueError(f"{path}: TensorRT engines are not run by this release of the runtime; "
+                             "pass the .onnx (ONNX Runtime backend)")
+        from .onnx_backend import OnnxRuntimeNetwork
+
+        self.network = OnnxRuntimeNetwork(path, threads=threads)
+        self.backend = self.network.name
+        self.crf_params = CRFParams() if crf is _DEFAULT else crf
+        if self.crf_params is not None and not isinstance(self.crf_params, CRFParams):
+            raise TypeError(f"crf must be CRFParams or None, got {type(crf).__name__}")
+        self.crf_backend = crf_backend
+        if max_size < 9:
+            raise ValueError(f"max_size must be >= 9, got {max_size}")
+        self.max_size = int(max_size)
+        if input_size is not None:
+            input_size = (int(input_size[0]), int(input_size[1]))
+            if min(input_size) < 1:
+                raise ValueError(f"input_size must be positive, got {input_size}")
+        self.input_size = input_size
+        meta = self.network.metadata
+        n = self.network.num_classes
+        if n > 256:
+            raise ValueError(f"{n} classes: labels are uint8, at most 256 classes are supported")
+        self.num_classes = n
+        if class_names is None:
+            class_names = json.loads(meta["class_names"]) if "class_names" in meta else (
+                VOC_CLASSES if n == len(VOC_CLASSES) else [f"class_{i}" for i in range(n)])
+        if len(class_names) != n:
+            raise ValueError(f"{len(class_names)} class names for a {n}-class model")
+        self.class_names = tuple(class_names)
+        if palette is None:
+            palette = json.loads(meta["palette"]) if "palette" in meta else voc_palette(n)
+        self.palette = check_palette(palette, n)
+
+    # -- segNet-style accessors ---------------------------------------------------------------
+    def class_name(self, i: int) -> str:
+        return self.class_names[i]
+
+    def class_color(self, i: int) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.palette[i])  # type: ignore[return-value]
+
+    def mask(self, result: Segmentation) -> np.ndarray:
+        """Colour mask (H x W x 3 BGR uint8) of a result."""
+        return colour_mask(result.labels, self.palette)
+
+    def overlay(self, result: Segmentation, alpha: float = 0.5, skip_background: bool = True) -> np.ndarray:
+        """The segmented image with class colours blended in (BGR uint8)."""
+        return blend(result.image, result.labels, self.palette, alpha, skip_background)
+
+    # -- segmentation ---------------------------------------------------------------------------
+    def __call__(self, images, return_probabilities: bool = False):
+        return self.seg(images, return_probabilities)
+
+    def seg(self, images, return_probabilities: bool = False):
+        """Segment one image (path or BGR uint8 array) -> Segmentation, or a list -> list."""
+        if isinstance(images, (list, tuple)):
+            return self._seg_batch(list(images), return_probabilities)
+        return self._seg_batch([images], return_probabilities)[0]
+
+    def _prepare(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray, float]:
+        import cv2
+
+        img = load_image(image) if isinstance(image, (str, Path)) else as_bgr_uint8(image)
+        h, w = img.shape[:2]
+        s = fit_scale(h, w, self.max_size)
+        net_img = img
+        if s < 1.0:
+            net_img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+        return img, net_img, s
+
+    def _padded_size(self, h: int, w: int) -> tuple[int, int]:
+        if self.input_size is not None:
+            if h > self.input_size[0] or w > self.input_size[1]:
+                raise ImageError(f"image {h}x{w} (after max_size shrinking) exceeds input_size {self.input_size}")
+            return self.input_size
+        return aligned_size(h), aligned_size(w)
+
+    def _seg_batch(self, images: list, return_probabilities: bool) -> list[Segmentation]:
+        if not images:
+            return []
+        t0 = time.perf_counter()
+        prepared = [self._prepare(im) for im in images]
+        t_pre = (time.perf_counter() - t0) * 1e3 / len(images)
+        # Images that pad to the same network size run as one batch.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_, net_img, _) in enumerate(prepared):
+            groups.setdefault(self._padded_size(*net_img.shape[:2]), []).append(i)
+        results: list[Segmentation | None] = [None] * len(images)
+        for (ph, pw), idx in groups.items():
+            t1 = time.perf_counter()
+            batch = np.stack([pad_image(prepared[i][1], ph, pw) for i in idx])
+            t_pad = (time.perf_counter() - t1) * 1e3 / len(idx)
+            t1 = time.perf_counter()
+            scores = self.network(batch)
+            t_net = (time.perf_counter() - t1) * 1e3 / len(idx)
+            for j, i in enumerate(idx):
+                img, net_img, s = prepared[i]
+                timings = {"preprocess": t_pre + t_pad, "network": t_net}
+                t2 = time.perf_counter()
+                nh, nw = net_img.shape[:2]
+                sc = scores[j, :, :nh, :nw]  # crop top-left
+                if s < 1.0:
+                    sc = _resize_scores(sc, *img.shape[:2])
+                sc = np.ascontiguousarray(sc, np.float32)
+                timings["postprocess"] = (time.perf_counter() - t2) * 1e3
+                t2 = time.perf_counter()
+                if self.crf_params is not None:
+                    probs = refine(sc, img, self.crf_params, backend=self.crf_backend)
+                    timings["crf"] = (time.perf_counter() - t2) * 1e3
+                else:
+                    probs = _softmax(sc) if return_probabilities else None
+                    timings["crf"] = 0.0
+                t2 = time.perf_counter()
+                labels = (probs if probs is not None else sc).argmax(axis=0).astype(np.uint8)
+                timings["postprocess"] += (time.perf_counter() - t2) * 1e3
+                timings["total"] = sum(timings.values())
+                results[i] = Segmentation(labels, probs if return_probabilities else None, timings, img)
+        return results  # type: ignore[return-value]

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BUNDLED = ROOT / "models" / "deeplab_shapes.safetensors"
+SAMPLES = ROOT / "samples"
+
+
+def realistic_init(net, seed: int = 0, logit_std: float = 4.0):
+    """He-initialise a network (as training starts) and scale fc8 so that logits have a spread like
+    a trained model's: with PyTorch's default init the logits of a deep plain net are ~1e-2 and any
+    numerical comparison of them is vacuous."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.01)
+        x = torch.full((1, 3, 65, 65), 0.0)
+        x += torch.randn(x.shape, generator=g) * 60
+        std = float(net.eval()(x).std())
+        net.fc8.weight.mul_(logit_std / max(std, 1e-12))
+        net.fc8.bias.zero_()
+    return net.eval()
+
+
+@pytest.fixture(scope="session")
+def bundled_onnx(tmp_path_factory) -> Path:
+    """The bundled model exported once per test session."""
+    from export.onnx_export import export_onnx
+    from export.weights import load_model
+
+    model, meta = load_model(BUNDLED)
+    out = tmp_path_factory.mktemp("bundled") / "deeplab_shapes.onnx"
+    return export_onnx(model, out, class_names=meta.get("class_names"), palette=meta.get("palette"))
+
+
+def photo(name: str, width: int | None = None) -> np.ndarray:
+    """A real photograph shipped inside scikit-image, as BGR uint8, optionally resized to width."""
+    import cv2
+    from skimage import data
+
+    img = getattr(data, name)()
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=2)
+    img = np.ascontiguousarray(img[:, :, :3][:, :, ::-1])
+    if width is not None:
+        h = round(img.shape[0] * width / img.shape[1])
+        img = cv2.resize(img, (width, h), interpolation=cv2.INTER_AREA)
+    return img
+
+
+def smooth_logits(h: int, w: int, c: int, seed: int = 0, scale: float = 3.0, cell: int = 16) -> np.ndarray:
+    """Spatially smooth random logits (C, H, W) float32, like upsampled network scores."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    lo = rng.normal(0, scale, (c, h // cell + 2, w // cell + 2)).astype(np.float32)
+    return np.stack([cv2.resize(l, (w, h), interpolation=cv2.INTER_LINEAR) for l in lo]).astype(np.float32)

@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Export DeepLab v1 weights to ONNX, and to a TensorRT engine when TensorRT is installed.
+
+    python tools/export.py models/deeplab_shapes.safetensors --out out/deeplab_shapes.onnx
+    python tools/export.py train2_iter_8000.caffemodel --num-classes 21 --out out/largefov.onnx
+    python tools/export.py vgg16.pth --from-vgg16 --num-classes 21 --out out/init.onnx
+    python tools/export.py ckpt.pth --out out/m.onnx --engine out/m.engine --fp16
+
+Weights: our .safetensors (carries its config and class names), PyTorch .pt/.pth state dicts
+(config inferred from shapes unless given), released Caffe .caffemodel files, or a torchvision
+ImageNet VGG-16 state dict (--from-vgg16: fc6/fc7 decimated as in the paper, fresh fc8).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_hw(s: str) -> tuple[int, int]:
+    h, _, w = s.lower().partition("x")
+    return int(h), int(w or h)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("weights", help=".safetensors, .pt/.pth, .caffemodel, or a VGG-16 state dict with --from-vgg16")
+    ap.add_argument("--out", help="ONNX path (default: next to the weights, .onnx)")
+    ap.add_argument("--num-classes", type=int, help="classes (default: from the weights)")
+    ap.add_argument("--variant", choices=["largefov", "7x7", "4x4"], help="head (default: from the weights)")
+    ap.add_argument("--width", type=float, help="width multiplier (default: from the weights)")
+    ap.add_argument("--from-vgg16", action="store_true", help="weights are a torchvision ImageNet VGG-16 state dict")
+    ap.add_argument("--class-names", help="comma-separated class names to store in the model")
+    ap.add_argument("--engine", help="also build a TensorRT engine at this path (needs TensorRT)")
+    ap.add_argument("--fp16", action="store_true", help="TensorRT FP16 (TensorRT <= 10)")
+    ap.add_argument("--min-size", type=parse_hw, default=(65, 65), metavar="HxW")
+    ap.add_argument("--opt-size", type=parse_hw, default=(513, 513), metavar="HxW")
+    ap.add_argument("--max-size", type=parse_hw, default=(1025, 1025), metavar="HxW")
+    ap.add_argument("--max-batch", type=int, default=1)
+    ap.add_argument("--timing-cache", help="TensorRT timing cache file (read and updated)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from export.caffe import CaffeModelError
+    from export.model import DeepLabV1, ModelConfig
+    from export.onnx_export import export_onnx
+    from export.weights import WeightsError, infer_config, load_into, load_model, read_checkpoint, vgg16_to_deeplab
+
+    src = Path(args.weights)
+    t0 = time.perf_counter()
+    try:
+        if args.from_vgg16:
+            config = ModelConfig(num_classes=args.num_classes or 21, variant=args.variant or "largefov",
+                                 width=args.width or 1.0)
+            vgg, _ = read_checkpoint(src)
+            model = DeepLabV1(config)
+            load_into(model, vgg16_to_deeplab(vgg, config), source=str(src))
+            model.eval()
+            meta: dict = {}
+        else:
+            config = None
+            if args.num_classes or args.variant or args.width or src.suffix == ".caffemodel":
+                base = ModelConfig()
+                if src.suffix != ".caffemodel":
+                    state, _ = read_checkpoint(src)
+                    base = infer_config(state)
+                config = ModelConfig(num_classes=args.num_classes or base.num_classes,
+                                     variant=args.variant or base.variant, width=args.width or base.width)
+            model, meta = load_model(src, config)
+    except (WeightsError, CaffeModelError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    names = args.class_names.split(",") if args.class_names else meta.get("class_names")
+    out = Path(args.out) if args.out else src.with_suffix(".onnx")
+    with torch.no_grad():
+        export_onnx(model, out, class_names=names, palette=meta.get("palette"))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"exported {out} ({model.config.variant}, width {model.config.width}, "
+          f"{model.config.num_classes} classes, {n_params / 1e6:.2f} M params) in {time.perf_counter() - t0:.1f} s")
+
+    if args.engine:
+        from export.tensorrt_build import ShapeProfile, build_engine
+        from runtime.trt_compat import TensorRTUnavailable
+
+        try:
+            profile = ShapeProfile(args.min_size, args.opt_size, args.max_size, args.max_batch)
+            engine = build_engine(out, args.engine, profile, fp16=args.fp16, timing_cache=args.timing_cache)
+        except TensorRTUnavailable as e:
+            print(f"no TensorRT engine built: {e}")
+            return 0
+        print(f"built TensorRT engine {engine}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
