@@ -37,18 +37,20 @@ class EngineBuildError(RuntimeError):
 def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: ShapeProfile = ShapeProfile(),
                  fp16: bool = False, workspace_bytes: int = 1 << 30, timing_cache: str | Path | None = None) -> Path:
     """Parse the ONNX file, build a serialized engine for ``profile`` and write it to engine_path."""
-    trt = trt_compat.load_tensorrt()
+    trt_compat.load_tensorrt()  # raises TensorRTUnavailable with the reason
+    import tensorrt as trt  # the checked real library; typed by tensorrt-stubs under mypy
+
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(trt_compat.network_flags(trt))
+    network = builder.create_network(trt_compat.network_flags())
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineBuildError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
-    trt_compat.set_workspace(trt, config, workspace_bytes)
+    trt_compat.set_workspace(config, workspace_bytes)
     if fp16:
-        if not trt_compat.supports_precision_flags(trt):
+        if not trt_compat.supports_precision_flags():
             raise EngineBuildError("TensorRT 11 takes precision from the ONNX model: convert the ONNX "
                                    "to FP16 offline instead of passing --fp16")
         config.set_flag(trt.BuilderFlag.FP16)
@@ -57,7 +59,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: ShapeP
     config.set_timing_cache(cache, ignore_mismatch=False)
     opt_profile = builder.create_optimization_profile()
     b = profile.max_batch
-    opt_profile.set_shape(INPUT_NAME, (1, *profile.min_hw, 3), (1, *profile.opt_hw, 3), (b, *profile.max_hw, 3))
+    # Explicit Dims (pybind11 would also convert tuples, but the typed API says Dims).
+    opt_profile.set_shape(INPUT_NAME, trt.Dims([1, *profile.min_hw, 3]), trt.Dims([1, *profile.opt_hw, 3]),
+                          trt.Dims([b, *profile.max_hw, 3]))
     config.add_optimization_profile(opt_profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:

@@ -1,0 +1,178 @@
+"""runtime.Segmenter on the bundled model: results, batches, sizes, helpers and bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ROOT, SAMPLES
+from crf import CRFParams
+from runtime import ImageError, ModelFormatError, Segmenter
+from runtime.contract import PAD_PIXEL_BGR, aligned_size, pad_image
+from runtime.palette import VOC_CLASSES, voc_palette, write_indexed_png
+from tools.evaluate import confusion, held_out_scene, mean_iou
+
+
+@pytest.fixture(scope="module")
+def seg(bundled_onnx):
+    return Segmenter(bundled_onnx)
+
+
+@pytest.fixture(scope="module")
+def seg_nocrf(bundled_onnx):
+    return Segmenter(bundled_onnx, crf=None)
+
+
+def test_contract_sizes_and_padding():
+    assert [aligned_size(n) for n in (1, 2, 9, 10, 321, 500)] == [1, 9, 9, 17, 321, 505]
+    img = np.full((3, 5, 3), 7, np.uint8)
+    p = pad_image(img, 9, 9)
+    assert p.shape == (9, 9, 3) and (p[:3, :5] == 7).all() and tuple(p[8, 8]) == PAD_PIXEL_BGR == (104, 117, 123)
+
+
+def test_segments_a_generated_scene_accurately(seg):
+    image, truth = held_out_scene(3)
+    r = seg(image, return_probabilities=True)
+    assert r.labels.shape == truth.shape and r.labels.dtype == np.uint8
+    assert r.probabilities.shape == (5, *truth.shape)
+    np.testing.assert_allclose(r.probabilities.sum(0), 1, atol=1e-4)
+    assert (r.labels == truth).mean() > 0.9
+    assert set(r.timings) == {"preprocess", "network", "crf", "postprocess", "total"}
+    assert r.timings["crf"] > 0 and r.timings["network"] > 0
+
+
+def test_crf_raises_mean_iou_on_held_out_scenes(seg, seg_nocrf):
+    n = seg.num_classes
+    c_plain, c_crf = np.zeros((n, n), np.int64), np.zeros((n, n), np.int64)
+    for i in range(12):
+        image, truth = held_out_scene(i)
+        c_plain += confusion(seg_nocrf(image).labels, truth, n)
+        c_crf += confusion(seg(image).labels, truth, n)
+    assert mean_iou(c_crf)[0] > mean_iou(c_plain)[0]
+
+
+def test_class_names_palette_and_helpers(seg):
+    assert seg.class_names == ("background", "disc", "square", "triangle", "star")
+    assert seg.class_name(4) == "star" and len(seg.class_color(1)) == 3
+    r = seg(SAMPLES / "scene_0.png")
+    m, o = seg.mask(r), seg.overlay(r)
+    assert m.shape == o.shape == r.image.shape and m.dtype == o.dtype == np.uint8
+    # mask colours are the palette (BGR); overlay leaves background pixels untouched
+    y, x = np.argwhere(r.labels == r.labels.max())[0]
+    assert tuple(m[y, x][::-1]) == seg.class_color(int(r.labels.max()))
+    bg = r.labels == 0
+    assert (o[bg] == r.image[bg]).all() and not (o[~bg] == r.image[~bg]).all()
+
+
+def test_overrides(bundled_onnx):
+    s = Segmenter(bundled_onnx, crf=None, class_names=list("abcde"), palette=voc_palette(5))
+    assert s.class_names == tuple("abcde") and s.class_color(1) == (128, 0, 0)
+    with pytest.raises(ValueError, match="3 class names for a 5-class model"):
+        Segmenter(bundled_onnx, class_names=list("abc"))
+    with pytest.raises(ValueError, match="palette"):
+        Segmenter(bundled_onnx, palette=[[0, 0, 0]])
+    with pytest.raises(TypeError, match="CRFParams"):
+        Segmenter(bundled_onnx, crf={"bi_w": 5})
+    with pytest.raises(ValueError, match="CRFParams.bi_w"):
+        Segmenter(bundled_onnx, crf=CRFParams(bi_w=0))
+
+
+def test_batch_equals_single_and_keeps_order(seg_nocrf):
+    images = [held_out_scene(i)[0] for i in range(4)]
+    images.append(images[0].copy())  # same size as image 0: runs in the same network batch
+    batch = seg_nocrf(images)
+    assert len(batch) == 5
+    for img, r in zip(images, batch):
+        single = seg_nocrf(img)
+        assert r.labels.shape == img.shape[:2]
+        assert (single.labels == r.labels).all()
+
+
+def test_large_image_is_shrunk_for_the_network_and_labelled_at_full_size(bundled_onnx):
+    image, truth = held_out_scene(5)
+    big = cv2.resize(image, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+    big_truth = cv2.resize(truth, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+    s = Segmenter(bundled_onnx, crf=None, max_size=max(image.shape[:2]))
+    r = s(big)
+    assert r.labels.shape == big.shape[:2]
+    assert (r.labels == big_truth).mean() > 0.85
+
+
+def test_fixed_input_size(bundled_onnx):
+    image, _ = held_out_scene(1)
+    s = Segmenter(bundled_onnx, crf=None, input_size=(385, 385))
+    assert s(image).labels.shape == image.shape[:2]
+    with pytest.raises(ImageError, match="exceeds input_size"):
+        Segmenter(bundled_onnx, crf=None, input_size=(65, 65))(image)
+
+
+def test_grayscale_and_bgra_are_converted(seg_nocrf):
+    image, _ = held_out_scene(2)
+    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    assert seg_nocrf(gray).labels.shape == gray.shape
+    assert seg_nocrf(gray[:, :, None]).image.shape == (*gray.shape, 3)
+    bgra = cv2.cvtColor(image, cv2.COLOR_BGR2BGRA)
+    assert (seg_nocrf(bgra).labels == seg_nocrf(image).labels).all()
+
+
+def test_bad_images(seg, tmp_path):
+    with pytest.raises(ImageError, match="not found"):
+        seg(tmp_path / "nope.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ImageError, match="cannot decode"):
+        seg(tmp_path / "corrupt.png")
+    with pytest.raises(ImageError, match="dtype uint8"):
+        seg(np.zeros((20, 20, 3), np.float32))
+    with pytest.raises(ImageError, match="zero-size"):
+        seg(np.zeros((0, 20, 3), np.uint8))
+    with pytest.raises(ImageError, match="H x W x 3"):
+        seg(np.zeros((20, 20, 2), np.uint8))
+    with pytest.raises(ImageError, match="numpy array or a path"):
+        seg(12)
+
+
+def test_not_our_onnx(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 224, 224])
+    g = helper.make_graph([helper.make_node("Relu", ["input"], ["output"])], "g", [x], [y])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "other.onnx"))
+    with pytest.raises(ModelFormatError, match=r"expected one input 'image' uint8 \[N, H, W, 3\].*found input: tensor\(float\)"):
+        Segmenter(tmp_path / "other.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ModelFormatError, match="not a loadable ONNX model"):
+        Segmenter(tmp_path / "junk.onnx")
+    with pytest.raises(FileNotFoundError):
+        Segmenter(tmp_path / "absent.onnx")
+    with pytest.raises(ValueError, match="backend"):
+        Segmenter(tmp_path / "absent.onnx", backend="tensorflow")
+
+
+def test_indexed_png_is_a_voc_style_label_file(tmp_path):
+    from PIL import Image
+
+    labels = (np.arange(12 * 7) % 21).astype(np.uint8).reshape(7, 12)
+    write_indexed_png(tmp_path / "m.png", labels, voc_palette(21))
+    im = Image.open(tmp_path / "m.png")
+    assert im.mode == "P" and (np.array(im) == labels).all()
+    assert im.getpalette()[3 * 15: 3 * 16] == list(voc_palette(21)[15])
+    assert len(VOC_CLASSES) == 21 and VOC_CLASSES[15] == "person"
+
+
+def test_runtime_never_imports_torch(bundled_onnx):
+    code = (
+        "import sys, numpy as np\n"
+        "from runtime import Segmenter\n"
+        f"s = Segmenter({str(bundled_onnx)!r})\n"
+        "r = s(np.full((40, 50, 3), 90, np.uint8))\n"
+        "assert r.labels.shape == (40, 50)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
