@@ -90,7 +90,9 @@ class DeepLabV1(nn.Module):
             # pool1..pool3 stride 2, pool4 and pool5 stride 1 (output stride 8).
             x = self._max_pool(x, 2 if block <= 3 else 1)
         if self.use_pool5a:
-            x = F.avg_pool2d(x, 3, stride=1, padding=1, ceil_mode=True, count_include_pad=True)
+            # Stride 1: ceil and floor modes give the same size; floor mode lets ONNX Runtime keep
+            # this pool in its blocked (NCHWc) layout instead of reordering around it.
+            x = F.avg_pool2d(x, 3, stride=1, padding=1, ceil_mode=False, count_include_pad=True)
         x = self.drop6(F.relu(self.fc6(x), inplace=True))
         x = self.drop7(F.relu(self.fc7(x), inplace=True))
         return self.fc8(x)
