@@ -25,8 +25,18 @@ from export.weights import save_checkpoint  # noqa: E402
 from tools.scenes import CLASS_NAMES, PALETTE, make_scene  # noqa: E402
 
 
+def scene_crop(seed: int, size: int):
+    """A scene generated at a random scale (1x to 2x the crop) and randomly cropped to size x size,
+    so the network sees objects over the range of sizes that deployment images have."""
+    rng = np.random.default_rng([seed, 7])
+    side = int(rng.integers(size, 2 * size + 1))
+    image, labels = make_scene(seed, side, side)
+    y, x = (int(v) for v in rng.integers(0, side - size + 1, size=2))
+    return image[y:y + size, x:x + size], labels[y:y + size, x:x + size]
+
+
 def batch(seeds, size):
-    pairs = [make_scene(int(s), size, size) for s in seeds]
+    pairs = [scene_crop(int(s), size) for s in seeds]
     images = torch.from_numpy(np.stack([p[0] for p in pairs]))
     labels = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
     return images, labels
