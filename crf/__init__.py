@@ -4,29 +4,64 @@
     marginals = refine(scores, image)            # scores (C, H, W) float logits, image H x W x 3 uint8 BGR
     labels = marginals.argmax(0)
 
-Never imports torch.
+Backends (``backend=``): "gpu" (the CUDA kernels through pycuda), "cpu" (the same kernel source
+compiled by g++, OpenMP), "numpy" (portable, slow). "auto" takes the first that works here and
+falls back to numpy with a one-line warning when no C++ compiler exists. ``resolve_backend()``
+says which one "auto" picks. Never imports torch.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
 from .features import CRFInputError, check_inputs, unary_from_scores
 from .params import CRFParams
 
-__all__ = ["refine", "refine_unary", "CRFParams", "CRFInputError", "BACKENDS"]
+__all__ = ["refine", "refine_unary", "resolve_backend", "CRFParams", "CRFInputError", "BACKENDS"]
 
-BACKENDS = ("numpy",)
+BACKENDS = ("gpu", "cpu", "numpy")
+_drivers: dict = {}
+_unavailable: dict[str, str] = {}
+
+
+def _driver(name: str):
+    """The process-wide kernel driver of a backend (built and compiled on first use)."""
+    if name not in _drivers:
+        from .backend import CPUKernels, GPUKernels
+        from .driver import DenseCRFDriver
+
+        _drivers[name] = DenseCRFDriver(GPUKernels() if name == "gpu" else CPUKernels())
+    return _drivers[name]
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """The backend that ``backend`` means here: "auto" -> gpu, else cpu, else numpy (with a warning)."""
+    from .backend import BackendUnavailable, gpu_available
+
+    if backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"unknown CRF backend {backend!r}; available: auto, {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    candidates = (["gpu"] if gpu_available() else []) + ["cpu"]
+    for name in candidates:
+        if name in _unavailable:
+            continue
+        try:
+            _driver(name)
+            return name
+        except BackendUnavailable as e:
+            _unavailable[name] = str(e)
+            if name == "cpu":
+                warnings.warn(f"crf: using the slow numpy CRF: {e}", RuntimeWarning, stacklevel=3)
+    return "numpy"
 
 
 def refine_unary(unary: np.ndarray, image: np.ndarray, params: CRFParams = CRFParams(),
                  backend: str = "auto") -> np.ndarray:
     """Mean field from unary energies (C, H, W) float32 = -log p. Returns marginals (C, H, W)."""
     unary, image = check_inputs(unary, image)
-    if backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"unknown CRF backend {backend!r}; available: auto, {', '.join(BACKENDS)}")
-    from .numpy_backend import mean_field
-
-    return mean_field(unary, image, params)
+    return _run(unary, image, params, backend, is_logits=False)
 
 
 def refine(scores: np.ndarray, image: np.ndarray, params: CRFParams = CRFParams(),
@@ -39,4 +74,15 @@ def refine(scores: np.ndarray, image: np.ndarray, params: CRFParams = CRFParams(
     over C. ``params.iterations`` mean-field steps; 0 returns softmax(scores).
     """
     scores, image = check_inputs(scores, image)
-    return refine_unary(unary_from_scores(scores), image, params, backend)
+    return _run(scores, image, params, backend, is_logits=True)
+
+
+def _run(src: np.ndarray, image: np.ndarray, params: CRFParams, backend: str, is_logits: bool) -> np.ndarray:
+    name = resolve_backend(backend)
+    if name == "numpy":
+        from .numpy_backend import mean_field
+
+        return mean_field(unary_from_scores(src) if is_logits else src, image, params)
+    c, h, w = src.shape
+    marginals, _ = _driver(name).run(src, image, h, w, c, params, is_logits=is_logits)
+    return marginals

@@ -13,11 +13,9 @@ class _Kernel:
 
     def __init__(self, features: np.ndarray, weight: float, normalization: str):
         self.lattice = PermutohedralLattice(features)
-        norm = self.lattice.filter(np.ones((features.shape[0], 1), np.float32))[:, 0]
-        if normalization == "symmetric":
-            self.norm = (1.0 / np.sqrt(norm + 1e-20)).astype(np.float32)[:, None]
-        else:
-            self.norm = (1.0 / (norm + 1e-20)).astype(np.float32)[:, None]
+        # In double, as densecrf computes it: 1/(n + 1e-20) or 1/sqrt(n + 1e-20), stored as float.
+        norm = self.lattice.filter(np.ones((features.shape[0], 1), np.float32))[:, 0].astype(np.float64) + 1e-20
+        self.norm = (1.0 / (np.sqrt(norm) if normalization == "symmetric" else norm)).astype(np.float32)[:, None]
         self.symmetric = normalization == "symmetric"
         self.weight = np.float32(weight)
 

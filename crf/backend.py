@@ -1,0 +1,234 @@
+"""One launch interface for the kernels of crf/kernels/densecrf.cu, on the CPU and on the GPU.
+
+``KernelBackend`` is what the host-side driver (crf/driver.py) talks to: allocate buffers, copy
+arrays in and out, launch a kernel by name over n threads with CUDA's argument convention. Two
+implementations:
+
+- ``CPUKernels``: the .cu file compiled by g++ with cpu_shim.h into a shared library (built on
+  first use, cached on disk), launched through ctypes: ``launch_<kernel>(grid, block, void** args)``.
+- ``GPUKernels``: the same .cu file compiled by pycuda (nvcc, cached on disk by pycuda), launched on
+  the caller's stream in the device's primary context.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+KERNEL_SOURCE = KERNEL_DIR / "densecrf.cu"
+BLOCK = 256
+
+# Argument kinds a kernel takes, as numpy scalar types; buffers and None (a NULL pointer) besides.
+I32, U32, F32 = np.int32, np.uint32, np.float32
+
+
+class BackendUnavailable(RuntimeError):
+    """This backend cannot run here; the message says why and how to fix it."""
+
+
+class Buffer:
+    """A block of backend memory: ``ptr`` is its address (host or device)."""
+
+    def __init__(self, nbytes: int, ptr: int, owner=None):
+        self.nbytes, self.ptr, self.owner = nbytes, ptr, owner
+
+
+class KernelBackend:
+    name = "abstract"
+
+    def alloc(self, nbytes: int) -> Buffer:
+        raise NotImplementedError
+
+    def upload(self, buf: Buffer, array: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def download(self, buf: Buffer, shape, dtype) -> np.ndarray:
+        raise NotImplementedError
+
+    def launch(self, kernel: str, n_threads: int, *args) -> None:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        pass
+
+    @staticmethod
+    def grid(n_threads: int) -> int:
+        return max(1, (n_threads + BLOCK - 1) // BLOCK)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: the kernels compiled by g++
+
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared",
+             # kernels not exported, so they inline into the launchers' thread loops
+             "-fvisibility=hidden",
+             # no FMA contraction and no fast-math: the CPU path follows the reference's rounding
+             "-ffp-contract=off", "-fno-fast-math"]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("DEEPLAB_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "deeplab-v1-toolkit"
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise BackendUnavailable("no C++ compiler (g++) found to build the CPU CRF kernels; "
+                                 "install one (e.g. apt-get install g++) or set CXX")
+    return cxx
+
+
+def build_cpu_library(force: bool = False) -> Path:
+    """Compile crf/kernels/*.{cu,h,cpp} into a shared library once; cached by content and compiler."""
+    cxx = _compiler()
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise BackendUnavailable(f"C++ compiler {cxx} does not run: {e}") from e
+    h = hashlib.sha256(version.encode() + " ".join(CXX_FLAGS).encode())
+    for f in sorted(KERNEL_DIR.glob("*")):
+        if f.suffix in (".cu", ".h", ".cpp"):
+            h.update(f.name.encode() + f.read_bytes())
+    lib = cache_dir() / f"libdensecrf_cpu_{h.hexdigest()[:16]}.so"
+    if lib.is_file() and not force:
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        out = Path(tmp) / lib.name
+        cmd = [cxx, *CXX_FLAGS, "-o", str(out), str(KERNEL_DIR / "cpu_launch.cpp")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise BackendUnavailable(f"building the CPU CRF kernels failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
+        os.replace(out, lib)  # atomic: concurrent builders never see a half-written library
+    return lib
+
+
+class CPUKernels(KernelBackend):
+    name = "cpu"
+
+    def __init__(self, library: Path | None = None):
+        self.lib = ctypes.CDLL(str(library or build_cpu_library()))
+        self._launchers: dict[str, ctypes._CFuncPtr] = {}
+
+    def alloc(self, nbytes: int) -> Buffer:
+        arr = np.empty(max(int(nbytes), 4), np.uint8)
+        return Buffer(int(nbytes), arr.ctypes.data, arr)
+
+    def upload(self, buf: Buffer, array: np.ndarray) -> None:
+        a = np.ascontiguousarray(array)
+        if a.nbytes > buf.nbytes:
+            raise ValueError(f"upload of {a.nbytes} bytes into a {buf.nbytes}-byte buffer")
+        buf.owner[: a.nbytes] = a.reshape(-1).view(np.uint8)
+
+    def download(self, buf: Buffer, shape, dtype) -> np.ndarray:
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return buf.owner[:n].view(dtype).reshape(shape).copy()
+
+    def launch(self, kernel: str, n_threads: int, *args) -> None:
+        fn = self._launchers.get(kernel)
+        if fn is None:
+            fn = getattr(self.lib, f"launch_{kernel}")
+            fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
+            fn.restype = None
+            self._launchers[kernel] = fn
+        holders = []
+        for a in args:
+            if a is None:
+                holders.append(ctypes.c_void_p(None))
+            elif isinstance(a, Buffer):
+                holders.append(ctypes.c_void_p(a.ptr))
+            elif isinstance(a, np.int32):
+                holders.append(ctypes.c_int32(int(a)))
+            elif isinstance(a, np.uint32):
+                holders.append(ctypes.c_uint32(int(a)))
+            elif isinstance(a, np.float32):
+                holders.append(ctypes.c_float(float(a)))
+            else:
+                raise TypeError(f"{kernel}: argument {a!r} must be a Buffer, None or np.int32/uint32/float32")
+        params = (ctypes.c_void_p * max(1, len(holders)))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in holders])
+        fn(self.grid(n_threads), BLOCK, params)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the same kernels through pycuda
+
+NVCC_OPTIONS = ["--fmad=false", "-O3"]  # no FMA contraction: the GPU matches the CPU path closely
+
+
+class GPUKernels(KernelBackend):
+    """pycuda driver: primary context, one module per process (pycuda caches the cubin on disk),
+    launches on ``stream`` (a pycuda Stream; None = a stream of our own, never the legacy default)."""
+
+    name = "gpu"
+    _module = None
+
+    def __init__(self, stream=None):
+        try:
+            import pycuda.driver as cuda
+        except ImportError as e:
+            raise BackendUnavailable(f"pycuda is not installed (pip install '.[gpu]'): {e}") from e
+        try:
+            try:
+                import pycuda.autoprimaryctx  # noqa: F401  share the primary context with TensorRT / others
+            except ModuleNotFoundError:
+                import pycuda.autoinit  # noqa: F401  older pycuda
+        except Exception as e:  # no device, no driver
+            raise BackendUnavailable(f"no usable CUDA device: {e}") from e
+        self.cuda = cuda
+        self.stream = stream or cuda.Stream()
+        if GPUKernels._module is None:
+            if shutil.which("nvcc") is None:
+                raise BackendUnavailable(
+                    "pycuda compiles the CRF kernels at run time with nvcc, which is not on PATH: "
+                    "install the CUDA toolkit and add its bin/ to PATH (e.g. export PATH=/usr/local/cuda/bin:$PATH)")
+            from pycuda.compiler import SourceModule
+
+            GPUKernels._module = SourceModule(KERNEL_SOURCE.read_text(), no_extern_c=True, options=NVCC_OPTIONS)
+        self.module = GPUKernels._module
+        self._functions: dict = {}
+
+    def alloc(self, nbytes: int) -> Buffer:
+        mem = self.cuda.mem_alloc(max(int(nbytes), 4))
+        return Buffer(int(nbytes), int(mem), mem)
+
+    def upload(self, buf: Buffer, array: np.ndarray) -> None:
+        a = np.ascontiguousarray(array)
+        if a.nbytes > buf.nbytes:
+            raise ValueError(f"upload of {a.nbytes} bytes into a {buf.nbytes}-byte buffer")
+        self.cuda.memcpy_htod_async(buf.ptr, a, self.stream)
+        self.stream.synchronize()  # the host array may be a temporary
+
+    def download(self, buf: Buffer, shape, dtype) -> np.ndarray:
+        out = np.empty(shape, dtype)
+        self.cuda.memcpy_dtoh_async(out, buf.ptr, self.stream)
+        self.stream.synchronize()
+        return out
+
+    def launch(self, kernel: str, n_threads: int, *args) -> None:
+        fn = self._functions.get(kernel)
+        if fn is None:
+            fn = self._functions[kernel] = self.module.get_function(kernel)
+        conv = [np.uintp(a.ptr) if isinstance(a, Buffer) else (np.uintp(0) if a is None else a) for a in args]
+        fn(*conv, block=(BLOCK, 1, 1), grid=(self.grid(n_threads), 1), stream=self.stream)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+
+def gpu_available() -> bool:
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        return cuda.Device.count() > 0 and shutil.which("nvcc") is not None
+    except Exception:
+        return False
+

@@ -1,0 +1,193 @@
+"""Host-side driver of the CRF kernels: the same code drives the GPU and the compiled CPU build.
+
+Per image and Gaussian kernel, once: embed + barycentric weights, hash table (insert, compact),
+blur neighbours, per-vertex entry lists (count, scan, fill, sort), the normaliser (ones filtered).
+Per iteration: for each kernel splat all labels, blur along the d+1 directions; then one update
+kernel slices both, adds the unary, applies Potts and the softmax, in place.
+
+Buffers are pooled by role and reused across calls (grown when an image is larger), so repeated
+calls of one size allocate nothing. Not thread-safe: use one ``DenseCRFDriver`` per thread.
+
+Memory (bytes), N pixels, C labels, E = 6N bilateral entries, M_k lattice vertices (M_k <= entries):
+  scratch for the lattice build (shared by both kernels): E*(5*4 + 4 + 4) + 4*cap, cap = pow2 >= 1.5 E
+  per kernel k with d_k+1 entries per pixel: N*(d_k+1)*16 + M_k*((d_k+1)*8 + 8 + 8*C) + 4N
+  per image: 8*N*C (unary, Q) + 4*N*C (the logits when uploaded) + 3N (image) + N (labels)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backend import F32, I32, U32, Buffer, KernelBackend
+from .features import CRFInputError
+from .params import CRFParams
+
+SPATIAL_D, BILATERAL_D = 2, 5
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(1, int(n - 1).bit_length())
+
+
+class _Lattice:
+    """Device buffers of one Gaussian kernel's lattice for the current image."""
+
+    def __init__(self, tag: str, d: int, weight: float):
+        self.tag, self.d, self.dp1, self.weight = tag, d, d + 1, weight
+        self.alpha = np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d))
+        self.m = 0
+        self.weights = self.offsets = self.nbr = self.starts = self.lists = self.list_w = self.norm = None
+        self.va = self.vb = self.result = None
+
+
+class DenseCRFDriver:
+    def __init__(self, backend: KernelBackend):
+        self.k = backend
+        self._pool: dict[str, Buffer] = {}
+        self.last_vertices: dict[str, int] = {}
+
+    # -- memory ---------------------------------------------------------------------------------
+    def _buf(self, role: str, nbytes: int) -> Buffer:
+        b = self._pool.get(role)
+        if b is None or b.nbytes < nbytes:
+            self._pool.pop(role, None)  # release the smaller one first
+            b = self.k.alloc(nbytes)
+            self._pool[role] = b
+        return b
+
+    def pooled_bytes(self) -> int:
+        return sum(b.nbytes for b in self._pool.values())
+
+    def _fill_int(self, buf: Buffer, n: int, value: int) -> None:
+        self.k.launch("crf_fill_int", n, buf, I32(n), I32(value))
+
+    # -- lattice construction -------------------------------------------------------------------
+    def _build(self, lat: _Lattice, image: Buffer | None, h: int, w: int, sxy: float, srgb: float,
+               symmetric: bool, c: int) -> None:
+        k, d, dp1 = self.k, lat.d, lat.dp1
+        n = h * w
+        e = n * dp1
+        keys = self._buf("keys", e * d * 4)
+        lat.weights = self._buf(lat.tag + "weights", e * 4)
+        k.launch("crf_embed", n, image, I32(h), I32(w), I32(d), F32(sxy), F32(srgb), keys, lat.weights)
+
+        cap = _next_pow2(math.ceil(1.5 * e))
+        table = self._buf("table", cap * 4)
+        self._fill_int(table, cap, -1)
+        slot_of = self._buf("slot_of", e * 4)
+        k.launch("crf_hash_insert", e, keys, I32(e), I32(d), table, U32(cap - 1), slot_of)
+        counter = self._buf("counter", 4)
+        self._fill_int(counter, 1, 0)
+        vertex_entry = self._buf("vertex_entry", e * 4)
+        k.launch("crf_hash_compact", cap, table, I32(cap), counter, vertex_entry)
+        m = int(k.download(counter, (1,), np.int32)[0])  # the one sync of the build: sizes the launches
+        lat.m = m
+        self.last_vertices[lat.tag] = m
+
+        lat.offsets = self._buf(lat.tag + "offsets", e * 4)
+        k.launch("crf_offsets", e, slot_of, table, I32(e), lat.offsets)
+        lat.nbr = self._buf(lat.tag + "nbr", m * dp1 * 2 * 4)
+        k.launch("crf_neighbours", m * dp1, keys, vertex_entry, I32(m), I32(d), table, U32(cap - 1), lat.nbr)
+
+        counts = self._buf("counts", m * 4)
+        self._fill_int(counts, m, 0)
+        k.launch("crf_count", e, lat.offsets, I32(e), counts)
+        lat.starts = self._buf(lat.tag + "starts", (m + 1) * 4)
+        self._exclusive_scan(counts, m, lat.starts)
+        self._fill_int(counts, m, 0)  # reused as the fill cursor
+        lat.lists = self._buf(lat.tag + "lists", e * 4)
+        k.launch("crf_fill_lists", e, lat.offsets, I32(e), lat.starts, counts, lat.lists)
+        k.launch("crf_sort_lists", m, lat.starts, I32(m), lat.lists)
+        lat.list_w = self._buf(lat.tag + "list_w", e * 4)
+        k.launch("crf_list_payload", e, lat.lists, lat.weights, I32(dp1), I32(e), lat.list_w)
+
+        lat.va = self._buf(lat.tag + "va", m * c * 4)
+        lat.vb = self._buf(lat.tag + "vb", m * c * 4)
+        # Normaliser: the lattice applied to ones.
+        ones = self._buf("ones", n * 4)
+        k.launch("crf_fill_float", n, ones, I32(n), F32(1.0))
+        self._filter(lat, ones, None, 1)
+        raw = self._buf("raw", n * 4)
+        k.launch("crf_slice", n, lat.result, lat.offsets, lat.weights, I32(dp1), I32(n), I32(1), F32(lat.alpha), raw)
+        lat.norm = self._buf(lat.tag + "norm", n * 4)
+        k.launch("crf_normaliser", n, raw, I32(n), I32(1 if symmetric else 0), lat.norm)
+
+    def _exclusive_scan(self, counts: Buffer, n: int, out: Buffer) -> None:
+        chunk = max(32, math.isqrt(max(n, 1)) + 1)
+        n_chunks = (n + chunk - 1) // chunk
+        sums = self._buf("scan_sums", (n_chunks + 1) * 4)
+        self.k.launch("crf_scan_chunks", n_chunks, counts, I32(n), I32(chunk), sums)
+        self.k.launch("crf_scan_sums", 1, sums, I32(n_chunks))
+        self.k.launch("crf_scan_apply", max(n_chunks, 1), counts, I32(n), I32(chunk), sums, I32(n_chunks), out)
+
+    def _filter(self, lat: _Lattice, values: Buffer, prescale: Buffer | None, c: int) -> None:
+        """Splat ``values`` (N x c, pixel-major) and blur; the result is left in lat.result."""
+        k, m = self.k, lat.m
+        k.launch("crf_splat", m * c, values, prescale, lat.starts, lat.lists, lat.list_w, I32(m), I32(c), lat.va)
+        src, dst = lat.va, lat.vb
+        for j in range(lat.dp1):
+            k.launch("crf_blur", m * c, src, dst, lat.nbr, I32(j), I32(m), I32(c))
+            src, dst = dst, src
+        lat.result = src
+
+    # -- inference ------------------------------------------------------------------------------
+    def run(self, scores: np.ndarray | Buffer, image: np.ndarray | Buffer, h: int, w: int, c: int,
+            params: CRFParams, is_logits: bool = True, marginals: bool = True, labels: bool = False):
+        """Mean field for one image.
+
+        scores: (C, H, W) float32 planar logits (is_logits) or unary energies, as a host array or a
+        Buffer already on the backend (e.g. a TensorRT output). image: H x W x 3 uint8, host or Buffer.
+        Returns (marginals (C, H, W) float32 or None, labels (H, W) uint8 or None).
+        """
+        k = self.k
+        n = h * w
+        if isinstance(scores, np.ndarray):
+            src = self._buf("scores", n * c * 4)
+            k.upload(src, np.ascontiguousarray(scores, np.float32))
+        else:
+            src = scores
+        if isinstance(image, np.ndarray):
+            img = self._buf("image", n * 3)
+            k.upload(img, np.ascontiguousarray(image, np.uint8))
+        else:
+            img = image
+        flag = self._buf("flag", 4)
+        self._fill_int(flag, 1, 0)
+        k.launch("crf_check_finite", n * c, src, I32(n * c), flag)
+        if int(k.download(flag, (1,), np.int32)[0]):
+            raise CRFInputError("scores contain NaN/inf values")
+
+        u = self._buf("unary", n * c * 4)
+        k.launch("crf_unary", n, src, I32(n), I32(c), I32(1 if is_logits else 0), u)
+        q = self._buf("q", n * c * 4)
+        nulls = (None, None, None, None, F32(0), I32(1), F32(0))
+        k.launch("crf_update", n, u, I32(n), I32(c), *nulls, *nulls, q)  # Q = softmax(-U)
+
+        if params.iterations > 0:
+            symmetric = params.normalization == "symmetric"
+            spatial = _Lattice("s_", SPATIAL_D, params.pos_w)
+            bilateral = _Lattice("b_", BILATERAL_D, params.bi_w)
+            self._build(spatial, None, h, w, params.pos_xy_std, 1.0, symmetric, c)
+            self._build(bilateral, img, h, w, params.bi_xy_std, params.bi_rgb_std, symmetric, c)
+            for _ in range(params.iterations):
+                for lat in (spatial, bilateral):
+                    self._filter(lat, q, lat.norm if symmetric else None, c)
+                k.launch("crf_update", n, u, I32(n), I32(c),
+                         *self._update_args(spatial), *self._update_args(bilateral), q)
+
+        out_m = out_l = None
+        if marginals:
+            mb = self._buf("marginals", n * c * 4)
+            k.launch("crf_marginals", n * c, q, I32(n), I32(c), mb)
+            out_m = k.download(mb, (c, h, w), np.float32)
+        if labels:
+            lb = self._buf("labels", n)
+            k.launch("crf_argmax", n, q, I32(n), I32(c), lb)
+            out_l = k.download(lb, (h, w), np.uint8)
+        k.synchronize()
+        return out_m, out_l
+
+    @staticmethod
+    def _update_args(lat: _Lattice):
+        return (lat.result, lat.offsets, lat.weights, lat.norm, F32(lat.weight), I32(lat.dp1), F32(lat.alpha))

@@ -1,0 +1,404 @@
+// Dense CRF mean field on the permutohedral lattice (Adams et al. 2010; Kraehenbuehl & Koltun 2011).
+//
+// ONE source for both targets:
+//   - nvcc / pycuda compile it for the GPU (crf/gpu.py);
+//   - g++ compiles the same file for the CPU through cpu_shim.h (crf/cpu.py), which emulates
+//     threadIdx/blockIdx and the atomics, running the blocks of a launch in parallel (OpenMP) and
+//     the threads of a block one after another.
+// To stay inside what that emulation runs faithfully, kernels use only the .x index variables,
+// atomicAdd(int) and atomicCAS(int): no __syncthreads, no shared memory, no warp intrinsics.
+//
+// Layouts: pixel i = y*W + x. Per-pixel label vectors are pixel-major, Q[i*C + l]. Lattice
+// entries (pixel i, remainder r) are e = i*(d+1) + r. Lattice values are vertex-major, V[v*C + l].
+// The arithmetic follows Permutohedral::init / seqCompute of densecrf (inside pydensecrf) operation
+// for operation, so the CPU build (no FMA contraction) agrees with it to float rounding.
+
+#define CRF_MAX_D 5  // bilateral kernel: x, y and three colour channels
+
+__device__ __forceinline__ int crf_tid() { return (int)(blockIdx.x * blockDim.x + threadIdx.x); }
+
+// ------------------------------------------------------------------------------------------------
+// Lattice construction (once per image and Gaussian kernel)
+
+// Features of pixel i (pydensecrf's order: x/sxy, y/sxy, c0/srgb, c1/srgb, c2/srgb), elevated onto
+// the hyperplane, rounded to the enclosing simplex: writes the d+1 vertex keys (d ints each) and
+// barycentric weights. image may be NULL when d == 2 (the spatial kernel).
+extern "C" __global__ void crf_embed(const unsigned char* image, int H, int W, int d, float sxy, float srgb,
+                                     int* keys, float* weights)
+{
+    const int i = crf_tid();
+    if (i >= H * W) return;
+    float f[CRF_MAX_D];
+    f[0] = (float)(i % W) / sxy;
+    f[1] = (float)(i / W) / sxy;
+    for (int c = 0; c < d - 2; c++) f[2 + c] = (float)image[i * 3 + c] / srgb;
+
+    const float inv_std_dev = (float)(sqrt(2.0 / 3.0) * (d + 1));
+    float elevated[CRF_MAX_D + 1];
+    float sm = 0.f;
+    for (int j = d; j > 0; j--) {
+        const float scale = (float)(1.0 / sqrt((double)((j + 1) * j)) * inv_std_dev);
+        const float cf = f[j - 1] * scale;
+        elevated[j] = sm - (float)j * cf;
+        sm += cf;
+    }
+    elevated[0] = sm;
+
+    // Closest remainder-0 point, coordinate-wise (ties round down, as the reference).
+    const float down_factor = 1.0f / (float)(d + 1);
+    const float up_factor = (float)(d + 1);
+    float rem0[CRF_MAX_D + 1];
+    int sum = 0;
+    for (int k = 0; k <= d; k++) {
+        const float v = down_factor * elevated[k];
+        const float up = ceilf(v) * up_factor;
+        const float down = floorf(v) * up_factor;
+        rem0[k] = (up - elevated[k] < elevated[k] - down) ? up : down;
+        sum += (int)rem0[k] / (d + 1);
+    }
+    // Rank of each residual; the earlier index loses ties.
+    int rank[CRF_MAX_D + 1];
+    for (int k = 0; k <= d; k++) rank[k] = 0;
+    for (int a = 0; a < d; a++)
+        for (int b = a + 1; b <= d; b++) {
+            if (elevated[a] - rem0[a] < elevated[b] - rem0[b]) rank[a]++;
+            else rank[b]++;
+        }
+    // Bring the point back onto the plane if the rounding left it off.
+    for (int k = 0; k <= d; k++) {
+        rank[k] += sum;
+        if (rank[k] < 0) { rank[k] += d + 1; rem0[k] += (float)(d + 1); }
+        else if (rank[k] > d) { rank[k] -= d + 1; rem0[k] -= (float)(d + 1); }
+    }
+    float bary[CRF_MAX_D + 2];
+    for (int k = 0; k <= d + 1; k++) bary[k] = 0.f;
+    for (int k = 0; k <= d; k++) {
+        const float v = (elevated[k] - rem0[k]) * down_factor;
+        bary[d - rank[k]] += v;
+        bary[d - rank[k] + 1] -= v;
+    }
+    bary[0] = (float)((double)bary[0] + (1.0 + (double)bary[d + 1]));
+
+    for (int r = 0; r <= d; r++) {
+        const int e = i * (d + 1) + r;
+        for (int k = 0; k < d; k++)
+            keys[e * d + k] = (int)rem0[k] + (rank[k] <= d - r ? r : r - (d + 1));
+        weights[e] = bary[r];
+    }
+}
+
+__device__ __forceinline__ unsigned int crf_hash(const int* key, int d)
+{
+    unsigned int h = 0;
+    for (int k = 0; k < d; k++) h = (h + (unsigned int)key[k]) * 2531011u;
+    return h;
+}
+
+__device__ __forceinline__ bool crf_same_key(const int* a, const int* b, int d)
+{
+    for (int k = 0; k < d; k++)
+        if (a[k] != b[k]) return false;
+    return true;
+}
+
+// Open addressing, linear probing. A slot holds -1 (empty) or the first entry inserted with its
+// key. Keys were written by crf_embed (an earlier launch), so comparing against the winner's key
+// is safe without locks, and two entries with the same key always meet at the same slot.
+extern "C" __global__ void crf_hash_insert(const int* keys, int n_entries, int d, int* table, unsigned int mask,
+                                           int* slot_of)
+{
+    const int e = crf_tid();
+    if (e >= n_entries) return;
+    const int* key = keys + (long long)e * d;
+    unsigned int h = crf_hash(key, d) & mask;
+    for (;;) {
+        const int cur = atomicCAS(&table[h], -1, e);
+        if (cur == -1 || crf_same_key(keys + (long long)cur * d, key, d)) {
+            slot_of[e] = (int)h;
+            return;
+        }
+        h = (h + 1) & mask;
+    }
+}
+
+// Number the occupied slots 0..M-1 (vertex ids); the table then holds vertex ids.
+extern "C" __global__ void crf_hash_compact(int* table, int capacity, int* counter, int* vertex_entry)
+{
+    const int s = crf_tid();
+    if (s >= capacity) return;
+    const int e = table[s];
+    if (e < 0) return;
+    const int v = atomicAdd(counter, 1);
+    vertex_entry[v] = e;
+    table[s] = v;
+}
+
+extern "C" __global__ void crf_offsets(const int* slot_of, const int* table, int n_entries, int* offsets)
+{
+    const int e = crf_tid();
+    if (e >= n_entries) return;
+    offsets[e] = table[slot_of[e]];
+}
+
+__device__ int crf_find(const int* key, int d, const int* keys, const int* vertex_entry, const int* table,
+                        unsigned int mask)
+{
+    unsigned int h = crf_hash(key, d) & mask;
+    for (;;) {
+        const int v = table[h];
+        if (v < 0) return -1;
+        if (crf_same_key(keys + (long long)vertex_entry[v] * d, key, d)) return v;
+        h = (h + 1) & mask;
+    }
+}
+
+// Blur neighbours of vertex v along direction j: key -1 on every coordinate and +d on coordinate j
+// (and the opposite); direction d moves all coordinates by -1/+1. nbr[(j*M + v)*2 + {0,1}], -1 if absent.
+extern "C" __global__ void crf_neighbours(const int* keys, const int* vertex_entry, int M, int d, const int* table,
+                                          unsigned int mask, int* nbr)
+{
+    const int t = crf_tid();
+    if (t >= M * (d + 1)) return;
+    const int v = t % M, j = t / M;
+    const int* key = keys + (long long)vertex_entry[v] * d;
+    int n1[CRF_MAX_D], n2[CRF_MAX_D];
+    for (int k = 0; k < d; k++) { n1[k] = key[k] - 1; n2[k] = key[k] + 1; }
+    if (j < d) { n1[j] = key[j] + d; n2[j] = key[j] - d; }
+    nbr[t * 2] = crf_find(n1, d, keys, vertex_entry, table, mask);
+    nbr[t * 2 + 1] = crf_find(n2, d, keys, vertex_entry, table, mask);
+}
+
+// Entry lists per vertex (CSR), so that splatting is a gather without float atomics.
+extern "C" __global__ void crf_count(const int* offsets, int n_entries, int* counts)
+{
+    const int e = crf_tid();
+    if (e >= n_entries) return;
+    atomicAdd(&counts[offsets[e]], 1);
+}
+
+// Exclusive scan in three launches (no block-level synchronisation needed): per-chunk sums, a
+// serial scan of the chunk sums, per-chunk serial scans with their offsets. out has n+1 entries.
+extern "C" __global__ void crf_scan_chunks(const int* in, int n, int chunk, int* sums)
+{
+    const int t = crf_tid();
+    if (t * chunk >= n) return;
+    const int end = min(n, (t + 1) * chunk);
+    int s = 0;
+    for (int k = t * chunk; k < end; k++) s += in[k];
+    sums[t] = s;
+}
+
+extern "C" __global__ void crf_scan_sums(int* sums, int n_chunks)
+{
+    if (crf_tid() != 0) return;
+    int run = 0;
+    for (int k = 0; k < n_chunks; k++) { const int s = sums[k]; sums[k] = run; run += s; }
+    sums[n_chunks] = run;
+}
+
+extern "C" __global__ void crf_scan_apply(const int* in, int n, int chunk, const int* sums, int n_chunks, int* out)
+{
+    const int t = crf_tid();
+    if (t == 0) out[n] = sums[n_chunks];
+    if (t * chunk >= n) return;
+    const int end = min(n, (t + 1) * chunk);
+    int run = sums[t];
+    for (int k = t * chunk; k < end; k++) { out[k] = run; run += in[k]; }
+}
+
+extern "C" __global__ void crf_fill_lists(const int* offsets, int n_entries, const int* starts, int* cursor, int* list)
+{
+    const int e = crf_tid();
+    if (e >= n_entries) return;
+    const int v = offsets[e];
+    list[starts[v] + atomicAdd(&cursor[v], 1)] = e;
+}
+
+// Sort each vertex's entries by index: splat then adds in pixel order, as the reference does,
+// and the result does not depend on the order in which threads filled the lists.
+extern "C" __global__ void crf_sort_lists(const int* starts, int M, int* list)
+{
+    const int v = crf_tid();
+    if (v >= M) return;
+    for (int a = starts[v] + 1; a < starts[v + 1]; a++) {
+        const int x = list[a];
+        int b = a - 1;
+        while (b >= starts[v] && list[b] > x) { list[b + 1] = list[b]; b--; }
+        list[b + 1] = x;
+    }
+}
+
+// Turn the sorted entry lists into what splatting reads: the pixel and its weight, contiguous.
+extern "C" __global__ void crf_list_payload(int* list, const float* weights, int dp1, int n_entries, float* list_w)
+{
+    const int k = crf_tid();
+    if (k >= n_entries) return;
+    const int e = list[k];
+    list_w[k] = weights[e];
+    list[k] = e / dp1;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Filtering (every iteration, all labels at once)
+
+// V[v*C + l] = sum over the entries of v of weight * (prescale[pixel] * Q[pixel*C + l]), in pixel
+// order. prescale may be NULL (normalisation "after"); "symmetric" passes 1/sqrt(norm).
+extern "C" __global__ void crf_splat(const float* Q, const float* prescale, const int* starts, const int* list_pix,
+                                     const float* list_w, int M, int C, float* V)
+{
+    const int t = crf_tid();
+    if (t >= M * C) return;
+    const int v = t / C, l = t - v * C;
+    float s = 0.f;
+    for (int k = starts[v]; k < starts[v + 1]; k++) {
+        const int pix = list_pix[k];
+        float val = Q[(long long)pix * C + l];
+        if (prescale) val *= prescale[pix];
+        s += list_w[k] * val;
+    }
+    V[t] = s;
+}
+
+// One blur pass along direction j: out = in + 0.5 (in[n1] + in[n2]), absent neighbours are 0.
+extern "C" __global__ void crf_blur(const float* in, float* out, const int* nbr, int j, int M, int C)
+{
+    const int t = crf_tid();
+    if (t >= M * C) return;
+    const int v = t / C, l = t - v * C;
+    const int n1 = nbr[(j * M + v) * 2], n2 = nbr[(j * M + v) * 2 + 1];
+    const float a = n1 >= 0 ? in[(long long)n1 * C + l] : 0.f;
+    const float b = n2 >= 0 ? in[(long long)n2 * C + l] : 0.f;
+    out[t] = in[t] + 0.5f * (a + b);
+}
+
+// Offsets and weights of pixel i's d+1 vertices, read once per pixel rather than once per label.
+struct CrfVertices {
+    int off[CRF_MAX_D + 1];
+    float w[CRF_MAX_D + 1];
+};
+
+__device__ __forceinline__ void crf_load_vertices(const int* offsets, const float* weights, int dp1, int i, CrfVertices& p)
+{
+    for (int r = 0; r < dp1; r++) { p.off[r] = offsets[i * dp1 + r]; p.w[r] = weights[i * dp1 + r]; }
+}
+
+__device__ __forceinline__ float crf_slice_one(const float* V, const CrfVertices& p, int dp1, int C, int l, float alpha)
+{
+    float s = 0.f;
+    for (int r = 0; r < dp1; r++) s += p.w[r] * V[(long long)p.off[r] * C + l] * alpha;
+    return s;
+}
+
+// out[i*C + l] = alpha * sum_r weight * V[vertex]: used once per image to filter ones (the normaliser).
+extern "C" __global__ void crf_slice(const float* V, const int* offsets, const float* weights, int dp1, int N, int C,
+                                     float alpha, float* out)
+{
+    const int t = crf_tid();
+    if (t >= N * C) return;
+    const int i = t / C;
+    CrfVertices p;
+    crf_load_vertices(offsets, weights, dp1, i, p);
+    out[t] = crf_slice_one(V, p, dp1, C, t - i * C, alpha);
+}
+
+// norm = 1/(filtered ones) ("after") or 1/sqrt(filtered ones) ("symmetric"), in double as the reference.
+extern "C" __global__ void crf_normaliser(const float* ones_filtered, int N, int symmetric, float* norm)
+{
+    const int i = crf_tid();
+    if (i >= N) return;
+    const double n = (double)ones_filtered[i] + 1e-20;
+    norm[i] = (float)(symmetric ? 1.0 / sqrt(n) : 1.0 / n);
+}
+
+// The mean-field update of pixel i, slicing both kernels' filtered values on the fly:
+//   t_l = -U_l + w_s * (slice_s_l * norm_s) + w_b * (slice_b_l * norm_b);   Q_i = softmax(t).
+// (Potts compatibility -w, subtracted, as densecrf.) With V_s and V_b NULL this is softmax(-U).
+// Q is updated in place: both splats of this iteration have already read it.
+extern "C" __global__ void crf_update(const float* U, int N, int C,
+                                      const float* V_s, const int* off_s, const float* w_s, const float* norm_s,
+                                      float weight_s, int dp1_s, float alpha_s,
+                                      const float* V_b, const int* off_b, const float* w_b, const float* norm_b,
+                                      float weight_b, int dp1_b, float alpha_b, float* Q)
+{
+    const int i = crf_tid();
+    if (i >= N) return;
+    float* q = Q + (long long)i * C;
+    const float* u = U + (long long)i * C;
+    CrfVertices ps, pb;
+    if (V_s) crf_load_vertices(off_s, w_s, dp1_s, i, ps);
+    if (V_b) crf_load_vertices(off_b, w_b, dp1_b, i, pb);
+    const float ns = V_s ? norm_s[i] : 0.f, nb = V_b ? norm_b[i] : 0.f;
+    float m = -3.402823466e38f;
+    for (int l = 0; l < C; l++) {
+        float t = -u[l];
+        if (V_s) t += weight_s * (crf_slice_one(V_s, ps, dp1_s, C, l, alpha_s) * ns);
+        if (V_b) t += weight_b * (crf_slice_one(V_b, pb, dp1_b, C, l, alpha_b) * nb);
+        q[l] = t;
+        m = fmaxf(m, t);
+    }
+    float s = 0.f;
+    for (int l = 0; l < C; l++) { q[l] = expf(q[l] - m); s += q[l]; }
+    for (int l = 0; l < C; l++) q[l] = q[l] / s;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Input and output on the device
+
+// U[i*C + l] from planar src[l*N + i]: -log softmax of logits (is_logits) or a copy of unary energies.
+extern "C" __global__ void crf_unary(const float* src, int N, int C, int is_logits, float* U)
+{
+    const int i = crf_tid();
+    if (i >= N) return;
+    float lse = 0.f;
+    if (is_logits) {
+        float m = -3.402823466e38f;
+        for (int l = 0; l < C; l++) m = fmaxf(m, src[(long long)l * N + i]);
+        float s = 0.f;
+        for (int l = 0; l < C; l++) s += expf(src[(long long)l * N + i] - m);
+        lse = logf(s) + m;
+    }
+    for (int l = 0; l < C; l++) {
+        const float x = src[(long long)l * N + i];
+        U[(long long)i * C + l] = is_logits ? lse - x : x;
+    }
+}
+
+// flag[0] = 1 if any of n values is NaN or infinite (checked on the device, before any work).
+extern "C" __global__ void crf_check_finite(const float* x, int n, int* flag)
+{
+    const int k = crf_tid();
+    if (k >= n) return;
+    const float v = x[k];
+    if (!(v - v == 0.f)) flag[0] = 1;  // NaN and +-inf give NaN; no isfinite() needed on either target
+}
+
+extern "C" __global__ void crf_marginals(const float* Q, int N, int C, float* out)
+{
+    const int t = crf_tid();
+    if (t >= N * C) return;
+    const int l = t / N, i = t % N;
+    out[t] = Q[(long long)i * C + l];  // planar (C, H, W) output
+}
+
+extern "C" __global__ void crf_argmax(const float* Q, int N, int C, unsigned char* labels)
+{
+    const int i = crf_tid();
+    if (i >= N) return;
+    const float* q = Q + (long long)i * C;
+    int best = 0;
+    for (int l = 1; l < C; l++)
+        if (q[l] > q[best]) best = l;  // first maximum, as numpy.argmax
+    labels[i] = (unsigned char)best;
+}
+
+extern "C" __global__ void crf_fill_int(int* x, int n, int value)
+{
+    const int k = crf_tid();
+    if (k < n) x[k] = value;
+}
+
+extern "C" __global__ void crf_fill_float(float* x, int n, float value)
+{
+    const int k = crf_tid();
+    if (k < n) x[k] = value;
+}
