@@ -1,0 +1,185 @@
+"""The CUDA kernel source, executed on the CPU (g++ build through cpu_shim.h) in every test run,
+compiled by nvcc for the supported GPUs, and run on a GPU where there is one (marked gpu)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT, photo, smooth_logits
+from crf import CRFInputError, CRFParams, refine, refine_unary, resolve_backend
+from crf.backend import KERNEL_SOURCE, Buffer, gpu_available
+from crf.exact import exact_mean_field
+from crf.features import unary_from_scores
+from test_crf import _pydensecrf
+
+GPU_ARCHS = ("75", "80", "86", "87", "89", "90")
+
+
+def test_auto_picks_the_compiled_cpu_kernels_here():
+    assert resolve_backend("auto") == ("gpu" if gpu_available() else "cpu")
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+@pytest.mark.parametrize("name,width", [("astronaut", 160), ("coffee", 300)])
+def test_kernels_equal_the_numpy_crf(name, width, normalization):
+    img = photo(name, width)
+    s = smooth_logits(*img.shape[:2], 21, seed=width)
+    p = CRFParams(normalization=normalization)
+    a = refine(s, img, p, backend="cpu")
+    b = refine(s, img, p, backend="numpy")
+    assert (a.argmax(0) == b.argmax(0)).all()
+    assert np.abs(a - b).max() < 1e-5
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+@pytest.mark.parametrize("name,width", [("astronaut", 256), ("coffee", 320), ("chelsea", 300), ("rocket", 280)])
+def test_kernels_match_pydensecrf_on_photographs(name, width, normalization):
+    img = photo(name, width)
+    h, w = img.shape[:2]
+    unary = unary_from_scores(smooth_logits(h, w, 21, seed=width + 1))
+    p = CRFParams(normalization=normalization)
+    ours = refine_unary(unary, img, p, backend="cpu")
+    ref = _pydensecrf(unary, img, p)
+    agree = (ours.argmax(0) == ref.argmax(0)).mean()
+    dq = np.abs(ours - ref).max()
+    print(f"{name} {h}x{w} {normalization}: labels equal {100 * agree:.3f}%, max |dQ| {dq:.2e}")
+    assert agree >= 0.995
+    assert dq < 1e-3
+    assert (ours.argmax(0) != unary.argmin(0)).mean() > 0.01  # the CRF changed something
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+def test_kernels_match_exact_mean_field_on_tiny_images(normalization):
+    img = photo("astronaut", 40)
+    unary = unary_from_scores(smooth_logits(40, 40, 4, seed=40, scale=2.0, cell=10))
+    p = CRFParams(normalization=normalization, bi_xy_std=10, bi_rgb_std=20)
+    q = refine_unary(unary, img, p, backend="cpu")
+    e = exact_mean_field(unary, img, p)
+    assert (q.argmax(0) == e.argmax(0)).mean() >= 0.95
+    assert np.abs(q - e).mean() < 0.025
+
+
+def test_results_are_deterministic_and_buffers_are_reused():
+    from crf import _driver
+
+    img = photo("chelsea", 200)
+    s = smooth_logits(*img.shape[:2], 21, seed=5)
+    a = refine(s, img, backend="cpu")
+    pooled = _driver("cpu").pooled_bytes()
+    for _ in range(3):
+        b = refine(s, img, backend="cpu")
+        assert np.array_equal(a, b)  # bit for bit, whatever order the OpenMP threads ran in
+    assert _driver("cpu").pooled_bytes() == pooled  # same size: nothing new allocated
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(h=st.integers(1, 97), w=st.integers(1, 61), c=st.integers(1, 64), seed=st.integers(0, 2**31 - 1),
+       bi_w=st.floats(0.1, 20), bi_xy=st.floats(0.5, 120), bi_rgb=st.floats(0.5, 60),
+       pos_w=st.floats(0.1, 10), pos_xy=st.floats(0.3, 10), iters=st.integers(0, 6),
+       normalization=st.sampled_from(["after", "symmetric"]))
+def test_property_marginals_are_distributions(h, w, c, seed, bi_w, bi_xy, bi_rgb, pos_w, pos_xy, iters, normalization):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    scores = rng.normal(0, 3, (c, h, w)).astype(np.float32)
+    p = CRFParams(bi_w=bi_w, bi_xy_std=bi_xy, bi_rgb_std=bi_rgb, pos_w=pos_w, pos_xy_std=pos_xy,
+                  iterations=iters, normalization=normalization)
+    q = refine(scores, img, p, backend="cpu")
+    assert q.shape == (c, h, w) and q.dtype == np.float32
+    assert np.isfinite(q).all()
+    np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-4)
+    if iters == 0:
+        e = np.exp(scores - scores.max(0))
+        np.testing.assert_allclose(q, e / e.sum(0), atol=1e-6)
+    else:
+        np.testing.assert_allclose(q, refine(scores, img, p, backend="numpy"), atol=1e-4)
+
+
+def test_device_side_nan_check():
+    """Logits already on the device (the TensorRT pipeline) are checked there, not on the host."""
+    from crf import _driver
+
+    d = _driver("cpu")
+    img = photo("coffee", 40)
+    h, w = img.shape[:2]
+    s = smooth_logits(h, w, 3)
+    s[2, 5, 7] = np.inf
+    buf = d.k.alloc(s.nbytes)
+    d.k.upload(buf, s)
+    with pytest.raises(CRFInputError, match="NaN/inf"):
+        d.run(Buffer(s.nbytes, buf.ptr, buf.owner), img, h, w, 3, CRFParams())
+    s[2, 5, 7] = 0
+    d.k.upload(buf, s)
+    _, labels = d.run(buf, img, h, w, 3, CRFParams(), marginals=False, labels=True)
+    assert (labels == refine(s, img, backend="cpu").argmax(0)).all()
+
+
+def test_no_compiler_falls_back_to_numpy_with_a_warning(tmp_path):
+    code = ("import warnings, numpy as np\n"
+            "from crf import refine, resolve_backend\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    name = resolve_backend('auto')\n"
+            "print(name); print(w[0].message if w else 'no warning')\n"
+            "img = np.zeros((8, 9, 3), np.uint8)\n"
+            "print(refine(np.zeros((2, 8, 9), np.float32), img).shape)\n")
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), DEEPLAB_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "numpy" and "slow numpy CRF" in lines[1] and "C++ compiler" in lines[1]
+    assert lines[2] == "(2, 8, 9)"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", GPU_ARCHS)
+def test_nvcc_compiles_the_kernels(tmp_path, arch):
+    out = tmp_path / f"densecrf_sm{arch}.cubin"
+    res = subprocess.run(["nvcc", "--cubin", f"-arch=sm_{arch}", "--fmad=false", "-O3", "-o", str(out),
+                          str(KERNEL_SOURCE)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    cubin = out.read_bytes()
+    assert cubin[:4] == b"\x7fELF"
+    for kernel in ("crf_embed", "crf_hash_insert", "crf_splat", "crf_blur", "crf_update", "crf_argmax"):
+        assert kernel.encode() in cubin
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (run on the lent GPU machine: pytest -m gpu)
+
+needs_gpu = pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU with pycuda and nvcc here")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+def test_gpu_equals_cpu(normalization):
+    img = photo("astronaut", 500)
+    s = smooth_logits(*img.shape[:2], 21, seed=9)
+    p = CRFParams(normalization=normalization)
+    g = refine(s, img, p, backend="gpu")
+    c = refine(s, img, p, backend="cpu")
+    assert (g.argmax(0) == c.argmax(0)).mean() >= 0.999
+    assert np.abs(g - c).max() < 1e-3
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_memory_does_not_grow_over_1000_calls():
+    import pycuda.driver as cuda
+
+    img = photo("coffee", 320)
+    s = smooth_logits(*img.shape[:2], 21, seed=2)
+    for _ in range(3):
+        refine(s, img, backend="gpu")
+    free0, _ = cuda.mem_get_info()
+    for _ in range(1000):
+        refine(s, img, backend="gpu")
+    free1, _ = cuda.mem_get_info()
+    assert free0 - free1 < 1 << 20, f"device memory grew by {free0 - free1} bytes"
