@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,12 @@ class Buffer:
 
 class KernelBackend:
     name = "abstract"
+    #: when a dict, every launch adds its time (ms) under the kernel's name (see kernel_times())
+    profile: dict[str, list] | None = None
+
+    def kernel_times(self) -> dict[str, list[float]]:
+        """Per-kernel times in ms recorded since profiling was switched on (profile = {})."""
+        return dict(self.profile or {})
 
     def alloc(self, nbytes: int) -> Buffer:
         raise NotImplementedError
@@ -69,8 +76,12 @@ class KernelBackend:
 CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared",
              # kernels not exported, so they inline into the launchers' thread loops
              "-fvisibility=hidden",
+             # the library is built on the machine that runs it (and cached per CPU), so use its SIMD width
+             "-march=native",
              # no FMA contraction and no fast-math: the CPU path follows the reference's rounding
-             "-ffp-contract=off", "-fno-fast-math"]
+             "-ffp-contract=off", "-fno-fast-math",
+             # no FP traps are ever enabled: lets GCC if-convert float selects, so label loops vectorise
+             "-fno-trapping-math"]
 
 
 def cache_dir() -> Path:
@@ -86,6 +97,15 @@ def _compiler() -> str:
     return cxx
 
 
+def _cpu_signature() -> str:
+    """What -march=native depends on: a cached library is never reused on a different CPU."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next((l for l in info.splitlines() if l.startswith(("flags", "Features"))), "") + os.uname().machine
+    except OSError:
+        return os.uname().machine
+
+
 def build_cpu_library(force: bool = False) -> Path:
     """Compile crf/kernels/*.{cu,h,cpp} into a shared library once; cached by content and compiler."""
     cxx = _compiler()
@@ -93,7 +113,7 @@ def build_cpu_library(force: bool = False) -> Path:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise BackendUnavailable(f"C++ compiler {cxx} does not run: {e}") from e
-    h = hashlib.sha256(version.encode() + " ".join(CXX_FLAGS).encode())
+    h = hashlib.sha256(version.encode() + " ".join(CXX_FLAGS).encode() + _cpu_signature().encode())
     for f in sorted(KERNEL_DIR.glob("*")):
         if f.suffix in (".cu", ".h", ".cpp"):
             h.update(f.name.encode() + f.read_bytes())
@@ -154,7 +174,12 @@ class CPUKernels(KernelBackend):
             else:
                 raise TypeError(f"{kernel}: argument {a!r} must be a Buffer, None or np.int32/uint32/float32")
         params = (ctypes.c_void_p * max(1, len(holders)))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in holders])
+        if self.profile is None:
+            fn(self.grid(n_threads), BLOCK, params)
+            return
+        t0 = time.perf_counter()
         fn(self.grid(n_threads), BLOCK, params)
+        self.profile.setdefault(kernel, []).append((time.perf_counter() - t0) * 1e3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,6 +219,7 @@ class GPUKernels(KernelBackend):
             GPUKernels._module = SourceModule(KERNEL_SOURCE.read_text(), no_extern_c=True, options=NVCC_OPTIONS)
         self.module = GPUKernels._module
         self._functions: dict = {}
+        self._events: list = []
 
     def alloc(self, nbytes: int) -> Buffer:
         mem = self.cuda.mem_alloc(max(int(nbytes), 4))
@@ -217,7 +243,22 @@ class GPUKernels(KernelBackend):
         if fn is None:
             fn = self._functions[kernel] = self.module.get_function(kernel)
         conv = [np.uintp(a.ptr) if isinstance(a, Buffer) else (np.uintp(0) if a is None else a) for a in args]
+        if self.profile is None:
+            fn(*conv, block=(BLOCK, 1, 1), grid=(self.grid(n_threads), 1), stream=self.stream)
+            return
+        start, end = self.cuda.Event(), self.cuda.Event()
+        start.record(self.stream)
         fn(*conv, block=(BLOCK, 1, 1), grid=(self.grid(n_threads), 1), stream=self.stream)
+        end.record(self.stream)
+        self._events.append((kernel, start, end))
+
+    def kernel_times(self) -> dict[str, list[float]]:
+        """CUDA-event times per kernel (ms), resolved after a synchronize."""
+        self.stream.synchronize()
+        for kernel, start, end in self._events:
+            self.profile.setdefault(kernel, []).append(start.time_till(end))
+        self._events.clear()
+        return dict(self.profile or {})
 
     def synchronize(self) -> None:
         self.stream.synchronize()

@@ -16,6 +16,7 @@ Memory (bytes), N pixels, C labels, E = 6N bilateral entries, M_k lattice vertic
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -28,6 +29,22 @@ SPATIAL_D, BILATERAL_D = 2, 5
 
 def _next_pow2(n: int) -> int:
     return 1 << max(1, int(n - 1).bit_length())
+
+
+class _PhaseClock:
+    """Wall time per phase into ``sink`` (when it is a dict), synchronising the backend at each lap."""
+
+    def __init__(self, backend: KernelBackend, sink: dict | None):
+        self.k, self.sink = backend, sink
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.sink is None:
+            return
+        self.k.synchronize()
+        now = time.perf_counter()
+        self.sink[name] = (now - self.t) * 1e3
+        self.t = now
 
 
 class _Lattice:
@@ -46,6 +63,8 @@ class DenseCRFDriver:
         self.k = backend
         self._pool: dict[str, Buffer] = {}
         self.last_vertices: dict[str, int] = {}
+        #: set to a dict to get per-phase wall times (ms) of each run (adds synchronisations)
+        self.phase_times: dict[str, float] | None = None
 
     # -- memory ---------------------------------------------------------------------------------
     def _buf(self, role: str, nbytes: int) -> Buffer:
@@ -102,16 +121,25 @@ class DenseCRFDriver:
         lat.list_w = self._buf(lat.tag + "list_w", e * 4)
         k.launch("crf_list_payload", e, lat.lists, lat.weights, I32(dp1), I32(e), lat.list_w)
 
-        lat.va = self._buf(lat.tag + "va", m * c * 4)
-        lat.vb = self._buf(lat.tag + "vb", m * c * 4)
+        # Value buffers hold M rows plus row M of zeros, the absent blur neighbour.
+        lat.va = self._buf(lat.tag + "va", (m + 1) * c * 4)
+        lat.vb = self._buf(lat.tag + "vb", (m + 1) * c * 4)
         # Normaliser: the lattice applied to ones.
         ones = self._buf("ones", n * 4)
         k.launch("crf_fill_float", n, ones, I32(n), F32(1.0))
+        self._zero_row(lat, 1)
         self._filter(lat, ones, None, 1)
         raw = self._buf("raw", n * 4)
         k.launch("crf_slice", n, lat.result, lat.offsets, lat.weights, I32(dp1), I32(n), I32(1), F32(lat.alpha), raw)
         lat.norm = self._buf(lat.tag + "norm", n * 4)
         k.launch("crf_normaliser", n, raw, I32(n), I32(1 if symmetric else 0), lat.norm)
+        self._zero_row(lat, c)  # for the c-label filters of every iteration
+
+    def _zero_row(self, lat: _Lattice, c: int) -> None:
+        """Zero row M (of c floats) of both value buffers: what an absent blur neighbour reads."""
+        for vbuf in (lat.va, lat.vb):
+            row = Buffer(c * 4, vbuf.ptr + lat.m * c * 4, vbuf.owner)
+            self.k.launch("crf_fill_float", c, row, I32(c), F32(0.0))
 
     def _exclusive_scan(self, counts: Buffer, n: int, out: Buffer) -> None:
         chunk = max(32, math.isqrt(max(n, 1)) + 1)
@@ -124,12 +152,18 @@ class DenseCRFDriver:
     def _filter(self, lat: _Lattice, values: Buffer, prescale: Buffer | None, c: int) -> None:
         """Splat ``values`` (N x c, pixel-major) and blur; the result is left in lat.result."""
         k, m = self.k, lat.m
-        k.launch("crf_splat", m * c, values, prescale, lat.starts, lat.lists, lat.list_w, I32(m), I32(c), lat.va)
+        chunk = self.label_chunk(c)
+        n_threads = m * ((c + chunk - 1) // chunk)
+        k.launch("crf_splat", n_threads, values, prescale, lat.starts, lat.lists, lat.list_w, I32(m), I32(c), I32(chunk), lat.va)
         src, dst = lat.va, lat.vb
         for j in range(lat.dp1):
-            k.launch("crf_blur", m * c, src, dst, lat.nbr, I32(j), I32(m), I32(c))
+            k.launch("crf_blur", n_threads, src, dst, lat.nbr, I32(j), I32(m), I32(c), I32(chunk))
             src, dst = dst, src
         lat.result = src
+
+    def label_chunk(self, c: int) -> int:
+        """Labels per thread: 1 on the GPU (coalesced), all of them on the CPU (vectorised loop)."""
+        return 1 if self.k.name == "gpu" else c
 
     # -- inference ------------------------------------------------------------------------------
     def run(self, scores: np.ndarray | Buffer, image: np.ndarray | Buffer, h: int, w: int, c: int,
@@ -142,6 +176,7 @@ class DenseCRFDriver:
         """
         k = self.k
         n = h * w
+        clock = _PhaseClock(k, self.phase_times)
         if isinstance(scores, np.ndarray):
             src = self._buf("scores", n * c * 4)
             k.upload(src, np.ascontiguousarray(scores, np.float32))
@@ -163,6 +198,7 @@ class DenseCRFDriver:
         q = self._buf("q", n * c * 4)
         nulls = (None, None, None, None, F32(0), I32(1), F32(0))
         k.launch("crf_update", n, u, I32(n), I32(c), *nulls, *nulls, q)  # Q = softmax(-U)
+        clock.lap("upload_and_unary")
 
         if params.iterations > 0:
             symmetric = params.normalization == "symmetric"
@@ -170,11 +206,13 @@ class DenseCRFDriver:
             bilateral = _Lattice("b_", BILATERAL_D, params.bi_w)
             self._build(spatial, None, h, w, params.pos_xy_std, 1.0, symmetric, c)
             self._build(bilateral, img, h, w, params.bi_xy_std, params.bi_rgb_std, symmetric, c)
+            clock.lap("lattice_build")
             for _ in range(params.iterations):
                 for lat in (spatial, bilateral):
                     self._filter(lat, q, lat.norm if symmetric else None, c)
                 k.launch("crf_update", n, u, I32(n), I32(c),
                          *self._update_args(spatial), *self._update_args(bilateral), q)
+            clock.lap("iterations")
 
         out_m = out_l = None
         if marginals:
@@ -186,6 +224,7 @@ class DenseCRFDriver:
             k.launch("crf_argmax", n, q, I32(n), I32(c), lb)
             out_l = k.download(lb, (h, w), np.uint8)
         k.synchronize()
+        clock.lap("output")
         return out_m, out_l
 
     @staticmethod

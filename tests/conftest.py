@@ -3,11 +3,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tools.testdata import photo, smooth_logits  # noqa: E402,F401  (re-exported for the tests)
 
 BUNDLED = ROOT / "models" / "deeplab_shapes.safetensors"
 SAMPLES = ROOT / "samples"
@@ -43,27 +44,3 @@ def bundled_onnx(tmp_path_factory) -> Path:
     model, meta = load_model(BUNDLED)
     out = tmp_path_factory.mktemp("bundled") / "deeplab_shapes.onnx"
     return export_onnx(model, out, class_names=meta.get("class_names"), palette=meta.get("palette"))
-
-
-def photo(name: str, width: int | None = None) -> np.ndarray:
-    """A real photograph shipped inside scikit-image, as BGR uint8, optionally resized to width."""
-    import cv2
-    from skimage import data
-
-    img = getattr(data, name)()
-    if img.ndim == 2:
-        img = np.stack([img] * 3, axis=2)
-    img = np.ascontiguousarray(img[:, :, :3][:, :, ::-1])
-    if width is not None:
-        h = round(img.shape[0] * width / img.shape[1])
-        img = cv2.resize(img, (width, h), interpolation=cv2.INTER_AREA)
-    return img
-
-
-def smooth_logits(h: int, w: int, c: int, seed: int = 0, scale: float = 3.0, cell: int = 16) -> np.ndarray:
-    """Spatially smooth random logits (C, H, W) float32, like upsampled network scores."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    lo = rng.normal(0, scale, (c, h // cell + 2, w // cell + 2)).astype(np.float32)
-    return np.stack([cv2.resize(l, (w, h), interpolation=cv2.INTER_LINEAR) for l in lo]).astype(np.float32)

@@ -153,7 +153,8 @@ __device__ int crf_find(const int* key, int d, const int* keys, const int* verte
 }
 
 // Blur neighbours of vertex v along direction j: key -1 on every coordinate and +d on coordinate j
-// (and the opposite); direction d moves all coordinates by -1/+1. nbr[(j*M + v)*2 + {0,1}], -1 if absent.
+// (and the opposite); direction d moves all coordinates by -1/+1. nbr[(j*M + v)*2 + {0,1}]; an
+// absent neighbour is M, a row of zeros kept at the end of the value buffers (no branch in the blur).
 extern "C" __global__ void crf_neighbours(const int* keys, const int* vertex_entry, int M, int d, const int* table,
                                           unsigned int mask, int* nbr)
 {
@@ -164,8 +165,10 @@ extern "C" __global__ void crf_neighbours(const int* keys, const int* vertex_ent
     int n1[CRF_MAX_D], n2[CRF_MAX_D];
     for (int k = 0; k < d; k++) { n1[k] = key[k] - 1; n2[k] = key[k] + 1; }
     if (j < d) { n1[j] = key[j] + d; n2[j] = key[j] - d; }
-    nbr[t * 2] = crf_find(n1, d, keys, vertex_entry, table, mask);
-    nbr[t * 2 + 1] = crf_find(n2, d, keys, vertex_entry, table, mask);
+    const int a = crf_find(n1, d, keys, vertex_entry, table, mask);
+    const int b = crf_find(n2, d, keys, vertex_entry, table, mask);
+    nbr[t * 2] = a < 0 ? M : a;
+    nbr[t * 2 + 1] = b < 0 ? M : b;
 }
 
 // Entry lists per vertex (CSR), so that splatting is a gather without float atomics.
@@ -241,34 +244,53 @@ extern "C" __global__ void crf_list_payload(int* list, const float* weights, int
 // ------------------------------------------------------------------------------------------------
 // Filtering (every iteration, all labels at once)
 
-// V[v*C + l] = sum over the entries of v of weight * (prescale[pixel] * Q[pixel*C + l]), in pixel
-// order. prescale may be NULL (normalisation "after"); "symmetric" passes 1/sqrt(norm).
-extern "C" __global__ void crf_splat(const float* Q, const float* prescale, const int* starts, const int* list_pix,
-                                     const float* list_w, int M, int C, float* V)
+// Label chunking: a thread handles labels [c0, c1) of one vertex or pixel. The GPU launches one
+// thread per label (chunk 1: neighbouring threads touch neighbouring floats); the CPU one thread per
+// row (chunk C: the label loop is contiguous and vectorises).
+__device__ __forceinline__ void crf_chunk(int t, int C, int chunk, int& row, int& c0, int& c1)
 {
-    const int t = crf_tid();
-    if (t >= M * C) return;
-    const int v = t / C, l = t - v * C;
-    float s = 0.f;
-    for (int k = starts[v]; k < starts[v + 1]; k++) {
-        const int pix = list_pix[k];
-        float val = Q[(long long)pix * C + l];
-        if (prescale) val *= prescale[pix];
-        s += list_w[k] * val;
-    }
-    V[t] = s;
+    const int per_row = (C + chunk - 1) / chunk;
+    row = t / per_row;
+    c0 = (t - row * per_row) * chunk;
+    c1 = min(C, c0 + chunk);
 }
 
-// One blur pass along direction j: out = in + 0.5 (in[n1] + in[n2]), absent neighbours are 0.
-extern "C" __global__ void crf_blur(const float* in, float* out, const int* nbr, int j, int M, int C)
+// V[v*C + l] = sum over the entries of v of weight * (prescale[pixel] * Q[pixel*C + l]), in pixel
+// order. prescale may be NULL (normalisation "after"); "symmetric" passes 1/sqrt(norm).
+extern "C" __global__ void crf_splat(const float* __restrict__ Q, const float* __restrict__ prescale,
+                                     const int* __restrict__ starts, const int* __restrict__ list_pix,
+                                     const float* __restrict__ list_w, int M, int C, int chunk, float* __restrict__ V)
 {
-    const int t = crf_tid();
-    if (t >= M * C) return;
-    const int v = t / C, l = t - v * C;
-    const int n1 = nbr[(j * M + v) * 2], n2 = nbr[(j * M + v) * 2 + 1];
-    const float a = n1 >= 0 ? in[(long long)n1 * C + l] : 0.f;
-    const float b = n2 >= 0 ? in[(long long)n2 * C + l] : 0.f;
-    out[t] = in[t] + 0.5f * (a + b);
+    int v, c0, c1;
+    crf_chunk(crf_tid(), C, chunk, v, c0, c1);
+    if (v >= M) return;
+    float* out = V + (long long)v * C;
+    for (int l = c0; l < c1; l++) out[l] = 0.f;
+    for (int k = starts[v]; k < starts[v + 1]; k++) {
+        const int pix = list_pix[k];
+        const float w = list_w[k];
+        const float* q = Q + (long long)pix * C;
+        if (prescale) {
+            const float ps = prescale[pix];
+            for (int l = c0; l < c1; l++) out[l] += w * (q[l] * ps);
+        } else {
+            for (int l = c0; l < c1; l++) out[l] += w * q[l];
+        }
+    }
+}
+
+// One blur pass along direction j: out = in + 0.5 (in[n1] + in[n2]); row M of in is zeros.
+extern "C" __global__ void crf_blur(const float* __restrict__ in, float* __restrict__ out, const int* __restrict__ nbr,
+                                    int j, int M, int C, int chunk)
+{
+    int v, c0, c1;
+    crf_chunk(crf_tid(), C, chunk, v, c0, c1);
+    if (v >= M) return;
+    const float* a = in + (long long)nbr[(j * M + v) * 2] * C;
+    const float* b = in + (long long)nbr[(j * M + v) * 2 + 1] * C;
+    const float* x = in + (long long)v * C;
+    float* y = out + (long long)v * C;
+    for (int l = c0; l < c1; l++) y[l] = x[l] + 0.5f * (a[l] + b[l]);
 }
 
 // Offsets and weights of pixel i's d+1 vertices, read once per pixel rather than once per label.
@@ -310,15 +332,31 @@ extern "C" __global__ void crf_normaliser(const float* ones_filtered, int N, int
     norm[i] = (float)(symmetric ? 1.0 / sqrt(n) : 1.0 / n);
 }
 
+#define CRF_UPDATE_CHUNK 32
+
+// sum_r (w_r * V[off_r][l]) * alpha for labels [c0, c0+n) into acc[0..n), r in order (the reference's).
+__device__ __forceinline__ void crf_slice_chunk(const float* __restrict__ V, const CrfVertices& p, int dp1, int C,
+                                                int c0, int n, float alpha, float* acc)
+{
+    for (int l = 0; l < n; l++) acc[l] = 0.f;
+    for (int r = 0; r < dp1; r++) {
+        const float* row = V + (long long)p.off[r] * C + c0;
+        const float w = p.w[r];
+        for (int l = 0; l < n; l++) acc[l] += w * row[l] * alpha;
+    }
+}
+
 // The mean-field update of pixel i, slicing both kernels' filtered values on the fly:
 //   t_l = -U_l + w_s * (slice_s_l * norm_s) + w_b * (slice_b_l * norm_b);   Q_i = softmax(t).
 // (Potts compatibility -w, subtracted, as densecrf.) With V_s and V_b NULL this is softmax(-U).
-// Q is updated in place: both splats of this iteration have already read it.
-extern "C" __global__ void crf_update(const float* U, int N, int C,
-                                      const float* V_s, const int* off_s, const float* w_s, const float* norm_s,
-                                      float weight_s, int dp1_s, float alpha_s,
-                                      const float* V_b, const int* off_b, const float* w_b, const float* norm_b,
-                                      float weight_b, int dp1_b, float alpha_b, float* Q)
+// Q is updated in place: both splats of this iteration have already read it. Labels go in chunks
+// of CRF_UPDATE_CHUNK through small local accumulators.
+extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C,
+                                      const float* __restrict__ V_s, const int* off_s, const float* w_s,
+                                      const float* norm_s, float weight_s, int dp1_s, float alpha_s,
+                                      const float* __restrict__ V_b, const int* off_b, const float* w_b,
+                                      const float* norm_b, float weight_b, int dp1_b, float alpha_b,
+                                      float* __restrict__ Q)
 {
     const int i = crf_tid();
     if (i >= N) return;
@@ -328,16 +366,23 @@ extern "C" __global__ void crf_update(const float* U, int N, int C,
     if (V_s) crf_load_vertices(off_s, w_s, dp1_s, i, ps);
     if (V_b) crf_load_vertices(off_b, w_b, dp1_b, i, pb);
     const float ns = V_s ? norm_s[i] : 0.f, nb = V_b ? norm_b[i] : 0.f;
+    float acc_s[CRF_UPDATE_CHUNK], acc_b[CRF_UPDATE_CHUNK];
     float m = -3.402823466e38f;
-    for (int l = 0; l < C; l++) {
-        float t = -u[l];
-        if (V_s) t += weight_s * (crf_slice_one(V_s, ps, dp1_s, C, l, alpha_s) * ns);
-        if (V_b) t += weight_b * (crf_slice_one(V_b, pb, dp1_b, C, l, alpha_b) * nb);
-        q[l] = t;
-        m = fmaxf(m, t);
+    for (int c0 = 0; c0 < C; c0 += CRF_UPDATE_CHUNK) {
+        const int n = min(CRF_UPDATE_CHUNK, C - c0);
+        if (V_s) crf_slice_chunk(V_s, ps, dp1_s, C, c0, n, alpha_s, acc_s);
+        if (V_b) crf_slice_chunk(V_b, pb, dp1_b, C, c0, n, alpha_b, acc_b);
+        for (int l = 0; l < n; l++) {
+            float t = -u[c0 + l];
+            if (V_s) t += weight_s * (acc_s[l] * ns);
+            if (V_b) t += weight_b * (acc_b[l] * nb);
+            q[c0 + l] = t;
+            m = t > m ? t : m;  // not fmaxf: without fast-math that is a libm call on the CPU
+        }
     }
+    for (int l = 0; l < C; l++) q[l] = expf(q[l] - m);  // separate loops: the exp one vectorises on the CPU
     float s = 0.f;
-    for (int l = 0; l < C; l++) { q[l] = expf(q[l] - m); s += q[l]; }
+    for (int l = 0; l < C; l++) s += q[l];
     for (int l = 0; l < C; l++) q[l] = q[l] / s;
 }
 
@@ -352,7 +397,7 @@ extern "C" __global__ void crf_unary(const float* src, int N, int C, int is_logi
     float lse = 0.f;
     if (is_logits) {
         float m = -3.402823466e38f;
-        for (int l = 0; l < C; l++) m = fmaxf(m, src[(long long)l * N + i]);
+        for (int l = 0; l < C; l++) { const float x = src[(long long)l * N + i]; m = x > m ? x : m; }
         float s = 0.f;
         for (int l = 0; l < C; l++) s += expf(src[(long long)l * N + i] - m);
         lse = logf(s) + m;
