@@ -146,11 +146,18 @@ class CPUKernels(KernelBackend):
         a = np.ascontiguousarray(array)
         if a.nbytes > buf.nbytes:
             raise ValueError(f"upload of {a.nbytes} bytes into a {buf.nbytes}-byte buffer")
-        buf.owner[: a.nbytes] = a.reshape(-1).view(np.uint8)
+        start = self._offset(buf)
+        buf.owner[start: start + a.nbytes] = a.reshape(-1).view(np.uint8)
 
     def download(self, buf: Buffer, shape, dtype) -> np.ndarray:
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        return buf.owner[:n].view(dtype).reshape(shape).copy()
+        start = self._offset(buf)
+        return buf.owner[start: start + n].view(dtype).reshape(shape).copy()
+
+    @staticmethod
+    def _offset(buf: Buffer) -> int:
+        """Where buf starts inside the host array that owns it (a Buffer may be a view at an offset)."""
+        return buf.ptr - buf.owner.ctypes.data
 
     def launch(self, kernel: str, n_threads: int, *args) -> None:
         fn = self._launchers.get(kernel)

@@ -96,11 +96,17 @@ class DenseCRFDriver:
         self._fill_int(table, cap, -1)
         slot_of = self._buf("slot_of", e * 4)
         k.launch("crf_hash_insert", e, keys, I32(e), I32(d), table, U32(cap - 1), slot_of)
-        counter = self._buf("counter", 4)
-        self._fill_int(counter, 1, 0)
+        slot_min = self._buf("slot_min", cap * 4)
+        self._fill_int(slot_min, cap, 2**31 - 1)
+        k.launch("crf_slot_min", e, slot_of, I32(e), slot_min)
+        first = self._buf("first", e * 4)
+        k.launch("crf_mark_first", e, slot_of, slot_min, I32(e), first)
+        rank = self._buf("rank", (e + 1) * 4)
+        self._exclusive_scan(first, e, rank)
         vertex_entry = self._buf("vertex_entry", e * 4)
-        k.launch("crf_hash_compact", cap, table, I32(cap), counter, vertex_entry)
-        m = int(k.download(counter, (1,), np.int32)[0])  # the one sync of the build: sizes the launches
+        k.launch("crf_number_vertices", e, slot_of, first, rank, I32(e), table, vertex_entry)
+        # the one sync of the build: the vertex count sizes the launches that follow
+        m = int(k.download(Buffer(4, rank.ptr + e * 4, rank.owner), (1,), np.int32)[0])
         lat.m = m
         self.last_vertices[lat.tag] = m
 
@@ -134,6 +140,7 @@ class DenseCRFDriver:
         lat.norm = self._buf(lat.tag + "norm", n * 4)
         k.launch("crf_normaliser", n, raw, I32(n), I32(1 if symmetric else 0), lat.norm)
         self._zero_row(lat, c)  # for the c-label filters of every iteration
+        k.launch("crf_coefficients", e, lat.weights, lat.norm, I32(dp1), I32(n), F32(np.float32(lat.weight) * lat.alpha))
 
     def _zero_row(self, lat: _Lattice, c: int) -> None:
         """Zero row M (of c floats) of both value buffers: what an absent blur neighbour reads."""
@@ -196,7 +203,7 @@ class DenseCRFDriver:
         u = self._buf("unary", n * c * 4)
         k.launch("crf_unary", n, src, I32(n), I32(c), I32(1 if is_logits else 0), u)
         q = self._buf("q", n * c * 4)
-        nulls = (None, None, None, None, F32(0), I32(1), F32(0))
+        nulls = (None, None, None, I32(1))
         k.launch("crf_update", n, u, I32(n), I32(c), *nulls, *nulls, q)  # Q = softmax(-U)
         clock.lap("upload_and_unary")
 
@@ -229,4 +236,4 @@ class DenseCRFDriver:
 
     @staticmethod
     def _update_args(lat: _Lattice):
-        return (lat.result, lat.offsets, lat.weights, lat.norm, F32(lat.weight), I32(lat.dp1), F32(lat.alpha))
+        return (lat.result, lat.offsets, lat.weights, I32(lat.dp1))  # weights now hold the coefficients

@@ -37,6 +37,14 @@ static inline float atomicAdd(float* address, float val)
     return old;
 }
 
+static inline int atomicMin(int* address, int val)
+{
+    int old = __atomic_load_n(address, __ATOMIC_SEQ_CST);
+    while (val < old && !__atomic_compare_exchange_n(address, &old, val, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+    }
+    return old;
+}
+
 static inline int atomicCAS(int* address, int compare, int val)
 {
     __atomic_compare_exchange_n(address, &compare, val, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);

@@ -121,16 +121,32 @@ extern "C" __global__ void crf_hash_insert(const int* keys, int n_entries, int d
     }
 }
 
-// Number the occupied slots 0..M-1 (vertex ids); the table then holds vertex ids.
-extern "C" __global__ void crf_hash_compact(int* table, int capacity, int* counter, int* vertex_entry)
+// Vertex numbering in entry (= pixel) order, so that vertices close in number are close in the
+// image: splat's gathers, the update's reads and the blur then walk memory mostly in order. The
+// representative of a slot is its smallest entry; a scan over the "is representative" flags gives
+// the vertex ids. Deterministic, whatever order the threads inserted in.
+extern "C" __global__ void crf_slot_min(const int* slot_of, int n_entries, int* slot_min)
 {
-    const int s = crf_tid();
-    if (s >= capacity) return;
-    const int e = table[s];
-    if (e < 0) return;
-    const int v = atomicAdd(counter, 1);
-    vertex_entry[v] = e;
-    table[s] = v;
+    const int e = crf_tid();
+    if (e >= n_entries) return;
+    atomicMin(&slot_min[slot_of[e]], e);
+}
+
+extern "C" __global__ void crf_mark_first(const int* slot_of, const int* slot_min, int n_entries, int* first)
+{
+    const int e = crf_tid();
+    if (e >= n_entries) return;
+    first[e] = slot_min[slot_of[e]] == e ? 1 : 0;
+}
+
+// table[slot] := vertex id of the slot, vertex_entry[id] := its representative entry.
+extern "C" __global__ void crf_number_vertices(const int* slot_of, const int* first, const int* rank, int n_entries,
+                                               int* table, int* vertex_entry)
+{
+    const int e = crf_tid();
+    if (e >= n_entries || !first[e]) return;
+    table[slot_of[e]] = rank[e];
+    vertex_entry[rank[e]] = e;
 }
 
 extern "C" __global__ void crf_offsets(const int* slot_of, const int* table, int n_entries, int* offsets)
@@ -293,34 +309,17 @@ extern "C" __global__ void crf_blur(const float* __restrict__ in, float* __restr
     for (int l = c0; l < c1; l++) y[l] = x[l] + 0.5f * (a[l] + b[l]);
 }
 
-// Offsets and weights of pixel i's d+1 vertices, read once per pixel rather than once per label.
-struct CrfVertices {
-    int off[CRF_MAX_D + 1];
-    float w[CRF_MAX_D + 1];
-};
-
-__device__ __forceinline__ void crf_load_vertices(const int* offsets, const float* weights, int dp1, int i, CrfVertices& p)
-{
-    for (int r = 0; r < dp1; r++) { p.off[r] = offsets[i * dp1 + r]; p.w[r] = weights[i * dp1 + r]; }
-}
-
-__device__ __forceinline__ float crf_slice_one(const float* V, const CrfVertices& p, int dp1, int C, int l, float alpha)
-{
-    float s = 0.f;
-    for (int r = 0; r < dp1; r++) s += p.w[r] * V[(long long)p.off[r] * C + l] * alpha;
-    return s;
-}
-
-// out[i*C + l] = alpha * sum_r weight * V[vertex]: used once per image to filter ones (the normaliser).
+// out[i*C + l] = sum_r (weight * V[vertex][l]) * alpha, the reference's slice; used once per image
+// to filter ones (the normaliser). The iterations slice inside crf_update.
 extern "C" __global__ void crf_slice(const float* V, const int* offsets, const float* weights, int dp1, int N, int C,
                                      float alpha, float* out)
 {
     const int t = crf_tid();
     if (t >= N * C) return;
-    const int i = t / C;
-    CrfVertices p;
-    crf_load_vertices(offsets, weights, dp1, i, p);
-    out[t] = crf_slice_one(V, p, dp1, C, t - i * C, alpha);
+    const int i = t / C, l = t - i * C;
+    float s = 0.f;
+    for (int r = 0; r < dp1; r++) s += weights[i * dp1 + r] * V[(long long)offsets[i * dp1 + r] * C + l] * alpha;
+    out[t] = s;
 }
 
 // norm = 1/(filtered ones) ("after") or 1/sqrt(filtered ones) ("symmetric"), in double as the reference.
@@ -332,55 +331,47 @@ extern "C" __global__ void crf_normaliser(const float* ones_filtered, int N, int
     norm[i] = (float)(symmetric ? 1.0 / sqrt(n) : 1.0 / n);
 }
 
-#define CRF_UPDATE_CHUNK 32
-
-// sum_r (w_r * V[off_r][l]) * alpha for labels [c0, c0+n) into acc[0..n), r in order (the reference's).
-__device__ __forceinline__ void crf_slice_chunk(const float* __restrict__ V, const CrfVertices& p, int dp1, int C,
-                                                int c0, int n, float alpha, float* acc)
+// Per pixel-vertex coefficients of the update, once per image: coef = (w_k * alpha) * norm[pixel] *
+// weight, so that the message of kernel k to pixel i is sum_r coef_r * V[vertex_r] (the weight, the
+// slice's alpha and the normalisation folded into one factor). Written over the weights, which
+// nothing reads after the normaliser.
+extern "C" __global__ void crf_coefficients(float* weights, const float* norm, int dp1, int N, float scale)
 {
-    for (int l = 0; l < n; l++) acc[l] = 0.f;
-    for (int r = 0; r < dp1; r++) {
-        const float* row = V + (long long)p.off[r] * C + c0;
-        const float w = p.w[r];
-        for (int l = 0; l < n; l++) acc[l] += w * row[l] * alpha;
-    }
+    const int e = crf_tid();
+    if (e >= N * dp1) return;
+    weights[e] = scale * norm[e / dp1] * weights[e];
 }
 
-// The mean-field update of pixel i, slicing both kernels' filtered values on the fly:
-//   t_l = -U_l + w_s * (slice_s_l * norm_s) + w_b * (slice_b_l * norm_b);   Q_i = softmax(t).
-// (Potts compatibility -w, subtracted, as densecrf.) With V_s and V_b NULL this is softmax(-U).
-// Q is updated in place: both splats of this iteration have already read it. Labels go in chunks
-// of CRF_UPDATE_CHUNK through small local accumulators.
+// The mean-field update of pixel i: t = -U_i + sum over kernels and their d+1 vertices of
+// coef * V[vertex] (Potts compatibility -w, subtracted, as densecrf), then Q_i = softmax(t).
+// With V_s and V_b NULL this is softmax(-U). Q is updated in place: both splats of this iteration
+// have already read it.
 extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C,
-                                      const float* __restrict__ V_s, const int* off_s, const float* w_s,
-                                      const float* norm_s, float weight_s, int dp1_s, float alpha_s,
-                                      const float* __restrict__ V_b, const int* off_b, const float* w_b,
-                                      const float* norm_b, float weight_b, int dp1_b, float alpha_b,
-                                      float* __restrict__ Q)
+                                      const float* __restrict__ V_s, const int* __restrict__ off_s,
+                                      const float* __restrict__ coef_s, int dp1_s,
+                                      const float* __restrict__ V_b, const int* __restrict__ off_b,
+                                      const float* __restrict__ coef_b, int dp1_b, float* __restrict__ Q)
 {
     const int i = crf_tid();
     if (i >= N) return;
     float* q = Q + (long long)i * C;
     const float* u = U + (long long)i * C;
-    CrfVertices ps, pb;
-    if (V_s) crf_load_vertices(off_s, w_s, dp1_s, i, ps);
-    if (V_b) crf_load_vertices(off_b, w_b, dp1_b, i, pb);
-    const float ns = V_s ? norm_s[i] : 0.f, nb = V_b ? norm_b[i] : 0.f;
-    float acc_s[CRF_UPDATE_CHUNK], acc_b[CRF_UPDATE_CHUNK];
-    float m = -3.402823466e38f;
-    for (int c0 = 0; c0 < C; c0 += CRF_UPDATE_CHUNK) {
-        const int n = min(CRF_UPDATE_CHUNK, C - c0);
-        if (V_s) crf_slice_chunk(V_s, ps, dp1_s, C, c0, n, alpha_s, acc_s);
-        if (V_b) crf_slice_chunk(V_b, pb, dp1_b, C, c0, n, alpha_b, acc_b);
-        for (int l = 0; l < n; l++) {
-            float t = -u[c0 + l];
-            if (V_s) t += weight_s * (acc_s[l] * ns);
-            if (V_b) t += weight_b * (acc_b[l] * nb);
-            q[c0 + l] = t;
-            m = t > m ? t : m;  // not fmaxf: without fast-math that is a libm call on the CPU
+    for (int l = 0; l < C; l++) q[l] = -u[l];
+    if (V_s)
+        for (int r = 0; r < dp1_s; r++) {
+            const float c = coef_s[i * dp1_s + r];
+            const float* row = V_s + (long long)off_s[i * dp1_s + r] * C;
+            for (int l = 0; l < C; l++) q[l] += c * row[l];
         }
-    }
-    for (int l = 0; l < C; l++) q[l] = expf(q[l] - m);  // separate loops: the exp one vectorises on the CPU
+    if (V_b)
+        for (int r = 0; r < dp1_b; r++) {
+            const float c = coef_b[i * dp1_b + r];
+            const float* row = V_b + (long long)off_b[i * dp1_b + r] * C;
+            for (int l = 0; l < C; l++) q[l] += c * row[l];
+        }
+    float m = q[0];
+    for (int l = 1; l < C; l++) m = q[l] > m ? q[l] : m;  // not fmaxf: a libm call on the CPU without fast-math
+    for (int l = 0; l < C; l++) q[l] = expf(q[l] - m);     // separate loops: this one vectorises on the CPU
     float s = 0.f;
     for (int l = 0; l < C; l++) s += q[l];
     for (int l = 0; l < C; l++) q[l] = q[l] / s;
