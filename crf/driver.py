@@ -8,10 +8,12 @@ kernel slices both, adds the unary, applies Potts and the softmax, in place.
 Buffers are pooled by role and reused across calls (grown when an image is larger), so repeated
 calls of one size allocate nothing. Not thread-safe: use one ``DenseCRFDriver`` per thread.
 
-Memory (bytes), N pixels, C labels, E = 6N bilateral entries, M_k lattice vertices (M_k <= entries):
-  scratch for the lattice build (shared by both kernels): E*(5*4 + 4 + 4) + 4*cap, cap = pow2 >= 1.5 E
-  per kernel k with d_k+1 entries per pixel: N*(d_k+1)*16 + M_k*((d_k+1)*8 + 8 + 8*C) + 4N
-  per image: 8*N*C (unary, Q) + 4*N*C (the logits when uploaded) + 3N (image) + N (labels)
+Memory (bytes) for N pixels, C labels, M_s / M_b lattice vertices of the spatial (d=2) and
+bilateral (d=5) kernels (M is data-dependent, at most (d+1)N, typically N/5):
+  8NC (Q, unary) + 240N (entries, int16 keys, per-pixel data) + 4*pow2(9N) (hash table)
+  + M_s*(32 + 8C) + M_b*(56 + 8C)
+e.g. 500x375, 21 labels: 98.0 MB (pooled_bytes() after a call; the same on the GPU, plus the
+CUDA context and module). The logits are written into Q's memory when they come from the host.
 """
 from __future__ import annotations
 
@@ -87,26 +89,28 @@ class DenseCRFDriver:
         k, d, dp1 = self.k, lat.d, lat.dp1
         n = h * w
         e = n * dp1
-        keys = self._buf("keys", e * d * 4)
+        keys = self._buf("keys", e * d * 2)  # int16, as the reference's lattice keys
         lat.weights = self._buf(lat.tag + "weights", e * 4)
-        k.launch("crf_embed", n, image, I32(h), I32(w), I32(d), F32(sxy), F32(srgb), keys, lat.weights)
+        overflow = self._buf("overflow", 4)
+        self._fill_int(overflow, 1, 0)
+        k.launch("crf_embed", n, image, I32(h), I32(w), I32(d), F32(sxy), F32(srgb), keys, lat.weights, overflow)
 
         cap = _next_pow2(math.ceil(1.5 * e))
         table = self._buf("table", cap * 4)
         self._fill_int(table, cap, -1)
         slot_of = self._buf("slot_of", e * 4)
         k.launch("crf_hash_insert", e, keys, I32(e), I32(d), table, U32(cap - 1), slot_of)
-        slot_min = self._buf("slot_min", cap * 4)
-        self._fill_int(slot_min, cap, 2**31 - 1)
-        k.launch("crf_slot_min", e, slot_of, I32(e), slot_min)
-        first = self._buf("first", e * 4)
-        k.launch("crf_mark_first", e, slot_of, slot_min, I32(e), first)
-        rank = self._buf("rank", (e + 1) * 4)
-        self._exclusive_scan(first, e, rank)
-        vertex_entry = self._buf("vertex_entry", e * 4)
-        k.launch("crf_number_vertices", e, slot_of, first, rank, I32(e), table, vertex_entry)
-        # the one sync of the build: the vertex count sizes the launches that follow
+        # The ranks live in this lattice's list buffer, which is not filled until they are dead.
+        lat.lists = rank = self._buf(lat.tag + "lists", (e + 1) * 4)
+        k.launch("crf_mark_first", e, slot_of, table, I32(e), rank)
+        self._exclusive_scan(rank, e, rank)  # in place: flags -> ranks, rank[e] = vertex count
+        # the one sync of the build: the vertex count sizes what follows
         m = int(k.download(Buffer(4, rank.ptr + e * 4, rank.owner), (1,), np.int32)[0])
+        if int(k.download(overflow, (1,), np.int32)[0]):
+            raise CRFInputError(f"lattice coordinates overflow 16 bits: the {'spatial' if d == SPATIAL_D else 'bilateral'} "
+                                f"bandwidth (xy {sxy}, rgb {srgb}) is too small for a {h}x{w} image")
+        vertex_entry = self._buf("vertex_entry", m * 4)
+        k.launch("crf_number_vertices", e, slot_of, rank, I32(e), table, vertex_entry)
         lat.m = m
         self.last_vertices[lat.tag] = m
 
@@ -121,7 +125,6 @@ class DenseCRFDriver:
         lat.starts = self._buf(lat.tag + "starts", (m + 1) * 4)
         self._exclusive_scan(counts, m, lat.starts)
         self._fill_int(counts, m, 0)  # reused as the fill cursor
-        lat.lists = self._buf(lat.tag + "lists", e * 4)
         k.launch("crf_fill_lists", e, lat.offsets, I32(e), lat.starts, counts, lat.lists)
         k.launch("crf_sort_lists", m, lat.starts, I32(m), lat.lists)
         lat.list_w = self._buf(lat.tag + "list_w", e * 4)
@@ -130,15 +133,14 @@ class DenseCRFDriver:
         # Value buffers hold M rows plus row M of zeros, the absent blur neighbour.
         lat.va = self._buf(lat.tag + "va", (m + 1) * c * 4)
         lat.vb = self._buf(lat.tag + "vb", (m + 1) * c * 4)
-        # Normaliser: the lattice applied to ones.
-        ones = self._buf("ones", n * 4)
+        # Normaliser: the lattice applied to ones (held in the unary's memory, not yet computed).
+        ones = self._buf("unary", n * c * 4)
         k.launch("crf_fill_float", n, ones, I32(n), F32(1.0))
         self._zero_row(lat, 1)
         self._filter(lat, ones, None, 1)
-        raw = self._buf("raw", n * 4)
-        k.launch("crf_slice", n, lat.result, lat.offsets, lat.weights, I32(dp1), I32(n), I32(1), F32(lat.alpha), raw)
         lat.norm = self._buf(lat.tag + "norm", n * 4)
-        k.launch("crf_normaliser", n, raw, I32(n), I32(1 if symmetric else 0), lat.norm)
+        k.launch("crf_slice", n, lat.result, lat.offsets, lat.weights, I32(dp1), I32(n), I32(1), F32(lat.alpha), lat.norm)
+        k.launch("crf_normaliser", n, lat.norm, I32(n), I32(1 if symmetric else 0), lat.norm)  # in place
         self._zero_row(lat, c)  # for the c-label filters of every iteration
         k.launch("crf_coefficients", e, lat.weights, lat.norm, I32(dp1), I32(n), F32(np.float32(lat.weight) * lat.alpha))
 
@@ -184,8 +186,9 @@ class DenseCRFDriver:
         k = self.k
         n = h * w
         clock = _PhaseClock(k, self.phase_times)
+        q = self._buf("q", n * c * 4)
         if isinstance(scores, np.ndarray):
-            src = self._buf("scores", n * c * 4)
+            src = q  # host scores go into Q's memory: read once by crf_unary, then Q overwrites them
             k.upload(src, np.ascontiguousarray(scores, np.float32))
         else:
             src = scores
@@ -199,31 +202,34 @@ class DenseCRFDriver:
         k.launch("crf_check_finite", n * c, src, I32(n * c), flag)
         if int(k.download(flag, (1,), np.int32)[0]):
             raise CRFInputError("scores contain NaN/inf values")
+        clock.lap("upload_and_check")
 
-        u = self._buf("unary", n * c * 4)
-        k.launch("crf_unary", n, src, I32(n), I32(c), I32(1 if is_logits else 0), u)
-        q = self._buf("q", n * c * 4)
-        nulls = (None, None, None, I32(1))
-        k.launch("crf_update", n, u, I32(n), I32(c), *nulls, *nulls, q)  # Q = softmax(-U)
-        clock.lap("upload_and_unary")
-
+        symmetric = params.normalization == "symmetric"
+        lattices = []
         if params.iterations > 0:
-            symmetric = params.normalization == "symmetric"
             spatial = _Lattice("s_", SPATIAL_D, params.pos_w)
             bilateral = _Lattice("b_", BILATERAL_D, params.bi_w)
             self._build(spatial, None, h, w, params.pos_xy_std, 1.0, symmetric, c)
             self._build(bilateral, img, h, w, params.bi_xy_std, params.bi_rgb_std, symmetric, c)
+            lattices = [spatial, bilateral]
             clock.lap("lattice_build")
-            for _ in range(params.iterations):
-                for lat in (spatial, bilateral):
-                    self._filter(lat, q, lat.norm if symmetric else None, c)
-                k.launch("crf_update", n, u, I32(n), I32(c),
-                         *self._update_args(spatial), *self._update_args(bilateral), q)
+
+        u = self._buf("unary", n * c * 4)
+        k.launch("crf_unary", n, src, I32(n), I32(c), I32(1 if is_logits else 0), u)
+        nulls = (None, None, None, I32(1))
+        k.launch("crf_update", n, u, I32(n), I32(c), *nulls, *nulls, q)  # Q = softmax(-U)
+        clock.lap("unary")
+        for _ in range(params.iterations):
+            for lat in lattices:
+                self._filter(lat, q, lat.norm if symmetric else None, c)
+            k.launch("crf_update", n, u, I32(n), I32(c), *self._update_args(lattices[0]),
+                     *self._update_args(lattices[1]), q)
+        if lattices:
             clock.lap("iterations")
 
         out_m = out_l = None
         if marginals:
-            mb = self._buf("marginals", n * c * 4)
+            mb = u  # the unary is not needed any more: its memory takes the transposed marginals
             k.launch("crf_marginals", n * c, q, I32(n), I32(c), mb)
             out_m = k.download(mb, (c, h, w), np.float32)
         if labels:

@@ -45,7 +45,6 @@ struct Launcher<Kernel, void (*)(A...)> {
 
 CRF_CPU_LAUNCHER(crf_embed)
 CRF_CPU_LAUNCHER(crf_hash_insert)
-CRF_CPU_LAUNCHER(crf_slot_min)
 CRF_CPU_LAUNCHER(crf_mark_first)
 CRF_CPU_LAUNCHER(crf_number_vertices)
 CRF_CPU_LAUNCHER(crf_offsets)

@@ -22,9 +22,11 @@ __device__ __forceinline__ int crf_tid() { return (int)(blockIdx.x * blockDim.x 
 
 // Features of pixel i (pydensecrf's order: x/sxy, y/sxy, c0/srgb, c1/srgb, c2/srgb), elevated onto
 // the hyperplane, rounded to the enclosing simplex: writes the d+1 vertex keys (d ints each) and
-// barycentric weights. image may be NULL when d == 2 (the spatial kernel).
+// barycentric weights. image may be NULL when d == 2 (the spatial kernel). Keys are stored as
+// 16-bit integers, as in the reference; a key outside that range (a bandwidth tiny for the image)
+// sets overflow[0] and the driver refuses the result.
 extern "C" __global__ void crf_embed(const unsigned char* image, int H, int W, int d, float sxy, float srgb,
-                                     int* keys, float* weights)
+                                     short* keys, float* weights, int* overflow)
 {
     const int i = crf_tid();
     if (i >= H * W) return;
@@ -81,39 +83,50 @@ extern "C" __global__ void crf_embed(const unsigned char* image, int H, int W, i
 
     for (int r = 0; r <= d; r++) {
         const int e = i * (d + 1) + r;
-        for (int k = 0; k < d; k++)
-            keys[e * d + k] = (int)rem0[k] + (rank[k] <= d - r ? r : r - (d + 1));
+        for (int k = 0; k < d; k++) {
+            const int key = (int)rem0[k] + (rank[k] <= d - r ? r : r - (d + 1));
+            if (key < -32768 || key > 32767) overflow[0] = 1;
+            keys[(long long)e * d + k] = (short)key;
+        }
         weights[e] = bary[r];
     }
 }
 
-__device__ __forceinline__ unsigned int crf_hash(const int* key, int d)
+template <typename K>
+__device__ __forceinline__ unsigned int crf_hash(const K* key, int d)
 {
     unsigned int h = 0;
     for (int k = 0; k < d; k++) h = (h + (unsigned int)key[k]) * 2531011u;
     return h;
 }
 
-__device__ __forceinline__ bool crf_same_key(const int* a, const int* b, int d)
+template <typename K>
+__device__ __forceinline__ bool crf_same_key(const short* a, const K* b, int d)
 {
     for (int k = 0; k < d; k++)
         if (a[k] != b[k]) return false;
     return true;
 }
 
-// Open addressing, linear probing. A slot holds -1 (empty) or the first entry inserted with its
-// key. Keys were written by crf_embed (an earlier launch), so comparing against the winner's key
-// is safe without locks, and two entries with the same key always meet at the same slot.
-extern "C" __global__ void crf_hash_insert(const int* keys, int n_entries, int d, int* table, unsigned int mask,
+// Open addressing, linear probing. A slot holds -1 (empty) or the smallest entry with its key
+// (atomicMin: every entry in a slot has the same key, so comparing against whichever entry the
+// slot holds at the moment is always right). Keys were written by crf_embed (an earlier launch),
+// so no locks are needed, and two entries with the same key always meet at the same slot.
+extern "C" __global__ void crf_hash_insert(const short* keys, int n_entries, int d, int* table, unsigned int mask,
                                            int* slot_of)
 {
     const int e = crf_tid();
     if (e >= n_entries) return;
-    const int* key = keys + (long long)e * d;
+    const short* key = keys + (long long)e * d;
     unsigned int h = crf_hash(key, d) & mask;
     for (;;) {
         const int cur = atomicCAS(&table[h], -1, e);
-        if (cur == -1 || crf_same_key(keys + (long long)cur * d, key, d)) {
+        if (cur == -1) {
+            slot_of[e] = (int)h;
+            return;
+        }
+        if (crf_same_key(keys + (long long)cur * d, key, d)) {
+            atomicMin(&table[h], e);
             slot_of[e] = (int)h;
             return;
         }
@@ -123,28 +136,23 @@ extern "C" __global__ void crf_hash_insert(const int* keys, int n_entries, int d
 
 // Vertex numbering in entry (= pixel) order, so that vertices close in number are close in the
 // image: splat's gathers, the update's reads and the blur then walk memory mostly in order. The
-// representative of a slot is its smallest entry; a scan over the "is representative" flags gives
-// the vertex ids. Deterministic, whatever order the threads inserted in.
-extern "C" __global__ void crf_slot_min(const int* slot_of, int n_entries, int* slot_min)
+// representative of a slot is its smallest entry (what the table holds after insertion); a scan
+// over the "is representative" flags gives the vertex ids. Deterministic, whatever order the
+// threads inserted in.
+extern "C" __global__ void crf_mark_first(const int* slot_of, const int* table, int n_entries, int* first)
 {
     const int e = crf_tid();
     if (e >= n_entries) return;
-    atomicMin(&slot_min[slot_of[e]], e);
+    first[e] = table[slot_of[e]] == e ? 1 : 0;
 }
 
-extern "C" __global__ void crf_mark_first(const int* slot_of, const int* slot_min, int n_entries, int* first)
+// rank = exclusive scan of the flags (scanned in place: entry e is a representative where
+// rank[e+1] > rank[e]). table[slot] := vertex id of the slot, vertex_entry[id] := its representative.
+extern "C" __global__ void crf_number_vertices(const int* slot_of, const int* rank, int n_entries, int* table,
+                                               int* vertex_entry)
 {
     const int e = crf_tid();
-    if (e >= n_entries) return;
-    first[e] = slot_min[slot_of[e]] == e ? 1 : 0;
-}
-
-// table[slot] := vertex id of the slot, vertex_entry[id] := its representative entry.
-extern "C" __global__ void crf_number_vertices(const int* slot_of, const int* first, const int* rank, int n_entries,
-                                               int* table, int* vertex_entry)
-{
-    const int e = crf_tid();
-    if (e >= n_entries || !first[e]) return;
+    if (e >= n_entries || rank[e + 1] == rank[e]) return;
     table[slot_of[e]] = rank[e];
     vertex_entry[rank[e]] = e;
 }
@@ -156,7 +164,7 @@ extern "C" __global__ void crf_offsets(const int* slot_of, const int* table, int
     offsets[e] = table[slot_of[e]];
 }
 
-__device__ int crf_find(const int* key, int d, const int* keys, const int* vertex_entry, const int* table,
+__device__ int crf_find(const int* key, int d, const short* keys, const int* vertex_entry, const int* table,
                         unsigned int mask)
 {
     unsigned int h = crf_hash(key, d) & mask;
@@ -171,13 +179,13 @@ __device__ int crf_find(const int* key, int d, const int* keys, const int* verte
 // Blur neighbours of vertex v along direction j: key -1 on every coordinate and +d on coordinate j
 // (and the opposite); direction d moves all coordinates by -1/+1. nbr[(j*M + v)*2 + {0,1}]; an
 // absent neighbour is M, a row of zeros kept at the end of the value buffers (no branch in the blur).
-extern "C" __global__ void crf_neighbours(const int* keys, const int* vertex_entry, int M, int d, const int* table,
+extern "C" __global__ void crf_neighbours(const short* keys, const int* vertex_entry, int M, int d, const int* table,
                                           unsigned int mask, int* nbr)
 {
     const int t = crf_tid();
     if (t >= M * (d + 1)) return;
     const int v = t % M, j = t / M;
-    const int* key = keys + (long long)vertex_entry[v] * d;
+    const short* key = keys + (long long)vertex_entry[v] * d;
     int n1[CRF_MAX_D], n2[CRF_MAX_D];
     for (int k = 0; k < d; k++) { n1[k] = key[k] - 1; n2[k] = key[k] + 1; }
     if (j < d) { n1[j] = key[j] + d; n2[j] = key[j] - d; }
@@ -222,7 +230,7 @@ extern "C" __global__ void crf_scan_apply(const int* in, int n, int chunk, const
     if (t * chunk >= n) return;
     const int end = min(n, (t + 1) * chunk);
     int run = sums[t];
-    for (int k = t * chunk; k < end; k++) { out[k] = run; run += in[k]; }
+    for (int k = t * chunk; k < end; k++) { const int x = in[k]; out[k] = run; run += x; }  // in == out is fine
 }
 
 extern "C" __global__ void crf_fill_lists(const int* offsets, int n_entries, const int* starts, int* cursor, int* list)
