@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from crf import CRFParams, refine
+from crf import CRFParams, refine, resolve_backend
 from crf.features import unary_from_scores
 
 from .contract import (DEFAULT_MAX_SIZE, ImageError, ImageLike, aligned_size, as_bgr_uint8, fit_scale,
@@ -58,7 +58,9 @@ class Segmenter:
     """DeepLab v1 segmentation with the dense CRF, for embedded apps.
 
     model_path: an .onnx exported by tools/export.py. crf: CRFParams (default: DeepLab-LargeFOV's)
-    or None to skip the CRF. backend: "auto" or "onnxruntime" for the network. class_names /
+    or None to skip the CRF. backend: "auto" or "onnxruntime" for the network. crf_backend: "auto"
+    (GPU kernels, else the same kernels compiled for the CPU, else numpy), "gpu", "cpu" or "numpy";
+    ``seg.crf_backend`` says which one runs. class_names /
     palette (RGB rows): override the model's (from its metadata) or VOC's. max_size: images with a
     side above it are shrunk for the network and the scores resized back (see runtime.contract).
     input_size: (H, W) to pad every image to a fixed network size instead of the next 8k+1.
@@ -80,7 +82,8 @@ class Segmenter:
         self.crf_params = CRFParams() if crf is _DEFAULT else crf
         if self.crf_params is not None and not isinstance(self.crf_params, CRFParams):
             raise TypeError(f"crf must be CRFParams or None, got {type(crf).__name__}")
-        self.crf_backend = crf_backend
+        # Resolved (and the CPU kernels built) now, not inside the first timed call.
+        self.crf_backend = resolve_backend(crf_backend) if self.crf_params is not None else None
         if max_size < 9:
             raise ValueError(f"max_size must be >= 9, got {max_size}")
         self.max_size = int(max_size)

@@ -42,6 +42,7 @@ def test_segments_a_generated_scene_accurately(seg):
     assert (r.labels == truth).mean() > 0.9
     assert set(r.timings) == {"preprocess", "network", "crf", "postprocess", "total"}
     assert r.timings["crf"] > 0 and r.timings["network"] > 0
+    assert seg.crf_backend in ("cpu", "gpu")  # the compiled kernels, not the numpy fallback
 
 
 def test_crf_raises_mean_iou_on_held_out_scenes(seg, seg_nocrf):

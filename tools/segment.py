@@ -59,6 +59,7 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"network: {seg.backend}; CRF: {seg.crf_backend or 'off'}")
     failed = 0
     stages = ("preprocess", "network", "crf", "postprocess", "total")
     print(f"{'image':32s} " + " ".join(f"{s:>11s}" for s in stages) + "   (ms)")
