@@ -195,6 +195,17 @@ class CPUKernels(KernelBackend):
 NVCC_OPTIONS = ["--fmad=false", "-O3"]  # no FMA contraction: the GPU matches the CPU path closely
 
 
+def require_nvcc() -> str:
+    """pycuda compiles kernels at run time with nvcc: say how to fix it when nvcc is missing."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise BackendUnavailable(
+            "pycuda compiles the CRF kernels at run time with nvcc, which is not on PATH: install the "
+            "CUDA toolkit and add its bin/ to PATH (e.g. export PATH=/usr/local/cuda/bin:$PATH), "
+            "or use backend='cpu'")
+    return nvcc
+
+
 class GPUKernels(KernelBackend):
     """pycuda driver: primary context, one module per process (pycuda caches the cubin on disk),
     launches on ``stream`` (a pycuda Stream; None = a stream of our own, never the legacy default)."""
@@ -217,10 +228,7 @@ class GPUKernels(KernelBackend):
         self.cuda = cuda
         self.stream = stream or cuda.Stream()
         if GPUKernels._module is None:
-            if shutil.which("nvcc") is None:
-                raise BackendUnavailable(
-                    "pycuda compiles the CRF kernels at run time with nvcc, which is not on PATH: "
-                    "install the CUDA toolkit and add its bin/ to PATH (e.g. export PATH=/usr/local/cuda/bin:$PATH)")
+            require_nvcc()
             from pycuda.compiler import SourceModule
 
             GPUKernels._module = SourceModule(KERNEL_SOURCE.read_text(), no_extern_c=True, options=NVCC_OPTIONS)

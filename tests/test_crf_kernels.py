@@ -126,6 +126,18 @@ def test_nvcc_compiles_the_kernels(tmp_path, arch):
         assert kernel.encode() in cubin
 
 
+def test_gpu_backend_unavailable_says_why(monkeypatch):
+    from crf import backend
+
+    monkeypatch.setattr(backend.shutil, "which", lambda name: None)
+    with pytest.raises(backend.BackendUnavailable, match=r"nvcc.*PATH=/usr/local/cuda/bin"):
+        backend.require_nvcc()
+    if not gpu_available():
+        img = photo("coffee", 32)
+        with pytest.raises(backend.BackendUnavailable, match="pycuda|CUDA"):
+            refine(smooth_logits(*img.shape[:2], 3), img, backend="gpu")
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU (run on the lent GPU machine: pytest -m gpu)
 
