@@ -36,10 +36,14 @@ extern "C" __global__ void crf_embed(const unsigned char* image, int H, int W, i
     for (int c = 0; c < d - 2; c++) f[2 + c] = (float)image[i * 3 + c] / srgb;
 
     const float inv_std_dev = (float)(sqrt(2.0 / 3.0) * (d + 1));
+    // 1.0 / sqrt((double)((j + 1) * j)) for j = 1..5, as the reference computes it per pixel
+    // (IEEE sqrt and division are correctly rounded, so these literals are the same doubles).
+    const double inv_sqrt[CRF_MAX_D + 1] = {0.0, 0.7071067811865475, 0.4082482904638631, 0.2886751345948129,
+                                            0.22360679774997896, 0.18257418583505536};
     float elevated[CRF_MAX_D + 1];
     float sm = 0.f;
     for (int j = d; j > 0; j--) {
-        const float scale = (float)(1.0 / sqrt((double)((j + 1) * j)) * inv_std_dev);
+        const float scale = (float)(inv_sqrt[j] * inv_std_dev);
         const float cf = f[j - 1] * scale;
         elevated[j] = sm - (float)j * cf;
         sm += cf;
@@ -435,18 +439,20 @@ extern "C" __global__ void crf_unary(const float* src, int N, int C, int is_logi
 {
     const int i = crf_tid();
     if (i >= N) return;
-    float lse = 0.f;
-    if (is_logits) {
-        float m = -3.402823466e38f;
-        for (int l = 0; l < C; l++) { const float x = src[(long long)l * N + i]; m = x > m ? x : m; }
-        float s = 0.f;
-        for (int l = 0; l < C; l++) s += expf(src[(long long)l * N + i] - m);
-        lse = logf(s) + m;
+    float* u = U + (long long)i * C;
+    if (!is_logits) {
+        for (int l = 0; l < C; l++) u[l] = src[(long long)l * N + i];
+        return;
     }
-    for (int l = 0; l < C; l++) {
-        const float x = src[(long long)l * N + i];
-        U[(long long)i * C + l] = is_logits ? lse - x : x;
-    }
+    float m = -3.402823466e38f;
+    for (int l = 0; l < C; l++) { const float x = src[(long long)l * N + i]; m = x > m ? x : m; }
+    // exp over the contiguous row in a loop of its own (it vectorises on the CPU), then the sum
+    for (int l = 0; l < C; l++) u[l] = src[(long long)l * N + i] - m;
+    for (int l = 0; l < C; l++) u[l] = expf(u[l]);
+    float s = 0.f;
+    for (int l = 0; l < C; l++) s += u[l];
+    const float lse = logf(s) + m;
+    for (int l = 0; l < C; l++) u[l] = lse - src[(long long)l * N + i];
 }
 
 // flag[0] = 1 if any of n values is NaN or infinite (checked on the device, before any work).
