@@ -64,7 +64,6 @@ class PermutohedralLattice:
 
         # Barycentric coordinates: slot d - rank_i gets +v_i, slot d - rank_i + 1 gets -v_i.
         vbar = (elevated - rem0) * down_factor
-        bary = np.zeros((n, d + 2), f32)
         rows = np.arange(n)[:, None]
         pos = np.zeros((n, d + 2), f32)
         neg = np.zeros((n, d + 2), f32)
