@@ -23,8 +23,8 @@ struct Launcher<Kernel, void (*)(A...)> {
     static void run(unsigned int grid, unsigned int block, void** params, std::index_sequence<I...>)
     {
         const std::tuple<A...> args(*static_cast<A*>(params[I])...);  // arguments read once
-        // Blocks in parallel (OpenMP), the threads of a block in order.
-#pragma omp parallel for schedule(static)
+        // Blocks in parallel (OpenMP; dynamic: per-vertex work varies), the threads of a block in order.
+#pragma omp parallel for schedule(dynamic, 4)
         for (long long b = 0; b < (long long)grid; b++) {
             blockIdx.x = (unsigned int)b;
             blockDim.x = block;
