@@ -84,5 +84,6 @@ def _run(src: np.ndarray, image: np.ndarray, params: CRFParams, backend: str, is
 
         return mean_field(unary_from_scores(src) if is_logits else src, image, params)
     c, h, w = src.shape
-    marginals, _ = _driver(name).run(src, image, h, w, c, params, is_logits=is_logits)
+    # check_inputs() has already refused NaN/inf on the host
+    marginals, _ = _driver(name).run(src, image, h, w, c, params, is_logits=is_logits, check_finite=False)
     return marginals

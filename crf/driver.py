@@ -176,12 +176,14 @@ class DenseCRFDriver:
 
     # -- inference ------------------------------------------------------------------------------
     def run(self, scores: np.ndarray | Buffer, image: np.ndarray | Buffer, h: int, w: int, c: int,
-            params: CRFParams, is_logits: bool = True, marginals: bool = True, labels: bool = False):
+            params: CRFParams, is_logits: bool = True, marginals: bool = True, labels: bool = False,
+            check_finite: bool = True):
         """Mean field for one image.
 
         scores: (C, H, W) float32 planar logits (is_logits) or unary energies, as a host array or a
         Buffer already on the backend (e.g. a TensorRT output). image: H x W x 3 uint8, host or Buffer.
         Returns (marginals (C, H, W) float32 or None, labels (H, W) uint8 or None).
+        check_finite=False skips the device-side NaN/inf check for callers that checked already.
         """
         k = self.k
         n = h * w
@@ -197,11 +199,12 @@ class DenseCRFDriver:
             k.upload(img, np.ascontiguousarray(image, np.uint8))
         else:
             img = image
-        flag = self._buf("flag", 4)
-        self._fill_int(flag, 1, 0)
-        k.launch("crf_check_finite", n * c, src, I32(n * c), flag)
-        if int(k.download(flag, (1,), np.int32)[0]):
-            raise CRFInputError("scores contain NaN/inf values")
+        if check_finite:
+            flag = self._buf("flag", 4)
+            self._fill_int(flag, 1, 0)
+            k.launch("crf_check_finite", n * c, src, I32(n * c), flag)
+            if int(k.download(flag, (1,), np.int32)[0]):
+                raise CRFInputError("scores contain NaN/inf values")
         clock.lap("upload_and_check")
 
         symmetric = params.normalization == "symmetric"

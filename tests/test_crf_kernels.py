@@ -96,6 +96,14 @@ def test_device_side_nan_check():
     assert (labels == refine(s, img, backend="cpu").argmax(0)).all()
 
 
+def test_lattice_key_overflow_is_an_error_not_garbage():
+    img = photo("coffee", 200)
+    s = smooth_logits(*img.shape[:2], 3)
+    with pytest.raises(CRFInputError, match=r"overflow 16 bits: the spatial bandwidth .*too small for a 133x200 image"):
+        refine(s, img, CRFParams(pos_xy_std=0.01), backend="cpu")
+    assert np.isfinite(refine(s, img, CRFParams(pos_xy_std=0.5), backend="cpu")).all()  # small but fine
+
+
 def test_no_compiler_falls_back_to_numpy_with_a_warning(tmp_path):
     code = ("import warnings, numpy as np\n"
             "from crf import refine, resolve_backend\n"

@@ -81,6 +81,32 @@ def test_overrides(bundled_onnx):
         Segmenter(bundled_onnx, crf=CRFParams(bi_w=0))
 
 
+def test_bad_segmenter_options(bundled_onnx, tmp_path):
+    with pytest.raises(ValueError, match="max_size must be >= 9"):
+        Segmenter(bundled_onnx, max_size=4)
+    with pytest.raises(ValueError, match="input_size must be positive"):
+        Segmenter(bundled_onnx, input_size=(0, 65))
+    with pytest.raises(ValueError, match="crf backend|CRF backend"):
+        Segmenter(bundled_onnx, crf_backend="fpga")
+    with pytest.raises(ValueError, match="TensorRT engines are not run"):
+        Segmenter(tmp_path / "m.engine")
+
+
+def test_more_than_256_classes_is_refused(tmp_path):
+    from export.model import DeepLabV1, ModelConfig
+    from export.onnx_export import export_onnx
+
+    path = export_onnx(DeepLabV1(ModelConfig(num_classes=257, width=0.0625)), tmp_path / "m257.onnx")
+    with pytest.raises(ValueError, match="257 classes: labels are uint8"):
+        Segmenter(path)
+
+
+def test_overlay_alpha_is_checked(seg_nocrf):
+    r = seg_nocrf(held_out_scene(0)[0])
+    with pytest.raises(ValueError, match="alpha"):
+        seg_nocrf.overlay(r, alpha=1.5)
+
+
 def test_batch_equals_single_and_keeps_order(seg_nocrf):
     images = [held_out_scene(i)[0] for i in range(4)]
     images.append(images[0].copy())  # same size as image 0: runs in the same network batch

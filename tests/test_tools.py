@@ -43,6 +43,20 @@ def test_segment_reports_bad_files_and_goes_on(tmp_path, bundled_onnx):
     assert res.returncode == 2 and "not found" in res.stderr
 
 
+def test_segment_with_nothing_to_segment(tmp_path, bundled_onnx):
+    res = run("tools/segment.py", tmp_path / "*.png", "--model", bundled_onnx, check=False)
+    assert res.returncode == 2 and "no images found" in res.stderr
+
+
+def test_tensorrt_profile_is_validated():
+    from export.tensorrt_build import ShapeProfile
+
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        ShapeProfile(min_hw=(600, 600), opt_hw=(513, 513))
+    with pytest.raises(ValueError, match="invalid profile"):
+        ShapeProfile(max_batch=0)
+
+
 def test_export_caffemodel_and_class_mismatch(tmp_path):
     from export.caffe import write_caffemodel
 

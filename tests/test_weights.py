@@ -53,6 +53,28 @@ def test_missing_layers_are_named():
         assert torch.equal(v, before[k])
 
 
+def test_config_inference_names_what_is_wrong(tmp_path):
+    net = DeepLabV1(ModelConfig(width=0.0625))
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc6")}
+    torch.save(state, tmp_path / "a.pth")
+    with pytest.raises(WeightsError, match="not a DeepLab v1 state dict: no fc6.weight"):
+        load_model(tmp_path / "a.pth")
+    state = dict(net.state_dict(), **{"fc6.weight": torch.zeros(64, 32, 5, 5)})
+    torch.save(state, tmp_path / "b.pth")
+    with pytest.raises(WeightsError, match="5x5 kernel"):
+        load_model(tmp_path / "b.pth")
+
+
+def test_caffemodel_blob_with_inconsistent_shape(tmp_path):
+    net = NetParameter()
+    l = net.layers.add(name="conv1_1", type=4)
+    b = l.blobs.add(num=64, channels=3, height=3, width=3)
+    b.data.extend([0.0] * 10)
+    (tmp_path / "bad.caffemodel").write_bytes(net.SerializeToString())
+    with pytest.raises(CaffeModelError, match=r"shape \(64, 3, 3, 3\) holds 10 values"):
+        read_caffemodel(tmp_path / "bad.caffemodel")
+
+
 def test_not_a_state_dict(tmp_path):
     torch.save([1, 2, 3], tmp_path / "x.pt")
     with pytest.raises(WeightsError, match="not a state dict"):
