@@ -11,6 +11,7 @@ says which one "auto" picks. Never imports torch.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -23,10 +24,17 @@ __all__ = ["refine", "refine_unary", "resolve_backend", "CRFParams", "CRFInputEr
 BACKENDS = ("gpu", "cpu", "numpy")
 _drivers: dict = {}
 _unavailable: dict[str, str] = {}
+# One driver per backend per process holds pooled buffers: calls from several threads take turns.
+_lock = threading.RLock()
 
 
 def _driver(name: str):
     """The process-wide kernel driver of a backend (built and compiled on first use)."""
+    with _lock:
+        return _make_driver(name)
+
+
+def _make_driver(name: str):
     if name not in _drivers:
         from .backend import CPUKernels, GPUKernels
         from .driver import DenseCRFDriver
@@ -84,6 +92,7 @@ def _run(src: np.ndarray, image: np.ndarray, params: CRFParams, backend: str, is
 
         return mean_field(unary_from_scores(src) if is_logits else src, image, params)
     c, h, w = src.shape
-    # check_inputs() has already refused NaN/inf on the host
-    marginals, _ = _driver(name).run(src, image, h, w, c, params, is_logits=is_logits, check_finite=False)
+    with _lock:
+        # check_inputs() has already refused NaN/inf on the host
+        marginals, _ = _driver(name).run(src, image, h, w, c, params, is_logits=is_logits, check_finite=False)
     return marginals

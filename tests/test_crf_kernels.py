@@ -77,6 +77,18 @@ def test_results_are_deterministic_and_buffers_are_reused():
     assert _driver("cpu").pooled_bytes() == pooled  # same size: nothing new allocated
 
 
+def test_concurrent_calls_from_threads_are_safe():
+    from concurrent.futures import ThreadPoolExecutor
+
+    imgs = [photo("coffee", 120), photo("chelsea", 150), photo("astronaut", 90)]
+    scores = [smooth_logits(*im.shape[:2], 6, seed=i) for i, im in enumerate(imgs)]
+    expected = [refine(s, im, backend="cpu") for s, im in zip(scores, imgs)]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda k: refine(scores[k % 3], imgs[k % 3], backend="cpu"), range(12)))
+    for k, g in enumerate(got):
+        assert np.array_equal(g, expected[k % 3])
+
+
 def test_device_side_nan_check():
     """Logits already on the device (the TensorRT pipeline) are checked there, not on the host."""
     from crf import _driver
