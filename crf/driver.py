@@ -1,12 +1,14 @@
 """Host-side driver of the CRF kernels: the same code drives the GPU and the compiled CPU build.
 
-Per image and Gaussian kernel, once: embed + barycentric weights, hash table (insert, compact),
-blur neighbours, per-vertex entry lists (count, scan, fill, sort), the normaliser (ones filtered).
+Per image and Gaussian kernel, once: embed + barycentric weights, hash table (insert; vertices
+numbered in pixel order by a scan), blur neighbours, per-vertex entry lists (count, scan, fill,
+sort), the normaliser (ones filtered), the per-pixel update coefficients.
 Per iteration: for each kernel splat all labels, blur along the d+1 directions; then one update
 kernel slices both, adds the unary, applies Potts and the softmax, in place.
 
 Buffers are pooled by role and reused across calls (grown when an image is larger), so repeated
-calls of one size allocate nothing. Not thread-safe: use one ``DenseCRFDriver`` per thread.
+calls of one size allocate nothing. Not thread-safe: use one ``DenseCRFDriver`` per thread
+(crf.refine serialises its calls with a lock).
 
 Memory (bytes) for N pixels, C labels, M_s / M_b lattice vertices of the spatial (d=2) and
 bilateral (d=5) kernels (M is data-dependent, at most (d+1)N, typically N/5):
