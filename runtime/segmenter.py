@@ -64,11 +64,13 @@ class Segmenter:
     palette (RGB rows): override the model's (from its metadata) or VOC's. max_size: images with a
     side above it are shrunk for the network and the scores resized back (see runtime.contract).
     input_size: (H, W) to pad every image to a fixed network size instead of the next 8k+1.
+    max_batch: the most images of one padded size sent to the network at once.
     """
 
     def __init__(self, model_path: str | Path, crf: CRFParams | None = _DEFAULT, backend: str = "auto",  # type: ignore[assignment]
                  class_names: Sequence[str] | None = None, palette=None, max_size: int = DEFAULT_MAX_SIZE,
-                 input_size: tuple[int, int] | None = None, crf_backend: str = "auto", threads: int | None = None):
+                 input_size: tuple[int, int] | None = None, crf_backend: str = "auto", threads: int | None = None,
+                 max_batch: int = 8):
         path = Path(model_path)
         if backend not in ("auto", "onnxruntime"):
             raise ValueError(f"unknown backend {backend!r}: choose 'auto' or 'onnxruntime'")
@@ -92,6 +94,9 @@ class Segmenter:
             if min(input_size) < 1:
                 raise ValueError(f"input_size must be positive, got {input_size}")
         self.input_size = input_size
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = int(max_batch)
         meta = self.network.metadata
         n = self.network.num_classes
         if n > 256:
@@ -154,14 +159,21 @@ class Segmenter:
         if not images:
             return []
         t0 = time.perf_counter()
-        prepared = [self._prepare(im) for im in images]
+        prepared = []
+        for k, im in enumerate(images):
+            try:
+                prepared.append(self._prepare(im))
+            except ImageError as e:
+                raise ImageError(f"image {k} of the batch: {e}" if len(images) > 1 else str(e)) from e
         t_pre = (time.perf_counter() - t0) * 1e3 / len(images)
-        # Images that pad to the same network size run as one batch.
+        # Images that pad to the same network size run together, max_batch at a time.
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (_, net_img, _) in enumerate(prepared):
             groups.setdefault(self._padded_size(*net_img.shape[:2]), []).append(i)
+        runs = [(size, idx[k:k + self.max_batch]) for size, idx in groups.items()
+                for k in range(0, len(idx), self.max_batch)]
         results: list[Segmentation | None] = [None] * len(images)
-        for (ph, pw), idx in groups.items():
+        for (ph, pw), idx in runs:
             t1 = time.perf_counter()
             batch = np.stack([pad_image(prepared[i][1], ph, pw) for i in idx])
             t_pad = (time.perf_counter() - t1) * 1e3 / len(idx)

@@ -86,6 +86,8 @@ def test_bad_segmenter_options(bundled_onnx, tmp_path):
         Segmenter(bundled_onnx, max_size=4)
     with pytest.raises(ValueError, match="input_size must be positive"):
         Segmenter(bundled_onnx, input_size=(0, 65))
+    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+        Segmenter(bundled_onnx, max_batch=0)
     with pytest.raises(ValueError, match="crf backend|CRF backend"):
         Segmenter(bundled_onnx, crf_backend="fpga")
     with pytest.raises(ValueError, match="TensorRT engines are not run"):
@@ -107,11 +109,11 @@ def test_overlay_alpha_is_checked(seg_nocrf):
         seg_nocrf.overlay(r, alpha=1.5)
 
 
-def test_batch_equals_single_and_keeps_order(seg_nocrf):
+def test_batch_equals_single_and_keeps_order(bundled_onnx, seg_nocrf):
     images = [held_out_scene(i)[0] for i in range(4)]
-    images.append(images[0].copy())  # same size as image 0: runs in the same network batch
-    batch = seg_nocrf(images)
-    assert len(batch) == 5
+    images += [images[0].copy(), images[0][::-1].copy(), images[0][:, ::-1].copy()]  # same size as image 0
+    batch = Segmenter(bundled_onnx, crf=None, max_batch=2)(images)  # image 0's group runs as 2 + 2
+    assert len(batch) == 7
     for img, r in zip(images, batch):
         single = seg_nocrf(img)
         assert r.labels.shape == img.shape[:2]
@@ -159,6 +161,8 @@ def test_bad_images(seg, tmp_path):
         seg(np.zeros((20, 20, 2), np.uint8))
     with pytest.raises(ImageError, match="numpy array or a path"):
         seg(12)
+    with pytest.raises(ImageError, match="image 1 of the batch: .*dtype uint8"):
+        seg([np.zeros((20, 20, 3), np.uint8), np.zeros((20, 20, 3), np.float64)])
 
 
 def test_not_our_onnx(tmp_path):
