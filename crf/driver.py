@@ -63,8 +63,12 @@ class _Lattice:
 
 
 class DenseCRFDriver:
-    def __init__(self, backend: KernelBackend):
+    """label_chunk: labels per thread in splat and blur; None = the backend's choice (1 on the GPU,
+    all on the CPU). Any value gives the same result; tests run the GPU's choice on the CPU."""
+
+    def __init__(self, backend: KernelBackend, label_chunk: int | None = None):
         self.k = backend
+        self._label_chunk = label_chunk
         self._pool: dict[str, Buffer] = {}
         self.last_vertices: dict[str, int] = {}
         #: set to a dict to get per-phase wall times (ms) of each run (adds synchronisations)
@@ -174,6 +178,8 @@ class DenseCRFDriver:
 
     def label_chunk(self, c: int) -> int:
         """Labels per thread: 1 on the GPU (coalesced), all of them on the CPU (vectorised loop)."""
+        if self._label_chunk is not None:
+            return min(self._label_chunk, c)
         return 1 if self.k.name == "gpu" else c
 
     # -- inference ------------------------------------------------------------------------------

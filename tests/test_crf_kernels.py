@@ -64,6 +64,24 @@ def test_kernels_match_exact_mean_field_on_tiny_images(normalization):
     assert np.abs(q - e).mean() < 0.025
 
 
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_gpu_thread_layout_on_the_cpu(chunk):
+    """The GPU runs splat and blur with one label per thread; run that layout here, where it can run."""
+    from crf import _driver
+    from crf.driver import DenseCRFDriver
+
+    img = photo("astronaut", 150)
+    h, w = img.shape[:2]
+    s = smooth_logits(h, w, 21, seed=chunk)
+    layout = DenseCRFDriver(_driver("cpu").k, label_chunk=chunk)
+    for norm in ("after", "symmetric"):
+        p = CRFParams(normalization=norm)
+        got, labels = layout.run(s, img, h, w, 21, p, labels=True)
+        ref = refine(s, img, p, backend="cpu")
+        assert np.array_equal(got, ref)  # same operations in the same order per label
+        assert np.array_equal(labels, ref.argmax(0))
+
+
 def test_results_are_deterministic_and_buffers_are_reused():
     from crf import _driver
 
