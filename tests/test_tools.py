@@ -31,6 +31,7 @@ def test_export_then_segment_folder(tmp_path):
         assert (tmp_path / "seg" / f"{s}_mask.png").is_file()
         assert (tmp_path / "seg" / f"{s}_overlay.jpg").is_file()
     assert "network" in res.stdout and "crf" in res.stdout  # the timing table
+    assert "median" in res.stdout and "p90" in res.stdout  # percentiles over the images
 
 
 def test_segment_reports_bad_files_and_goes_on(tmp_path, bundled_onnx):

@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     print(f"network: {seg.backend}; CRF: {seg.crf_backend or 'off'}")
     failed = 0
     stages = ("preprocess", "network", "crf", "postprocess", "total")
+    seen: dict[str, list[float]] = {st: [] for st in stages}
     print(f"{'image':32s} " + " ".join(f"{s:>11s}" for s in stages) + "   (ms)")
     for f in tqdm(files, desc="segment", unit="img", file=sys.stderr):
         try:
@@ -73,6 +74,13 @@ def main(argv=None) -> int:
         write_indexed_png(out / f"{f.stem}_mask.png", r.labels, seg.palette)
         cv2.imwrite(str(out / f"{f.stem}_overlay.jpg"), seg.overlay(r, args.alpha))
         tqdm.write(f"{f.name[:32]:32s} " + " ".join(f"{r.timings[s]:11.1f}" for s in stages))
+        for st in stages:
+            seen[st].append(r.timings[st])
+    if len(seen["total"]) > 1:
+        import numpy as np
+
+        for name, q in (("median", 50), ("p90", 90), ("p99", 99)):
+            print(f"{name:32s} " + " ".join(f"{np.percentile(seen[st], q):11.1f}" for st in stages))
     print(f"wrote {len(files) - failed} masks and overlays to {out}" + (f"; {failed} failed" if failed else ""))
     return 1 if failed else 0
 
