@@ -27,19 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SIZES = {"500x375": ("astronaut", 500, 375), "1024x768": ("coffee", 1024, 768)}
 
 
-def pydensecrf_run(unary, img, p):
-    import pydensecrf.densecrf as dcrf
-
-    c, h, w = unary.shape
-    d = dcrf.DenseCRF2D(w, h, c)
-    d.setUnaryEnergy(np.ascontiguousarray(unary.reshape(c, -1)))
-    norm = dcrf.NORMALIZE_AFTER if p.normalization == "after" else dcrf.NORMALIZE_SYMMETRIC
-    d.addPairwiseGaussian(sxy=p.pos_xy_std, compat=p.pos_w, normalization=norm)
-    d.addPairwiseBilateral(sxy=p.bi_xy_std, srgb=p.bi_rgb_std, rgbim=np.ascontiguousarray(img), compat=p.bi_w,
-                           normalization=norm)
-    return np.array(d.inference(p.iterations)).reshape(c, h, w)
-
-
 def timed(fn, runs):
     out, times = None, []
     for _ in range(runs):
@@ -61,7 +48,7 @@ def main(argv=None) -> int:
     from crf import CRFParams, _driver, refine_unary
     from crf.backend import gpu_available
     from crf.features import unary_from_scores
-    from tools.testdata import photo, smooth_logits
+    from tools.testdata import photo, pydensecrf_marginals, smooth_logits
 
     backends = [b for b in args.backends if b != "gpu" or gpu_available()]
     if "gpu" in args.backends and "gpu" not in backends:
@@ -91,7 +78,7 @@ def main(argv=None) -> int:
         try:
             import pydensecrf.densecrf  # noqa: F401
 
-            contenders = {"pydensecrf2": lambda: pydensecrf_run(unary, img, p), **contenders}
+            contenders = {"pydensecrf2": lambda: pydensecrf_marginals(unary, img, p), **contenders}
         except ImportError:
             print(f"{size}: pydensecrf2 not installed here: no reference timing or agreement")
         outs: dict = {}

@@ -9,6 +9,7 @@ from crf import CRFInputError, CRFParams, refine, refine_unary
 from crf.exact import exact_mean_field, gaussian_matrix
 from crf.features import unary_from_scores
 from crf.lattice import PermutohedralLattice
+from tools.testdata import pydensecrf_marginals
 
 
 def test_defaults_are_deeplab_largefov():
@@ -57,15 +58,8 @@ def test_mean_field_matches_exact_on_tiny_images(size, params, normalization):
 
 
 def _pydensecrf(unary, img, p: CRFParams):
-    dcrf = pytest.importorskip("pydensecrf.densecrf")
-    c, h, w = unary.shape
-    d = dcrf.DenseCRF2D(w, h, c)
-    d.setUnaryEnergy(np.ascontiguousarray(unary.reshape(c, -1)))
-    norm = dcrf.NORMALIZE_AFTER if p.normalization == "after" else dcrf.NORMALIZE_SYMMETRIC
-    d.addPairwiseGaussian(sxy=p.pos_xy_std, compat=p.pos_w, normalization=norm)
-    d.addPairwiseBilateral(sxy=p.bi_xy_std, srgb=p.bi_rgb_std, rgbim=np.ascontiguousarray(img),
-                           compat=p.bi_w, normalization=norm)
-    return np.array(d.inference(p.iterations)).reshape(c, h, w)
+    pytest.importorskip("pydensecrf.densecrf")
+    return pydensecrf_marginals(unary, img, p)
 
 
 @pytest.mark.parametrize("normalization", ["after", "symmetric"])

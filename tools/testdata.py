@@ -27,3 +27,19 @@ def smooth_logits(h: int, w: int, c: int, seed: int = 0, scale: float = 3.0, cel
     rng = np.random.default_rng(seed)
     lo = rng.normal(0, scale, (c, h // cell + 2, w // cell + 2)).astype(np.float32)
     return np.stack([cv2.resize(l, (w, h), interpolation=cv2.INTER_LINEAR) for l in lo]).astype(np.float32)
+
+
+def pydensecrf_marginals(unary: np.ndarray, image: np.ndarray, params) -> np.ndarray:
+    """The oracle: pydensecrf2 with the same parameters and normalisation as ``params`` (a CRFParams),
+    kernels added in the same order as ours. unary (C, H, W) float32 = -log p, image H x W x 3 uint8
+    (channels in the order given). Raises ImportError when pydensecrf2 is not installed."""
+    import pydensecrf.densecrf as dcrf
+
+    c, h, w = unary.shape
+    d = dcrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(np.ascontiguousarray(unary.reshape(c, -1), np.float32))
+    norm = dcrf.NORMALIZE_AFTER if params.normalization == "after" else dcrf.NORMALIZE_SYMMETRIC
+    d.addPairwiseGaussian(sxy=params.pos_xy_std, compat=params.pos_w, normalization=norm)
+    d.addPairwiseBilateral(sxy=params.bi_xy_std, srgb=params.bi_rgb_std, rgbim=np.ascontiguousarray(image),
+                           compat=params.bi_w, normalization=norm)
+    return np.array(d.inference(params.iterations)).reshape(c, h, w)
