@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import Mapping
 
-import numpy as np
 import torch
 
 from .model import DeepLabV1, ModelConfig
