@@ -64,11 +64,14 @@ class _Lattice:
 
 class DenseCRFDriver:
     """label_chunk: labels per thread in splat and blur; None = the backend's choice (1 on the GPU,
-    all on the CPU). Any value gives the same result; tests run the GPU's choice on the CPU."""
+    the whole row on the CPU). label_align: label rows are padded to a multiple of this many floats;
+    None = the backend's choice (1 on the GPU, the SIMD width on the CPU). Any values give the same
+    result; tests run the GPU's choices on the CPU."""
 
-    def __init__(self, backend: KernelBackend, label_chunk: int | None = None):
+    def __init__(self, backend: KernelBackend, label_chunk: int | None = None, label_align: int | None = None):
         self.k = backend
         self._label_chunk = label_chunk
+        self._label_align = label_align
         self._pool: dict[str, Buffer] = {}
         self.last_vertices: dict[str, int] = {}
         #: set to a dict to get per-phase wall times (ms) of each run (adds synchronisations)
@@ -91,7 +94,7 @@ class DenseCRFDriver:
 
     # -- lattice construction -------------------------------------------------------------------
     def _build(self, lat: _Lattice, image: Buffer | None, h: int, w: int, sxy: float, srgb: float,
-               symmetric: bool, c: int) -> None:
+               symmetric: bool, s: int) -> None:
         k, d, dp1 = self.k, lat.d, lat.dp1
         n = h * w
         e = n * dp1
@@ -137,24 +140,24 @@ class DenseCRFDriver:
         k.launch("crf_list_payload", e, lat.lists, lat.weights, I32(dp1), I32(e), lat.list_w)
 
         # Value buffers hold M rows plus row M of zeros, the absent blur neighbour.
-        lat.va = self._buf(lat.tag + "va", (m + 1) * c * 4)
-        lat.vb = self._buf(lat.tag + "vb", (m + 1) * c * 4)
+        lat.va = self._buf(lat.tag + "va", (m + 1) * s * 4)
+        lat.vb = self._buf(lat.tag + "vb", (m + 1) * s * 4)
         # Normaliser: the lattice applied to ones (held in the unary's memory, not yet computed).
-        ones = self._buf("unary", n * c * 4)
+        ones = self._buf("unary", n * s * 4)
         k.launch("crf_fill_float", n, ones, I32(n), F32(1.0))
         self._zero_row(lat, 1)
         self._filter(lat, ones, None, 1)
         lat.norm = self._buf(lat.tag + "norm", n * 4)
         k.launch("crf_slice", n, lat.result, lat.offsets, lat.weights, I32(dp1), I32(n), I32(1), F32(lat.alpha), lat.norm)
         k.launch("crf_normaliser", n, lat.norm, I32(n), I32(1 if symmetric else 0), lat.norm)  # in place
-        self._zero_row(lat, c)  # for the c-label filters of every iteration
+        self._zero_row(lat, s)  # for the label filters of every iteration (rows of s floats)
         k.launch("crf_coefficients", e, lat.weights, lat.norm, I32(dp1), I32(n), F32(np.float32(lat.weight) * lat.alpha))
 
-    def _zero_row(self, lat: _Lattice, c: int) -> None:
-        """Zero row M (of c floats) of both value buffers: what an absent blur neighbour reads."""
+    def _zero_row(self, lat: _Lattice, s: int) -> None:
+        """Zero row M (of s floats) of both value buffers: what an absent blur neighbour reads."""
         for vbuf in (lat.va, lat.vb):
-            row = Buffer(c * 4, vbuf.ptr + lat.m * c * 4, vbuf.owner)
-            self.k.launch("crf_fill_float", c, row, I32(c), F32(0.0))
+            row = Buffer(s * 4, vbuf.ptr + lat.m * s * 4, vbuf.owner)
+            self.k.launch("crf_fill_float", s, row, I32(s), F32(0.0))
 
     def _exclusive_scan(self, counts: Buffer, n: int, out: Buffer) -> None:
         chunk = max(32, math.isqrt(max(n, 1)) + 1)
@@ -164,23 +167,30 @@ class DenseCRFDriver:
         self.k.launch("crf_scan_sums", 1, sums, I32(n_chunks))
         self.k.launch("crf_scan_apply", max(n_chunks, 1), counts, I32(n), I32(chunk), sums, I32(n_chunks), out)
 
-    def _filter(self, lat: _Lattice, values: Buffer, prescale: Buffer | None, c: int) -> None:
-        """Splat ``values`` (N x c, pixel-major) and blur; the result is left in lat.result."""
+    def _filter(self, lat: _Lattice, values: Buffer, prescale: Buffer | None, s: int) -> None:
+        """Splat ``values`` (N rows of s floats) and blur; the result is left in lat.result."""
         k, m = self.k, lat.m
-        chunk = self.label_chunk(c)
-        n_threads = m * ((c + chunk - 1) // chunk)
-        k.launch("crf_splat", n_threads, values, prescale, lat.starts, lat.lists, lat.list_w, I32(m), I32(c), I32(chunk), lat.va)
+        chunk = self.label_chunk(s)
+        n_threads = m * ((s + chunk - 1) // chunk)
+        k.launch("crf_splat", n_threads, values, prescale, lat.starts, lat.lists, lat.list_w, I32(m), I32(s), I32(chunk), lat.va)
         src, dst = lat.va, lat.vb
         for j in range(lat.dp1):
-            k.launch("crf_blur", n_threads, src, dst, lat.nbr, I32(j), I32(m), I32(c), I32(chunk))
+            k.launch("crf_blur", n_threads, src, dst, lat.nbr, I32(j), I32(m), I32(s), I32(chunk))
             src, dst = dst, src
         lat.result = src
 
-    def label_chunk(self, c: int) -> int:
-        """Labels per thread: 1 on the GPU (coalesced), all of them on the CPU (vectorised loop)."""
+    def label_chunk(self, s: int) -> int:
+        """Labels per thread: 1 on the GPU (coalesced), the whole row on the CPU (vectorised loop)."""
         if self._label_chunk is not None:
-            return min(self._label_chunk, c)
-        return 1 if self.k.name == "gpu" else c
+            return min(self._label_chunk, s)
+        return 1 if self.k.name == "gpu" else s
+
+    def label_stride(self, c: int) -> int:
+        """Floats per label row: c on the GPU (one thread per label, nothing to pad); on the CPU c
+        rounded up to 8 floats (one AVX register): every label loop is whole vectors on 32-byte
+        aligned rows, with no scalar remainder. Padding labels stay exactly 0."""
+        align = self._label_align if self._label_align is not None else (1 if self.k.name == "gpu" else 8)
+        return -(-c // align) * align
 
     # -- inference ------------------------------------------------------------------------------
     def run(self, scores: np.ndarray | Buffer, image: np.ndarray | Buffer, h: int, w: int, c: int,
@@ -196,7 +206,8 @@ class DenseCRFDriver:
         k = self.k
         n = h * w
         clock = _PhaseClock(k, self.phase_times)
-        q = self._buf("q", n * c * 4)
+        s = self.label_stride(c)
+        q = self._buf("q", n * s * 4)
         if isinstance(scores, np.ndarray):
             src = q  # host scores go into Q's memory: read once by crf_unary, then Q overwrites them
             k.upload(src, np.ascontiguousarray(scores, np.float32))
@@ -220,20 +231,20 @@ class DenseCRFDriver:
         if params.iterations > 0:
             spatial = _Lattice("s_", SPATIAL_D, params.pos_w)
             bilateral = _Lattice("b_", BILATERAL_D, params.bi_w)
-            self._build(spatial, None, h, w, params.pos_xy_std, 1.0, symmetric, c)
-            self._build(bilateral, img, h, w, params.bi_xy_std, params.bi_rgb_std, symmetric, c)
+            self._build(spatial, None, h, w, params.pos_xy_std, 1.0, symmetric, s)
+            self._build(bilateral, img, h, w, params.bi_xy_std, params.bi_rgb_std, symmetric, s)
             lattices = [spatial, bilateral]
             clock.lap("lattice_build")
 
-        u = self._buf("unary", n * c * 4)
-        k.launch("crf_unary", n, src, I32(n), I32(c), I32(1 if is_logits else 0), u)
+        u = self._buf("unary", n * s * 4)
+        k.launch("crf_unary", n, src, I32(n), I32(c), I32(s), I32(1 if is_logits else 0), u)
         nulls = (None, None, None, I32(1))
-        k.launch("crf_update", n, u, I32(n), I32(c), *nulls, *nulls, q)  # Q = softmax(-U)
+        k.launch("crf_update", n, u, I32(n), I32(c), I32(s), *nulls, *nulls, q)  # Q = softmax(-U)
         clock.lap("unary")
         for _ in range(params.iterations):
             for lat in lattices:
-                self._filter(lat, q, lat.norm if symmetric else None, c)
-            k.launch("crf_update", n, u, I32(n), I32(c), *self._update_args(lattices[0]),
+                self._filter(lat, q, lat.norm if symmetric else None, s)
+            k.launch("crf_update", n, u, I32(n), I32(c), I32(s), *self._update_args(lattices[0]),
                      *self._update_args(lattices[1]), q)
         if lattices:
             clock.lap("iterations")
@@ -241,11 +252,11 @@ class DenseCRFDriver:
         out_m = out_l = None
         if marginals:
             mb = u  # the unary is not needed any more: its memory takes the transposed marginals
-            k.launch("crf_marginals", n * c, q, I32(n), I32(c), mb)
+            k.launch("crf_marginals", n * c, q, I32(n), I32(c), I32(s), mb)
             out_m = k.download(mb, (c, h, w), np.float32)
         if labels:
             lb = self._buf("labels", n)
-            k.launch("crf_argmax", n, q, I32(n), I32(c), lb)
+            k.launch("crf_argmax", n, q, I32(n), I32(c), I32(s), lb)
             out_l = k.download(lb, (h, w), np.uint8)
         k.synchronize()
         clock.lap("output")

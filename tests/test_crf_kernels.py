@@ -64,16 +64,18 @@ def test_kernels_match_exact_mean_field_on_tiny_images(normalization):
     assert np.abs(q - e).mean() < 0.025
 
 
-@pytest.mark.parametrize("chunk", [1, 5])
-def test_gpu_thread_layout_on_the_cpu(chunk):
-    """The GPU runs splat and blur with one label per thread; run that layout here, where it can run."""
+@pytest.mark.parametrize("chunk, align", [(1, 1), (5, 16)])
+def test_gpu_thread_layout_on_the_cpu(chunk, align):
+    """The GPU runs splat and blur with one label per thread on unpadded label rows (chunk 1,
+    align 1); run that layout here, where it can run. The CPU's default pads rows of 21 labels to 24."""
     from crf import _driver
     from crf.driver import DenseCRFDriver
 
     img = photo("astronaut", 150)
     h, w = img.shape[:2]
     s = smooth_logits(h, w, 21, seed=chunk)
-    layout = DenseCRFDriver(_driver("cpu").k, label_chunk=chunk)
+    layout = DenseCRFDriver(_driver("cpu").k, label_chunk=chunk, label_align=align)
+    assert layout.label_stride(21) == (21 if align == 1 else 32) and _driver("cpu").label_stride(21) == 24
     for norm in ("after", "symmetric"):
         p = CRFParams(normalization=norm)
         got, labels = layout.run(s, img, h, w, 21, p, labels=True)

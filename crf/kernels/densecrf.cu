@@ -8,12 +8,17 @@
 // To stay inside what that emulation runs faithfully, kernels use only the .x index variables,
 // atomicAdd(int) and atomicCAS(int): no __syncthreads, no shared memory, no warp intrinsics.
 //
-// Layouts: pixel i = y*W + x. Per-pixel label vectors are pixel-major, Q[i*C + l]. Lattice
-// entries (pixel i, remainder r) are e = i*(d+1) + r. Lattice values are vertex-major, V[v*C + l].
+// Layouts: pixel i = y*W + x. Per-pixel label vectors are pixel-major rows of S >= C floats,
+// Q[i*S + l]; lattice values are vertex-major rows of the same width, V[v*S + l]. The GPU uses
+// S = C; the CPU rounds S up to its SIMD width, so that every label loop is whole vectors on
+// aligned rows. Labels C..S-1 are padding: their unary energy is CRF_PAD_ENERGY and their
+// marginals exactly 0, so they never touch the real labels (and never make denormals).
+// Lattice entries (pixel i, remainder r) are e = i*(d+1) + r.
 // The arithmetic follows Permutohedral::init / seqCompute of densecrf (inside pydensecrf) operation
 // for operation, so the CPU build (no FMA contraction) agrees with it to float rounding.
 
 #define CRF_MAX_D 5  // bilateral kernel: x, y and three colour channels
+#define CRF_PAD_ENERGY 1e30f  // unary of a padding label: never the maximum, exp() of it is 0
 
 __device__ __forceinline__ int crf_tid() { return (int)(blockIdx.x * blockDim.x + threadIdx.x); }
 
@@ -63,8 +68,9 @@ extern "C" __global__ void crf_embed(const unsigned char* image, int H, int W, i
         sum += (int)rem0[k] / (d + 1);
     }
     // Rank of each residual; the earlier index loses ties.
+    // Fixed-size clears (not up to d): a variable-length one compiles to a slow `rep stos` on the CPU.
     int rank[CRF_MAX_D + 1];
-    for (int k = 0; k <= d; k++) rank[k] = 0;
+    for (int k = 0; k <= CRF_MAX_D; k++) rank[k] = 0;
     for (int a = 0; a < d; a++)
         for (int b = a + 1; b <= d; b++) {
             if (elevated[a] - rem0[a] < elevated[b] - rem0[b]) rank[a]++;
@@ -77,7 +83,7 @@ extern "C" __global__ void crf_embed(const unsigned char* image, int H, int W, i
         else if (rank[k] > d) { rank[k] -= d + 1; rem0[k] -= (float)(d + 1); }
     }
     float bary[CRF_MAX_D + 2];
-    for (int k = 0; k <= d + 1; k++) bary[k] = 0.f;
+    for (int k = 0; k <= CRF_MAX_D + 1; k++) bary[k] = 0.f;
     for (int k = 0; k <= d; k++) {
         const float v = (elevated[k] - rem0[k]) * down_factor;
         bary[d - rank[k]] += v;
@@ -124,7 +130,11 @@ extern "C" __global__ void crf_hash_insert(const short* keys, int n_entries, int
     const short* key = keys + (long long)e * d;
     unsigned int h = crf_hash(key, d) & mask;
     for (;;) {
-        const int cur = atomicCAS(&table[h], -1, e);
+        // A plain read first: most entries find their key already there (a vertex is shared by
+        // ~25 entries), and a locked compare-and-swap costs far more than a load on the CPU. A
+        // stale -1 only sends us to the atomicCAS, which sees the truth; a slot never goes back to -1.
+        int cur = *(volatile const int*)&table[h];
+        if (cur == -1) cur = atomicCAS(&table[h], -1, e);
         if (cur == -1) {
             slot_of[e] = (int)h;
             return;
@@ -272,30 +282,31 @@ extern "C" __global__ void crf_list_payload(int* list, const float* weights, int
 // ------------------------------------------------------------------------------------------------
 // Filtering (every iteration, all labels at once)
 
-// Label chunking: a thread handles labels [c0, c1) of one vertex or pixel. The GPU launches one
-// thread per label (chunk 1: neighbouring threads touch neighbouring floats); the CPU one thread per
-// row (chunk C: the label loop is contiguous and vectorises).
-__device__ __forceinline__ void crf_chunk(int t, int C, int chunk, int& row, int& c0, int& c1)
+// Label chunking: a thread handles labels [c0, c1) of one row of S. The GPU launches one thread
+// per label (chunk 1: neighbouring threads touch neighbouring floats); the CPU one thread per row
+// (chunk S: the label loop is contiguous and vectorises).
+__device__ __forceinline__ void crf_chunk(int t, int S, int chunk, int& row, int& c0, int& c1)
 {
-    const int per_row = (C + chunk - 1) / chunk;
+    const int per_row = (S + chunk - 1) / chunk;
     row = t / per_row;
     c0 = (t - row * per_row) * chunk;
-    c1 = min(C, c0 + chunk);
+    c1 = min(S, c0 + chunk);
 }
 
-// V[v*C + l] = sum over the entries of v of weight * (prescale[pixel] * Q[pixel*C + l]), in pixel
-// order. prescale may be NULL (normalisation "after"); "symmetric" passes 1/sqrt(norm).
+// V[v*S + l] = sum over the entries of v of weight * (prescale[pixel] * Q[pixel*S + l]), in pixel
+// order (S: the row width, padding included). prescale may be NULL (normalisation "after");
+// "symmetric" passes 1/sqrt(norm).
 extern "C" __global__ void crf_splat(const float* __restrict__ Q, const float* __restrict__ prescale,
                                      const int* __restrict__ starts, const int* __restrict__ list_pix,
-                                     const float* __restrict__ list_w, int M, int C, int chunk, float* __restrict__ V)
+                                     const float* __restrict__ list_w, int M, int S, int chunk, float* __restrict__ V)
 {
     int v, c0, c1;
-    crf_chunk(crf_tid(), C, chunk, v, c0, c1);
+    crf_chunk(crf_tid(), S, chunk, v, c0, c1);
     if (v >= M) return;
-    float* out = V + (long long)v * C;
+    float* out = V + (long long)v * S;
     for (int l = c0; l < c1; l++) out[l] = 0.f;
     // Four entries per pass over the labels: the same additions in the same order as one at a
-    // time, with a quarter of the loop overhead (label loops are short: C is ~21).
+    // time, with a quarter of the loop overhead (label loops are short: ~21 labels).
     const int k_end = starts[v + 1];
     int k = starts[v];
     for (; k + 4 <= k_end; k += 4) {
@@ -303,32 +314,32 @@ extern "C" __global__ void crf_splat(const float* __restrict__ Q, const float* _
         const float s0 = prescale ? prescale[p0] : 1.f, s1 = prescale ? prescale[p1] : 1.f;
         const float s2 = prescale ? prescale[p2] : 1.f, s3 = prescale ? prescale[p3] : 1.f;
         const float w0 = list_w[k], w1 = list_w[k + 1], w2 = list_w[k + 2], w3 = list_w[k + 3];
-        const float* q0 = Q + (long long)p0 * C;
-        const float* q1 = Q + (long long)p1 * C;
-        const float* q2 = Q + (long long)p2 * C;
-        const float* q3 = Q + (long long)p3 * C;
+        const float* q0 = Q + (long long)p0 * S;
+        const float* q1 = Q + (long long)p1 * S;
+        const float* q2 = Q + (long long)p2 * S;
+        const float* q3 = Q + (long long)p3 * S;
         for (int l = c0; l < c1; l++)
             out[l] = (((out[l] + w0 * (q0[l] * s0)) + w1 * (q1[l] * s1)) + w2 * (q2[l] * s2)) + w3 * (q3[l] * s3);
     }
     for (; k < k_end; k++) {
         const int pix = list_pix[k];
         const float sc = prescale ? prescale[pix] : 1.f, w = list_w[k];
-        const float* q = Q + (long long)pix * C;
+        const float* q = Q + (long long)pix * S;
         for (int l = c0; l < c1; l++) out[l] += w * (q[l] * sc);
     }
 }
 
 // One blur pass along direction j: out = in + 0.5 (in[n1] + in[n2]); row M of in is zeros.
 extern "C" __global__ void crf_blur(const float* __restrict__ in, float* __restrict__ out, const int* __restrict__ nbr,
-                                    int j, int M, int C, int chunk)
+                                    int j, int M, int S, int chunk)
 {
     int v, c0, c1;
-    crf_chunk(crf_tid(), C, chunk, v, c0, c1);
+    crf_chunk(crf_tid(), S, chunk, v, c0, c1);
     if (v >= M) return;
-    const float* a = in + (long long)nbr[(j * M + v) * 2] * C;
-    const float* b = in + (long long)nbr[(j * M + v) * 2 + 1] * C;
-    const float* x = in + (long long)v * C;
-    float* y = out + (long long)v * C;
+    const float* a = in + (long long)nbr[(j * M + v) * 2] * S;
+    const float* b = in + (long long)nbr[(j * M + v) * 2 + 1] * S;
+    const float* x = in + (long long)v * S;
+    float* y = out + (long long)v * S;
     for (int l = c0; l < c1; l++) y[l] = x[l] + 0.5f * (a[l] + b[l]);
 }
 
@@ -365,11 +376,27 @@ extern "C" __global__ void crf_coefficients(float* weights, const float* norm, i
     weights[e] = scale * norm[e / dp1] * weights[e];
 }
 
+// max of q[0..n): eight running maxima, so that the CPU build compares whole vectors (one running
+// maximum is a chain of n dependent scalar compares: a serial reduction the compiler may not
+// reorder without fast-math). The maximum does not depend on the order: same result on both targets.
+__device__ __forceinline__ float crf_row_max(const float* q, int n)
+{
+    float m8[8];
+    for (int j = 0; j < 8; j++) m8[j] = -3.402823466e38f;
+    int l = 0;
+    for (; l + 8 <= n; l += 8)
+        for (int j = 0; j < 8; j++) m8[j] = q[l + j] > m8[j] ? q[l + j] : m8[j];  // not fmaxf: a libm call on the CPU
+    for (; l < n; l++) m8[0] = q[l] > m8[0] ? q[l] : m8[0];
+    float m = m8[0];
+    for (int j = 1; j < 8; j++) m = m8[j] > m ? m8[j] : m;
+    return m;
+}
+
 // The mean-field update of pixel i: t = -U_i + sum over kernels and their d+1 vertices of
 // coef * V[vertex] (Potts compatibility -w, subtracted, as densecrf), then Q_i = softmax(t).
 // With V_s and V_b NULL this is softmax(-U). Q is updated in place: both splats of this iteration
-// have already read it.
-extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C,
+// have already read it. Rows are S wide; labels C..S-1 (padding) come out exactly 0.
+extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C, int S,
                                       const float* __restrict__ V_s, const int* __restrict__ off_s,
                                       const float* __restrict__ coef_s, int dp1_s,
                                       const float* __restrict__ V_b, const int* __restrict__ off_b,
@@ -377,25 +404,25 @@ extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C,
 {
     const int i = crf_tid();
     if (i >= N) return;
-    float* q = Q + (long long)i * C;
-    const float* u = U + (long long)i * C;
+    float* q = Q + (long long)i * S;
+    const float* u = U + (long long)i * S;
     if (V_s && V_b && dp1_s == 3 && dp1_b == 6) {
         // DeepLab's two kernels (d = 2 and d = 5): all nine vertex rows in one pass over the
         // labels, added in the same order as the general loop below.
         const int es = i * 3, eb = i * 6;
-        const float* s0 = V_s + (long long)off_s[es] * C;
-        const float* s1 = V_s + (long long)off_s[es + 1] * C;
-        const float* s2 = V_s + (long long)off_s[es + 2] * C;
-        const float* b0 = V_b + (long long)off_b[eb] * C;
-        const float* b1 = V_b + (long long)off_b[eb + 1] * C;
-        const float* b2 = V_b + (long long)off_b[eb + 2] * C;
-        const float* b3 = V_b + (long long)off_b[eb + 3] * C;
-        const float* b4 = V_b + (long long)off_b[eb + 4] * C;
-        const float* b5 = V_b + (long long)off_b[eb + 5] * C;
+        const float* s0 = V_s + (long long)off_s[es] * S;
+        const float* s1 = V_s + (long long)off_s[es + 1] * S;
+        const float* s2 = V_s + (long long)off_s[es + 2] * S;
+        const float* b0 = V_b + (long long)off_b[eb] * S;
+        const float* b1 = V_b + (long long)off_b[eb + 1] * S;
+        const float* b2 = V_b + (long long)off_b[eb + 2] * S;
+        const float* b3 = V_b + (long long)off_b[eb + 3] * S;
+        const float* b4 = V_b + (long long)off_b[eb + 4] * S;
+        const float* b5 = V_b + (long long)off_b[eb + 5] * S;
         const float cs0 = coef_s[es], cs1 = coef_s[es + 1], cs2 = coef_s[es + 2];
         const float cb0 = coef_b[eb], cb1 = coef_b[eb + 1], cb2 = coef_b[eb + 2];
         const float cb3 = coef_b[eb + 3], cb4 = coef_b[eb + 4], cb5 = coef_b[eb + 5];
-        for (int l = 0; l < C; l++) {
+        for (int l = 0; l < S; l++) {
             float t = -u[l];
             t += cs0 * s0[l];
             t += cs1 * s1[l];
@@ -409,37 +436,39 @@ extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C,
             q[l] = t;
         }
     } else {
-        for (int l = 0; l < C; l++) q[l] = -u[l];
+        for (int l = 0; l < S; l++) q[l] = -u[l];
         if (V_s)
             for (int r = 0; r < dp1_s; r++) {
                 const float c = coef_s[i * dp1_s + r];
-                const float* row = V_s + (long long)off_s[i * dp1_s + r] * C;
-                for (int l = 0; l < C; l++) q[l] += c * row[l];
+                const float* row = V_s + (long long)off_s[i * dp1_s + r] * S;
+                for (int l = 0; l < S; l++) q[l] += c * row[l];
             }
         if (V_b)
             for (int r = 0; r < dp1_b; r++) {
                 const float c = coef_b[i * dp1_b + r];
-                const float* row = V_b + (long long)off_b[i * dp1_b + r] * C;
-                for (int l = 0; l < C; l++) q[l] += c * row[l];
+                const float* row = V_b + (long long)off_b[i * dp1_b + r] * S;
+                for (int l = 0; l < S; l++) q[l] += c * row[l];
             }
     }
-    float m = q[0];
-    for (int l = 1; l < C; l++) m = q[l] > m ? q[l] : m;  // not fmaxf: a libm call on the CPU without fast-math
-    for (int l = 0; l < C; l++) q[l] = expf(q[l] - m);     // separate loops: this one vectorises on the CPU
+    const float m = crf_row_max(q, S);  // padding labels (-1e30) are never the maximum
+    for (int l = 0; l < S; l++) q[l] = expf(q[l] - m);  // separate loops: this one vectorises on the CPU
+    for (int l = C; l < S; l++) q[l] = 0.f;               // padding: exactly 0, whatever expf's floor
     float s = 0.f;
     for (int l = 0; l < C; l++) s += q[l];
-    for (int l = 0; l < C; l++) q[l] = q[l] / s;
+    for (int l = 0; l < S; l++) q[l] = q[l] / s;
 }
 
 // ------------------------------------------------------------------------------------------------
 // Input and output on the device
 
-// U[i*C + l] from planar src[l*N + i]: -log softmax of logits (is_logits) or a copy of unary energies.
-extern "C" __global__ void crf_unary(const float* src, int N, int C, int is_logits, float* U)
+// U[i*S + l] from planar src[l*N + i]: -log softmax of logits (is_logits) or a copy of unary
+// energies; padding labels C..S-1 get CRF_PAD_ENERGY.
+extern "C" __global__ void crf_unary(const float* src, int N, int C, int S, int is_logits, float* U)
 {
     const int i = crf_tid();
     if (i >= N) return;
-    float* u = U + (long long)i * C;
+    float* u = U + (long long)i * S;
+    for (int l = C; l < S; l++) u[l] = CRF_PAD_ENERGY;
     if (!is_logits) {
         for (int l = 0; l < C; l++) u[l] = src[(long long)l * N + i];
         return;
@@ -464,19 +493,19 @@ extern "C" __global__ void crf_check_finite(const float* x, int n, int* flag)
     if (!(v - v == 0.f)) flag[0] = 1;  // NaN and +-inf give NaN; no isfinite() needed on either target
 }
 
-extern "C" __global__ void crf_marginals(const float* Q, int N, int C, float* out)
+extern "C" __global__ void crf_marginals(const float* Q, int N, int C, int S, float* out)
 {
     const int t = crf_tid();
     if (t >= N * C) return;
     const int l = t / N, i = t % N;
-    out[t] = Q[(long long)i * C + l];  // planar (C, H, W) output
+    out[t] = Q[(long long)i * S + l];  // planar (C, H, W) output
 }
 
-extern "C" __global__ void crf_argmax(const float* Q, int N, int C, unsigned char* labels)
+extern "C" __global__ void crf_argmax(const float* Q, int N, int C, int S, unsigned char* labels)
 {
     const int i = crf_tid();
     if (i >= N) return;
-    const float* q = Q + (long long)i * C;
+    const float* q = Q + (long long)i * S;
     int best = 0;
     for (int l = 1; l < C; l++)
         if (q[l] > q[best]) best = l;  // first maximum, as numpy.argmax
