@@ -74,6 +74,10 @@ class DenseCRFDriver:
         self._label_align = label_align
         self._pool: dict[str, Buffer] = {}
         self.last_vertices: dict[str, int] = {}
+        # The spatial kernel's lattice depends on the image size and its parameters only, not on
+        # the pixels: kept from the last call (a stream of frames of one size builds it once).
+        self._spatial: _Lattice | None = None
+        self._spatial_key: tuple | None = None
         #: set to a dict to get per-phase wall times (ms) of each run (adds synchronisations)
         self.phase_times: dict[str, float] | None = None
 
@@ -85,6 +89,10 @@ class DenseCRFDriver:
             b = self.k.alloc(nbytes)
             self._pool[role] = b
         return b
+
+    def clear_cache(self) -> None:
+        """Forget the kept spatial lattice: the next call builds everything (a cold call)."""
+        self._spatial = self._spatial_key = None
 
     def pooled_bytes(self) -> int:
         return sum(b.nbytes for b in self._pool.values())
@@ -209,13 +217,19 @@ class DenseCRFDriver:
         s = self.label_stride(c)
         q = self._buf("q", n * s * 4)
         if isinstance(scores, np.ndarray):
-            src = q  # host scores go into Q's memory: read once by crf_unary, then Q overwrites them
-            k.upload(src, np.ascontiguousarray(scores, np.float32))
+            scores = np.ascontiguousarray(scores, np.float32)
+            src = k.host_view(scores)  # read in place where the kernels can (the CPU build)
+            if src is None:
+                src = q  # host scores go into Q's memory: read once by crf_unary, then Q overwrites them
+                k.upload(src, scores)
         else:
             src = scores
         if isinstance(image, np.ndarray):
-            img = self._buf("image", n * 3)
-            k.upload(img, np.ascontiguousarray(image, np.uint8))
+            image = np.ascontiguousarray(image, np.uint8)
+            img = k.host_view(image)
+            if img is None:
+                img = self._buf("image", n * 3)
+                k.upload(img, image)
         else:
             img = image
         if check_finite:
@@ -229,9 +243,14 @@ class DenseCRFDriver:
         symmetric = params.normalization == "symmetric"
         lattices = []
         if params.iterations > 0:
-            spatial = _Lattice("s_", SPATIAL_D, params.pos_w)
+            spatial_key = (h, w, s, float(params.pos_xy_std), float(params.pos_w), symmetric)
+            if self._spatial is None or self._spatial_key != spatial_key:
+                self._spatial_key = None  # a build that fails half-way leaves no stale entry behind
+                self._spatial = _Lattice("s_", SPATIAL_D, params.pos_w)
+                self._build(self._spatial, None, h, w, params.pos_xy_std, 1.0, symmetric, s)
+                self._spatial_key = spatial_key
+            spatial = self._spatial
             bilateral = _Lattice("b_", BILATERAL_D, params.bi_w)
-            self._build(spatial, None, h, w, params.pos_xy_std, 1.0, symmetric, s)
             self._build(bilateral, img, h, w, params.bi_xy_std, params.bi_rgb_std, symmetric, s)
             lattices = [spatial, bilateral]
             clock.lap("lattice_build")
@@ -251,9 +270,12 @@ class DenseCRFDriver:
 
         out_m = out_l = None
         if marginals:
-            mb = u  # the unary is not needed any more: its memory takes the transposed marginals
-            k.launch("crf_marginals", n * c, q, I32(n), I32(c), I32(s), mb)
-            out_m = k.download(mb, (c, h, w), np.float32)
+            out_m = np.empty((c, h, w), np.float32)
+            mb = k.host_view(out_m)  # the CPU build writes the result array directly
+            # else the unary, not needed any more, takes the transposed marginals on the device
+            k.launch("crf_marginals", n, q, I32(n), I32(c), I32(s), mb if mb is not None else u)
+            if mb is None:
+                out_m = k.download(u, (c, h, w), np.float32)
         if labels:
             lb = self._buf("labels", n)
             k.launch("crf_argmax", n, q, I32(n), I32(c), I32(s), lb)

@@ -97,6 +97,30 @@ def test_results_are_deterministic_and_buffers_are_reused():
     assert _driver("cpu").pooled_bytes() == pooled  # same size: nothing new allocated
 
 
+def test_kept_spatial_lattice_is_rebuilt_when_size_or_parameters_change():
+    """The spatial lattice is kept between calls of one size: every change that alters it must
+    rebuild it (compared bit for bit with a driver that has never run)."""
+    from crf import _driver
+    from crf.driver import DenseCRFDriver
+
+    k = _driver("cpu").k
+    warm = DenseCRFDriver(k)
+    a, b = photo("chelsea", 120), photo("coffee", 120)
+    cases = [(a, 6, CRFParams()), (b[: a.shape[0], : a.shape[1]], 6, CRFParams()),  # same size, other pixels
+             (b, 6, CRFParams()),  # other size
+             (b, 6, CRFParams(pos_xy_std=2.0)), (b, 6, CRFParams(pos_xy_std=2.0, pos_w=1.0)),
+             (b, 6, CRFParams(pos_xy_std=2.0, pos_w=1.0, normalization="symmetric")),
+             (b, 13, CRFParams(pos_xy_std=2.0, pos_w=1.0, normalization="symmetric")),  # other row width
+             (a, 6, CRFParams())]
+    for img, c, p in cases:
+        img = np.ascontiguousarray(img)
+        h, w = img.shape[:2]
+        s = smooth_logits(h, w, c, seed=c)
+        got = warm.run(s, img, h, w, c, p)[0]
+        fresh = DenseCRFDriver(k).run(s, img, h, w, c, p)[0]
+        assert np.array_equal(got, fresh)
+
+
 def test_concurrent_calls_from_threads_are_safe():
     from concurrent.futures import ThreadPoolExecutor
 

@@ -493,12 +493,15 @@ extern "C" __global__ void crf_check_finite(const float* x, int n, int* flag)
     if (!(v - v == 0.f)) flag[0] = 1;  // NaN and +-inf give NaN; no isfinite() needed on either target
 }
 
+// Planar (C, H, W) output, one thread per pixel: the thread reads its row in order, and the
+// threads of a block write C runs of consecutive floats (one thread per element, walking the
+// planes, would read Q once per label: C passes over a Q that does not fit in the CPU's caches).
 extern "C" __global__ void crf_marginals(const float* Q, int N, int C, int S, float* out)
 {
-    const int t = crf_tid();
-    if (t >= N * C) return;
-    const int l = t / N, i = t % N;
-    out[t] = Q[(long long)i * S + l];  // planar (C, H, W) output
+    const int i = crf_tid();
+    if (i >= N) return;
+    const float* q = Q + (long long)i * S;
+    for (int l = 0; l < C; l++) out[(long long)l * N + i] = q[l];
 }
 
 extern "C" __global__ void crf_argmax(const float* Q, int N, int C, int S, unsigned char* labels)
