@@ -119,6 +119,15 @@ def main(argv=None) -> int:
                 e["kernels_ms"] = {k: sum(v) for k, v in sorted(drv.k.kernel_times().items(), key=lambda kv: -sum(kv[1]))}
                 e["lattice_vertices"] = dict(drv.last_vertices)
                 e["pooled_bytes"] = drv.pooled_bytes()
+                if b == "cpu":
+                    # The GPU's buffers: rows of exactly C labels (no SIMD padding), plus the image
+                    # uploaded to the device (the CPU build reads the caller's array in place).
+                    from crf.driver import DenseCRFDriver
+
+                    gpu_layout = DenseCRFDriver(drv.k, label_chunk=1, label_align=1)
+                    gpu_layout.run(unary, img, h, w, args.labels, p, is_logits=False)
+                    e["gpu_layout_bytes"] = gpu_layout.pooled_bytes() + h * w * 3
+                    print(f"{size}: buffers with the GPU's layout {e['gpu_layout_bytes'] / 1e6:.1f} MB")
                 drv.phase_times, drv.k.profile = None, None
             entry[b] = e
             extra = (f"  build {e['phases_ms']['lattice_build']:.1f} ms, {e['per_iteration_ms']:.2f} ms/iteration, "

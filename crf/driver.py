@@ -10,12 +10,14 @@ Buffers are pooled by role and reused across calls (grown when an image is large
 calls of one size allocate nothing. Not thread-safe: use one ``DenseCRFDriver`` per thread
 (crf.refine serialises its calls with a lock).
 
-Memory (bytes) for N pixels, C labels, M_s / M_b lattice vertices of the spatial (d=2) and
-bilateral (d=5) kernels (M is data-dependent, at most (d+1)N, typically N/5):
-  8NC (Q, unary) + 240N (entries, int16 keys, per-pixel data) + 4*pow2(9N) (hash table)
-  + M_s*(32 + 8C) + M_b*(56 + 8C)
-e.g. 500x375, 21 labels: 98.0 MB (pooled_bytes() after a call; the same on the GPU, plus the
-CUDA context and module). The logits are written into Q's memory when they come from the host.
+Label rows are S floats wide (label_stride(): C on the GPU, C rounded up to 8 on the CPU).
+Memory (bytes) for N pixels, M_s / M_b lattice vertices of the spatial (d=2) and bilateral (d=5)
+kernels (M is data-dependent, at most (d+1)N, typically N/5):
+  8NS (Q, unary) + 240N (entries, int16 keys, per-pixel data) + 4*pow2(9N) (hash table)
+  + M_s*(32 + 8S) + M_b*(56 + 8S)
+e.g. 500x375, 21 labels: 98.0 MB with the GPU's layout (S = 21; plus the CUDA context and module),
+103 MB on the CPU (S = 24). On the GPU, logits from the host are written into Q's memory; the CPU
+build reads the caller's arrays and writes the result array in place (no copies).
 """
 from __future__ import annotations
 
