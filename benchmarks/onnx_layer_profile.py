@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Where ONNX Runtime spends a DeepLab-LargeFOV forward on the CPU, layer by layer, against the
+machine's measured FP32 multiply-add peak.
+
+    python benchmarks/onnx_layer_profile.py --size 513 --json benchmarks/results/onnx_layer_profile_513.json
+
+Per convolution: median kernel time over the runs (ONNX Runtime's own profiler), multiply-adds
+(from the layer shapes), GMAC/s, and the share of the peak. The peak is measured here: a small C
+loop of independent AVX2 FMAs, compiled with the system C compiler and run on the same number of
+threads (x86-64 with AVX2 + FMA and a C compiler only; otherwise it is left out). A convolution
+cannot beat that number, so it bounds what any speed-up of ONNX Runtime could still come from.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FMA_LOOP = r"""
+#include <immintrin.h>
+/* iters x 12 independent 8-wide FMA chains in registers: enough to keep two FMA pipes busy
+   through the FMA latency (2 x 5 in flight). */
+#define STEP(a) a = _mm256_fmadd_ps(a, x, y)
+float fma_loop(long iters)
+{
+    const __m256 x = _mm256_set1_ps(0.999999f), y = _mm256_set1_ps(1e-7f);
+    __m256 a0 = _mm256_set1_ps(0.f), a1 = _mm256_set1_ps(1.f), a2 = _mm256_set1_ps(2.f), a3 = _mm256_set1_ps(3.f);
+    __m256 a4 = _mm256_set1_ps(4.f), a5 = _mm256_set1_ps(5.f), a6 = _mm256_set1_ps(6.f), a7 = _mm256_set1_ps(7.f);
+    __m256 a8 = _mm256_set1_ps(8.f), a9 = _mm256_set1_ps(9.f), a10 = _mm256_set1_ps(10.f), a11 = _mm256_set1_ps(11.f);
+    for (long i = 0; i < iters; i++) {
+        STEP(a0); STEP(a1); STEP(a2); STEP(a3); STEP(a4); STEP(a5);
+        STEP(a6); STEP(a7); STEP(a8); STEP(a9); STEP(a10); STEP(a11);
+    }
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                             _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+    s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)));
+    float out[8];
+    _mm256_storeu_ps(out, s);
+    return out[0];
+}
+"""
+
+
+def fma_peak_gmacs(threads: int) -> float | None:
+    """Measured FP32 FMA throughput (G multiply-adds/s) of `threads` threads, or None."""
+    import platform
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").is_file() else ""
+    if platform.machine() not in ("x86_64", "AMD64") or cc is None or " avx2" not in flags or " fma" not in flags:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = Path(tmp) / "fma.c", Path(tmp) / "libfma.so"
+        src.write_text(FMA_LOOP)
+        subprocess.run([cc, "-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+        fn = ctypes.CDLL(str(lib)).fma_loop  # ctypes releases the GIL during the call
+        fn.argtypes, fn.restype = [ctypes.c_long], ctypes.c_float
+        iters = 20_000_000
+        best = 0.0
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in range(3):
+                t = time.perf_counter()
+                list(pool.map(fn, [iters] * threads))
+                best = max(best, threads * iters * 12 * 8 / (time.perf_counter() - t) / 1e9)
+        return best
+
+
+def conv_macs(net, size: int) -> list[tuple[str, float]]:
+    """(layer name, multiply-adds) of every convolution, in execution order, for one size x size image."""
+    import torch
+
+    out: list[tuple[str, float]] = []
+    names = {m: n for n, m in net.named_modules()}
+
+    def hook(m, _inp, y):
+        k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
+        out.append((names[m], float(y.numel() * k)))
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.inference_mode():
+        net(torch.zeros(1, 3, size, size))
+    for h in handles:
+        h.remove()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=513)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args(argv)
+
+    import onnxruntime as ort
+
+    from benchmarks.onnx_vs_pytorch import he_initialised_largefov
+    from export.onnx_export import export_onnx
+
+    net = he_initialised_largefov()
+    layers = conv_macs(net, args.size)
+    x = np.random.default_rng(0).integers(0, 256, (1, args.size, args.size, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(net, Path(tmp) / "largefov.onnx")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = args.threads
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "ort_profile")
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        for _ in range(args.runs + 1):  # the first run is a warm-up, left out below
+            sess.run(None, {"image": x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+
+    per_node: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    for ev in events:
+        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+            per_node[(ev["name"][: -len("_kernel_time")], ev["args"].get("op_name", "?"))].append(ev["dur"] / 1e3)
+    nodes = [(name, op, float(np.median(t[1:] if len(t) > 1 else t))) for (name, op), t in per_node.items()]
+    convs = [n for n in nodes if n[1] == "Conv"]
+    if len(convs) != len(layers):
+        print(f"{len(convs)} Conv nodes in the optimised graph for {len(layers)} convolutions: no per-layer MACs")
+        return 1
+    peak = fma_peak_gmacs(args.threads)
+    rows = []
+    print(f"DeepLab-LargeFOV {args.size}x{args.size}, ONNX Runtime {ort.__version__}, {args.threads} threads, "
+          f"median of {args.runs} runs")
+    print(f"{'layer':8s} {'ms':>8s} {'GMAC':>7s} {'GMAC/s':>8s}" + (f" {'of peak':>8s}" if peak else ""))
+    for (layer, macs), (_, _, ms) in zip(layers, convs):
+        rate = macs / ms / 1e6
+        rows.append({"layer": layer, "ms": ms, "gmac": macs / 1e9, "gmac_per_s": rate})
+        print(f"{layer:8s} {ms:8.1f} {macs / 1e9:7.2f} {rate:8.1f}" + (f" {100 * rate / peak:7.0f}%" if peak else ""))
+    conv_ms = sum(r["ms"] for r in rows)
+    total_ms = sum(n[2] for n in nodes)
+    gmac = sum(r["gmac"] for r in rows)
+    print(f"convolutions {conv_ms:.0f} ms of {total_ms:.0f} ms, {gmac:.1f} GMAC at {gmac / conv_ms * 1e3:.1f} GMAC/s")
+    if peak:
+        print(f"measured FP32 FMA peak on {args.threads} threads: {peak:.1f} GMAC/s "
+              f"(convolutions at {100 * gmac / conv_ms * 1e3 / peak:.0f}% of it)")
+    else:
+        print("FMA peak not measured here (needs x86-64 with AVX2 + FMA and a C compiler)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "size": args.size, "threads": args.threads, "onnxruntime": ort.__version__, "runs": args.runs,
+            "layers": rows, "conv_ms": conv_ms, "all_nodes_ms": total_ms, "gmac": gmac, "fma_peak_gmac_per_s": peak,
+            "other_nodes": [{"name": n, "op": op, "ms": ms} for n, op, ms in nodes if op != "Conv"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
