@@ -215,6 +215,9 @@ class DenseCRFDriver:
         """
         k = self.k
         n = h * w
+        if labels and c > 256:
+            raise CRFInputError(f"{c} labels: label ids are written as uint8 (at most 256 labels); "
+                                "ask for marginals instead")
         clock = _PhaseClock(k, self.phase_times)
         s = self.label_stride(c)
         q = self._buf("q", n * s * 4)

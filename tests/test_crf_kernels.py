@@ -36,6 +36,23 @@ def test_kernels_equal_the_numpy_crf(name, width, normalization):
     assert np.abs(a - b).max() < 1e-5
 
 
+def test_256_labels_and_their_uint8_ids():
+    """The issue's upper label count: every label row and the uint8 argmax up to id 255."""
+    from crf import _driver
+
+    img = photo("coffee", 48)
+    h, w = img.shape[:2]
+    s = smooth_logits(h, w, 256, seed=256, scale=4.0, cell=6)
+    s[255, :8, :8] += 50.0  # the last label must win somewhere: its id is 255
+    p = CRFParams(iterations=3)
+    got, labels = _driver("cpu").run(s, img, h, w, 256, p, labels=True)
+    ref = refine(s, img, p, backend="numpy")
+    assert np.abs(got - ref).max() < 1e-5
+    assert np.array_equal(labels, got.argmax(0)) and labels.dtype == np.uint8 and labels.max() == 255
+    with pytest.raises(CRFInputError, match="257 labels.*uint8"):
+        _driver("cpu").run(smooth_logits(h, w, 257), img, h, w, 257, p, labels=True)
+
+
 @pytest.mark.parametrize("normalization", ["after", "symmetric"])
 @pytest.mark.parametrize("name,width", [("astronaut", 256), ("coffee", 320), ("chelsea", 300), ("rocket", 280)])
 def test_kernels_match_pydensecrf_on_photographs(name, width, normalization):
