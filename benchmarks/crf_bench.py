@@ -121,14 +121,21 @@ def main(argv=None) -> int:
                 e["lattice_vertices"] = dict(drv.last_vertices)
                 e["pooled_bytes"] = drv.pooled_bytes()
                 if b == "cpu":
-                    # The GPU's buffers: rows of exactly C labels (no SIMD padding), plus the image
-                    # uploaded to the device (the CPU build reads the caller's array in place).
+                    # The GPU's choices run here (one label per thread, rows of exactly C labels,
+                    # fixed-point splat): its buffers, plus the image uploaded to the device (the
+                    # CPU build reads the caller's array in place), and its agreement.
                     from crf.driver import DenseCRFDriver
 
-                    gpu_layout = DenseCRFDriver(drv.k, label_chunk=1, label_align=1)
-                    gpu_layout.run(unary, img, h, w, args.labels, p, is_logits=False)
+                    gpu_layout = DenseCRFDriver(drv.k, label_chunk=1, label_align=1, splat="fixed")
+                    qg, _ = gpu_layout.run(unary, img, h, w, args.labels, p, is_logits=False)
                     e["gpu_layout_bytes"] = gpu_layout.pooled_bytes() + h * w * 3
-                    print(f"{size}: buffers with the GPU's layout {e['gpu_layout_bytes'] / 1e6:.1f} MB")
+                    line = f"{size}: the GPU's choices run on the CPU: buffers {e['gpu_layout_bytes'] / 1e6:.1f} MB"
+                    if ref is not None:
+                        e["gpu_choices_labels_equal_pct"] = 100 * float((qg.argmax(0) == ref.argmax(0)).mean())
+                        e["gpu_choices_max_abs_dq"] = float(np.abs(qg - ref).max())
+                        line += (f", labels equal to pydensecrf2 {e['gpu_choices_labels_equal_pct']:.3f}%, "
+                                 f"max |dQ| {e['gpu_choices_max_abs_dq']:.1e}")
+                    print(line)
                 drv.phase_times, drv.k.profile = None, None
             entry[b] = e
             extra = (f"  build {e['phases_ms']['lattice_build']:.1f} ms, {e['per_iteration_ms']:.2f} ms/iteration, "

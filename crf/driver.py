@@ -1,10 +1,12 @@
 """Host-side driver of the CRF kernels: the same code drives the GPU and the compiled CPU build.
 
 Per image and Gaussian kernel, once: embed + barycentric weights, hash table (insert; vertices
-numbered in pixel order by a scan), blur neighbours, per-vertex entry lists (count, scan, fill,
-sort), the normaliser (ones filtered), the per-pixel update coefficients.
+numbered in pixel order by a scan), blur neighbours, per-vertex entry lists (count, scan, fill;
+sorted for the gather splat), the normaliser (ones filtered), the per-pixel update coefficients.
 Per iteration: for each kernel splat all labels, blur along the d+1 directions; then one update
-kernel slices both, adds the unary, applies Potts and the softmax, in place.
+kernel slices both, adds the unary, applies Potts and the softmax, in place. Splatting gathers
+each vertex's sorted entry list in float (the CPU: the reference's order) or sums fixed slices of
+the lists in exact fixed point with atomics (the GPU: even work per thread, no sort, deterministic).
 
 Buffers are pooled by role and reused across calls (grown when an image is larger), so repeated
 calls of one size allocate nothing. Not thread-safe: use one ``DenseCRFDriver`` per thread
@@ -12,12 +14,13 @@ calls of one size allocate nothing. Not thread-safe: use one ``DenseCRFDriver`` 
 
 Label rows are S floats wide (label_stride(): C on the GPU, C rounded up to 8 on the CPU).
 Memory (bytes) for N pixels, M_s / M_b lattice vertices of the spatial (d=2) and bilateral (d=5)
-kernels (M is data-dependent, at most (d+1)N, typically N/5):
-  8NS (Q, unary) + 240N (entries, int16 keys, per-pixel data) + 4*pow2(9N) (hash table)
-  + M_s*(32 + 8S) + M_b*(56 + 8S)
-e.g. 500x375, 21 labels: 98.0 MB with the GPU's layout (S = 21; plus the CUDA context and module),
-103 MB on the CPU (S = 24). On the GPU, logits from the host are written into Q's memory; the CPU
-build reads the caller's arrays and writes the result array in place (no copies).
+kernels (M is data-dependent, at most (d+1)N, typically N/5), M_max the larger:
+  8NS (Q, unary) + 236N (entries, int16 keys, per-pixel data) + 4*pow2(ceil(3N/4)) (hash table;
+  4*pow2(9N) when more than 1/12 of the entries are vertices) + M_s*(28 + 8S) + M_b*(52 + 8S)
+  + M_max*8 (+ M_max*8S for the fixed-point splat's sums, and 3N for the image, on the GPU)
+e.g. 500x375, 21 labels: 96.8 MB with the GPU's choices (S = 21, fixed-point splat; plus the CUDA
+context and module), 96.0 MB on the CPU (S = 24). On the GPU, logits from the host are written into
+Q's memory; the CPU build reads the caller's arrays and writes the result array in place (no copies).
 """
 from __future__ import annotations
 
@@ -59,21 +62,32 @@ class _Lattice:
     def __init__(self, tag: str, d: int, weight: float):
         self.tag, self.d, self.dp1, self.weight = tag, d, d + 1, weight
         self.alpha = np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d))
-        self.m = 0
+        self.m = self.e = 0
         self.weights = self.offsets = self.nbr = self.starts = self.lists = self.list_w = self.norm = None
         self.va = self.vb = self.result = None
+
+
+SPLATS = ("gather", "fixed")
+FIXED_SPLAT_SLOTS = 32  # list slots per thread in crf_splat_fixed
 
 
 class DenseCRFDriver:
     """label_chunk: labels per thread in splat and blur; None = the backend's choice (1 on the GPU,
     the whole row on the CPU). label_align: label rows are padded to a multiple of this many floats;
     None = the backend's choice (1 on the GPU, the SIMD width on the CPU). Any values give the same
-    result; tests run the GPU's choices on the CPU."""
+    result. splat: "gather" (one thread per vertex over its sorted entry list, float sums in pixel
+    order as the reference: the CPU's choice) or "fixed" (K list slots per thread, exact fixed-point
+    sums with atomics, no sorting: the GPU's choice, where long lists would serialise a thread);
+    None = the backend's choice. Tests run the GPU's choices on the CPU."""
 
-    def __init__(self, backend: KernelBackend, label_chunk: int | None = None, label_align: int | None = None):
+    def __init__(self, backend: KernelBackend, label_chunk: int | None = None, label_align: int | None = None,
+                 splat: str | None = None):
+        if splat not in (None, *SPLATS):
+            raise ValueError(f"splat must be one of {SPLATS} or None, got {splat!r}")
         self.k = backend
         self._label_chunk = label_chunk
         self._label_align = label_align
+        self.splat = splat or ("fixed" if backend.name == "gpu" else "gather")
         self._pool: dict[str, Buffer] = {}
         self.last_vertices: dict[str, int] = {}
         # The spatial kernel's lattice depends on the image size and its parameters only, not on
@@ -107,27 +121,37 @@ class DenseCRFDriver:
                symmetric: bool, s: int) -> None:
         k, d, dp1 = self.k, lat.d, lat.dp1
         n = h * w
-        e = n * dp1
+        e = lat.e = n * dp1
         keys = self._buf("keys", e * d * 2)  # int16, as the reference's lattice keys
         lat.weights = self._buf(lat.tag + "weights", e * 4)
-        overflow = self._buf("overflow", 4)
-        self._fill_int(overflow, 1, 0)
-        k.launch("crf_embed", n, image, I32(h), I32(w), I32(d), F32(sxy), F32(srgb), keys, lat.weights, overflow)
+        # flags: [0] a key overflowed 16 bits (crf_embed), [1] hash slots taken, [2] table too full
+        flags = self._buf("flags", 12)
+        self._fill_int(flags, 3, 0)
+        k.launch("crf_embed", n, image, I32(h), I32(w), I32(d), F32(sxy), F32(srgb), keys, lat.weights, flags)
 
-        cap = _next_pow2(math.ceil(1.5 * e))
-        table = self._buf("table", cap * 4)
-        self._fill_int(table, cap, -1)
         slot_of = self._buf("slot_of", e * 4)
-        k.launch("crf_hash_insert", e, keys, I32(e), I32(d), table, U32(cap - 1), slot_of)
         # The ranks live in this lattice's list buffer, which is not filled until they are dead.
         lat.lists = rank = self._buf(lat.tag + "lists", (e + 1) * 4)
-        k.launch("crf_mark_first", e, slot_of, table, I32(e), rank)
-        self._exclusive_scan(rank, e, rank)  # in place: flags -> ranks, rank[e] = vertex count
-        # the one sync of the build: the vertex count sizes what follows
+        fill = Buffer(8, flags.ptr + 4, flags.owner)
+        # Hash table: first sized for a typical vertex count (photographs give 3-5 % of the entries;
+        # this takes up to 1/12 of them in a table that stays in cache), then, if it fills up,
+        # for the worst case (every entry its own vertex), which can never fill.
+        for cap, limit in ((_next_pow2(-(-e // 8)), None), (_next_pow2(math.ceil(1.5 * e)), e + 1)):
+            limit = cap // 2 if limit is None else limit
+            table = self._buf("table", cap * 4)
+            self._fill_int(table, cap, -1)
+            self._fill_int(fill, 2, 0)
+            k.launch("crf_hash_insert", e, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill, slot_of)
+            k.launch("crf_mark_first", e, slot_of, table, I32(e), rank)
+            self._exclusive_scan(rank, e, rank)  # in place: flags -> ranks, rank[e] = vertex count
+            # the one sync of the build: whether the table held, and the vertex count, which sizes what follows
+            key_overflow, _, too_full = (int(v) for v in k.download(flags, (3,), np.int32))
+            if key_overflow:
+                raise CRFInputError(f"lattice coordinates overflow 16 bits: the {'spatial' if d == SPATIAL_D else 'bilateral'} "
+                                    f"bandwidth (xy {sxy}, rgb {srgb}) is too small for a {h}x{w} image")
+            if not too_full:
+                break
         m = int(k.download(Buffer(4, rank.ptr + e * 4, rank.owner), (1,), np.int32)[0])
-        if int(k.download(overflow, (1,), np.int32)[0]):
-            raise CRFInputError(f"lattice coordinates overflow 16 bits: the {'spatial' if d == SPATIAL_D else 'bilateral'} "
-                                f"bandwidth (xy {sxy}, rgb {srgb}) is too small for a {h}x{w} image")
         vertex_entry = self._buf("vertex_entry", m * 4)
         k.launch("crf_number_vertices", e, slot_of, rank, I32(e), table, vertex_entry)
         lat.m = m
@@ -145,9 +169,16 @@ class DenseCRFDriver:
         self._exclusive_scan(counts, m, lat.starts)
         self._fill_int(counts, m, 0)  # reused as the fill cursor
         k.launch("crf_fill_lists", e, lat.offsets, I32(e), lat.starts, counts, lat.lists)
-        k.launch("crf_sort_lists", m, lat.starts, I32(m), lat.lists)
+        gather = self.splat == "gather"
+        if gather:  # the gather adds in list order: sort each list (the fixed-point splat needs no order)
+            k.launch("crf_sort_lists", m, lat.starts, I32(m), lat.lists)
         lat.list_w = self._buf(lat.tag + "list_w", e * 4)
-        k.launch("crf_list_payload", e, lat.lists, lat.weights, I32(dp1), I32(e), lat.list_w)
+        k.launch("crf_list_payload", e, lat.lists, lat.weights, I32(dp1), I32(e), I32(1 if gather else 0), lat.list_w)
+        if not gather:
+            # Fixed-point sums, one buffer shared by both lattices (they filter one after the
+            # other); crf_fixed_to_float leaves it zeroed after every use.
+            vfixed = self._buf("vfixed", (m + 1) * s * 8)
+            self._fill_int(vfixed, vfixed.nbytes // 4, 0)
 
         # Value buffers hold M rows plus row M of zeros, the absent blur neighbour.
         lat.va = self._buf(lat.tag + "va", (m + 1) * s * 4)
@@ -181,8 +212,17 @@ class DenseCRFDriver:
         """Splat ``values`` (N rows of s floats) and blur; the result is left in lat.result."""
         k, m = self.k, lat.m
         chunk = self.label_chunk(s)
-        n_threads = m * ((s + chunk - 1) // chunk)
-        k.launch("crf_splat", n_threads, values, prescale, lat.starts, lat.lists, lat.list_w, I32(m), I32(s), I32(chunk), lat.va)
+        per_row = (s + chunk - 1) // chunk
+        n_threads = m * per_row
+        if self.splat == "gather":
+            k.launch("crf_splat", n_threads, values, prescale, lat.starts, lat.lists, lat.list_w, I32(m), I32(s),
+                     I32(chunk), lat.va)
+        else:
+            vfixed = self._pool["vfixed"]
+            n_chunks = -(-lat.e // FIXED_SPLAT_SLOTS)
+            k.launch("crf_splat_fixed", n_chunks * per_row, values, prescale, lat.lists, lat.list_w, lat.offsets,
+                     I32(lat.e), I32(lat.dp1), I32(FIXED_SPLAT_SLOTS), I32(s), I32(chunk), vfixed)
+            k.launch("crf_fixed_to_float", m * s, vfixed, I32(m * s), lat.va)  # row M of va stays zero
         src, dst = lat.va, lat.vb
         for j in range(lat.dp1):
             k.launch("crf_blur", n_threads, src, dst, lat.nbr, I32(j), I32(m), I32(s), I32(chunk))

@@ -101,6 +101,56 @@ def test_gpu_thread_layout_on_the_cpu(chunk, align):
         assert np.array_equal(labels, ref.argmax(0))
 
 
+@pytest.mark.parametrize("name", ["astronaut", "flat"])
+def test_fixed_point_splat_the_gpus_choice_on_the_cpu(name):
+    """The GPU splats K list slots per thread with exact fixed-point atomics, from unsorted lists:
+    run it here against the sorted float gather, on a photograph and on a flat image (a few
+    vertices with lists of thousands of entries, split over many threads)."""
+    from crf import _driver
+    from crf.driver import DenseCRFDriver
+
+    img = photo("astronaut", 150) if name == "astronaut" else np.full((90, 120, 3), 77, np.uint8)
+    h, w = img.shape[:2]
+    s = smooth_logits(h, w, 21, seed=11)
+    k = _driver("cpu").k
+    for norm in ("after", "symmetric"):
+        p = CRFParams(normalization=norm)
+        ref = refine(s, img, p, backend="cpu")
+        gpu_choices = DenseCRFDriver(k, label_chunk=1, label_align=1, splat="fixed")
+        assert gpu_choices.splat == "fixed" and DenseCRFDriver(k).splat == "gather"
+        got = gpu_choices.run(s, img, h, w, 21, p)[0]
+        assert (got.argmax(0) == ref.argmax(0)).all()
+        assert np.abs(got - ref).max() < 1e-5
+        # exact integer sums: the same bits for any thread layout, row padding and run
+        again = DenseCRFDriver(k, splat="fixed").run(s, img, h, w, 21, p)[0]
+        assert np.array_equal(got, again)
+    if name == "flat":
+        lengths = np.diff(gpu_choices.k.download(gpu_choices._pool["b_starts"], (gpu_choices.last_vertices["b_"] + 1,), np.int32))
+        assert lengths.max() > 40 * 32  # lists far longer than one thread's slots
+
+
+@pytest.mark.parametrize("splat", ["gather", "fixed"])
+def test_hash_table_grows_when_the_lattice_has_many_vertices(splat):
+    """The hash table is first sized for a photograph's few % of vertices per entry; a noise image
+    with a tiny colour bandwidth makes nearly every entry a vertex: the build must start again
+    with the worst-case table and give the right answer."""
+    from crf import _driver
+    from crf.driver import DenseCRFDriver
+
+    rng = np.random.default_rng(4)
+    img = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    h, w = img.shape[:2]
+    s = smooth_logits(h, w, 5, seed=4)
+    p = CRFParams(bi_rgb_std=2.0, bi_xy_std=5.0)
+    drv = DenseCRFDriver(_driver("cpu").k, splat=splat)
+    got = drv.run(s, img, h, w, 5, p)[0]
+    e = h * w * 6
+    assert drv.last_vertices["b_"] > e // 12  # more than the first table takes
+    assert drv._pool["table"].nbytes >= 4 * 1.5 * e  # so it was built again with the large one
+    ref = refine(s, img, p, backend="numpy")
+    assert (got.argmax(0) == ref.argmax(0)).mean() > 0.999 and np.abs(got - ref).max() < 1e-4
+
+
 def test_results_are_deterministic_and_buffers_are_reused():
     from crf import _driver
 

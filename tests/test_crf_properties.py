@@ -5,7 +5,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crf import CRFParams, refine
+from crf import CRFParams, _driver, refine
+from crf.driver import DenseCRFDriver
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -21,6 +22,10 @@ def test_property_marginals_are_distributions(h, w, c, seed, bi_w, bi_xy, bi_rgb
                   iterations=iters, normalization=normalization)
     q = refine(scores, img, p, backend="cpu")
     assert q.shape == (c, h, w) and q.dtype == np.float32
+    # The GPU's choices (one label per thread, unpadded rows, fixed-point splat), run here.
+    g = DenseCRFDriver(_driver("cpu").k, label_chunk=1, label_align=1, splat="fixed").run(scores, img, h, w, c, p)[0]
+    gd = np.abs(g - q)
+    assert gd.mean() < 1e-5 and gd.max() < 1e-3, (gd.mean(), gd.max())
     assert np.isfinite(q).all()
     np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-4)
     if iters == 0:

@@ -37,6 +37,11 @@ static inline float atomicAdd(float* address, float val)
     return old;
 }
 
+static inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long val)
+{
+    return __atomic_fetch_add(address, val, __ATOMIC_SEQ_CST);
+}
+
 static inline int atomicMin(int* address, int val)
 {
     int old = __atomic_load_n(address, __ATOMIC_SEQ_CST);

@@ -1,12 +1,13 @@
 // Dense CRF mean field on the permutohedral lattice (Adams et al. 2010; Kraehenbuehl & Koltun 2011).
 //
 // ONE source for both targets:
-//   - nvcc / pycuda compile it for the GPU (crf/gpu.py);
-//   - g++ compiles the same file for the CPU through cpu_shim.h (crf/cpu.py), which emulates
+//   - nvcc / pycuda compile it for the GPU (crf/backend.py, GPUKernels);
+//   - g++ compiles the same file for the CPU through cpu_shim.h (crf/backend.py, CPUKernels), which emulates
 //     threadIdx/blockIdx and the atomics, running the blocks of a launch in parallel (OpenMP) and
 //     the threads of a block one after another.
-// To stay inside what that emulation runs faithfully, kernels use only the .x index variables,
-// atomicAdd(int) and atomicCAS(int): no __syncthreads, no shared memory, no warp intrinsics.
+// To stay inside what that emulation runs faithfully, kernels use only the .x index variables and
+// the atomics atomicAdd (int, unsigned long long), atomicCAS and atomicMin (int): no __syncthreads,
+// no shared memory, no warp intrinsics.
 //
 // Layouts: pixel i = y*W + x. Per-pixel label vectors are pixel-major rows of S >= C floats,
 // Q[i*S + l]; lattice values are vertex-major rows of the same width, V[v*S + l]. The GPU uses
@@ -122,8 +123,11 @@ __device__ __forceinline__ bool crf_same_key(const short* a, const K* b, int d)
 // (atomicMin: every entry in a slot has the same key, so comparing against whichever entry the
 // slot holds at the moment is always right). Keys were written by crf_embed (an earlier launch),
 // so no locks are needed, and two entries with the same key always meet at the same slot.
+// The table is sized for a typical vertex count (a few % of the entries), not the worst case:
+// fill[0] counts the slots taken; past `limit` (half the table) fill[1] is set, every thread
+// stops, and the driver builds again with a table for the worst case.
 extern "C" __global__ void crf_hash_insert(const short* keys, int n_entries, int d, int* table, unsigned int mask,
-                                           int* slot_of)
+                                           int limit, int* fill, int* slot_of)
 {
     const int e = crf_tid();
     if (e >= n_entries) return;
@@ -137,6 +141,7 @@ extern "C" __global__ void crf_hash_insert(const short* keys, int n_entries, int
         if (cur == -1) cur = atomicCAS(&table[h], -1, e);
         if (cur == -1) {
             slot_of[e] = (int)h;
+            if (atomicAdd(&fill[0], 1) >= limit) fill[1] = 1;
             return;
         }
         if (crf_same_key(keys + (long long)cur * d, key, d)) {
@@ -145,6 +150,10 @@ extern "C" __global__ void crf_hash_insert(const short* keys, int n_entries, int
             return;
         }
         h = (h + 1) & mask;
+        if (*(volatile const int*)&fill[1]) {  // too full: this build is abandoned and redone
+            slot_of[e] = 0;  // a valid slot, so that the kernels queued behind this one stay in bounds
+            return;
+        }
     }
 }
 
@@ -269,14 +278,16 @@ extern "C" __global__ void crf_sort_lists(const int* starts, int M, int* list)
     }
 }
 
-// Turn the sorted entry lists into what splatting reads: the pixel and its weight, contiguous.
-extern "C" __global__ void crf_list_payload(int* list, const float* weights, int dp1, int n_entries, float* list_w)
+// Turn the entry lists into what splatting reads, contiguous: the weight of each listed entry, and
+// (to_pixels) the entry replaced by its pixel. crf_splat_fixed keeps the entries (to_pixels 0).
+extern "C" __global__ void crf_list_payload(int* list, const float* weights, int dp1, int n_entries, int to_pixels,
+                                            float* list_w)
 {
     const int k = crf_tid();
     if (k >= n_entries) return;
     const int e = list[k];
     list_w[k] = weights[e];
-    list[k] = e / dp1;
+    if (to_pixels) list[k] = e / dp1;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -327,6 +338,55 @@ extern "C" __global__ void crf_splat(const float* __restrict__ Q, const float* _
         const float* q = Q + (long long)pix * S;
         for (int l = c0; l < c1; l++) out[l] += w * (q[l] * sc);
     }
+}
+
+// The GPU's splat. crf_splat gives one thread a whole vertex: on a GPU that is one thread looping
+// over thousands of entries where a vertex covers a flat region (4,572 entries at most on a 500x375
+// photograph, 6,517 on a flat image), and it needs the lists sorted (one thread per vertex again).
+// Here a thread takes K consecutive list slots (the same work for every thread, whatever the list
+// lengths) and adds its sums per vertex into V with atomics, in 32.32 fixed point: integer
+// additions are exact, so neither the order of the listed entries nor the order in which the
+// atomics land changes the result: deterministic without sorting the lists. Each term is rounded
+// to 2^-32 (absolute error <= 1.2e-10 per entry; sums stay below 2^31 for any image the kernels
+// take). list holds entry ids grouped by vertex (any order within a vertex), list_w their weights.
+#define CRF_FIXED_ONE 4294967296.0f  // 2^32
+extern "C" __global__ void crf_splat_fixed(const float* __restrict__ Q, const float* __restrict__ prescale,
+                                           const int* __restrict__ list, const float* __restrict__ list_w,
+                                           const int* __restrict__ offsets, int n_entries, int dp1, int K, int S,
+                                           int chunk, unsigned long long* __restrict__ V)
+{
+    int c, c0, c1;
+    crf_chunk(crf_tid(), S, chunk, c, c0, c1);
+    const long long k_begin = (long long)c * K;
+    if (k_begin >= n_entries) return;
+    const int k0 = (int)k_begin, k1 = min(n_entries, k0 + K);
+    for (int l = c0; l < c1; l++) {
+        long long acc = 0;
+        int cur = offsets[list[k0]];
+        for (int k = k0; k < k1; k++) {
+            const int e = list[k];
+            const int v = offsets[e];
+            if (v != cur) {  // the slots of one vertex are contiguous: flush at each change
+                atomicAdd(&V[(long long)cur * S + l], (unsigned long long)acc);
+                acc = 0;
+                cur = v;
+            }
+            const int pix = e / dp1;
+            const float sc = prescale ? prescale[pix] : 1.f;
+            acc += llrintf(list_w[k] * (Q[(long long)pix * S + l] * sc) * CRF_FIXED_ONE);
+        }
+        atomicAdd(&V[(long long)cur * S + l], (unsigned long long)acc);
+    }
+}
+
+// V (float) = fixed / 2^32, and fixed := 0, ready for the next splat.
+extern "C" __global__ void crf_fixed_to_float(unsigned long long* fixed, int n, float* V)
+{
+    const int k = crf_tid();
+    if (k >= n) return;
+    const long long x = (long long)fixed[k];
+    fixed[k] = 0ull;
+    V[k] = (float)x * (1.0f / CRF_FIXED_ONE);
 }
 
 // One blur pass along direction j: out = in + 0.5 (in[n1] + in[n2]); row M of in is zeros.
