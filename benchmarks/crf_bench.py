@@ -122,11 +122,11 @@ def main(argv=None) -> int:
                 e["pooled_bytes"] = drv.pooled_bytes()
                 if b == "cpu":
                     # The GPU's choices run here (one label per thread, rows of exactly C labels,
-                    # fixed-point splat): its buffers, plus the image uploaded to the device (the
+                    # fixed-point splat, short scan chunks): its buffers, plus the image uploaded to the device (the
                     # CPU build reads the caller's array in place), and its agreement.
                     from crf.driver import DenseCRFDriver
 
-                    gpu_layout = DenseCRFDriver(drv.k, label_chunk=1, label_align=1, splat="fixed")
+                    gpu_layout = DenseCRFDriver(drv.k, "gpu")
                     qg, _ = gpu_layout.run(unary, img, h, w, args.labels, p, is_logits=False)
                     e["gpu_layout_bytes"] = gpu_layout.pooled_bytes() + h * w * 3
                     line = f"{size}: the GPU's choices run on the CPU: buffers {e['gpu_layout_bytes'] / 1e6:.1f} MB"

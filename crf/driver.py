@@ -70,24 +70,37 @@ class _Lattice:
 SPLATS = ("gather", "fixed")
 FIXED_SPLAT_SLOTS = 32  # list slots per thread in crf_splat_fixed
 
+# How the kernels are launched on each target; the results agree to float rounding whatever the
+# choices (bit for bit within one splat), and the tests run the GPU's choices on the CPU.
+#   label_chunk: labels per thread in splat and blur (0 = the whole row)
+#   label_align: label rows padded to a multiple of this many floats
+#   splat:       "gather" (one thread per vertex over its sorted entry list, float sums in pixel
+#                order as the reference) or "fixed" (32 list slots per thread, exact fixed-point
+#                sums with atomics, no sort: even work per thread however long the lists)
+#   scan_chunk:  elements per thread in the exclusive scans (0 = sqrt(n): two levels, the second
+#                one serial; on a GPU, short chunks and more levels, as no thread may loop long)
+CHOICES = {
+    "cpu": {"label_chunk": 0, "label_align": 8, "splat": "gather", "scan_chunk": 0},
+    "gpu": {"label_chunk": 1, "label_align": 1, "splat": "fixed", "scan_chunk": 32},
+}
+
 
 class DenseCRFDriver:
-    """label_chunk: labels per thread in splat and blur; None = the backend's choice (1 on the GPU,
-    the whole row on the CPU). label_align: label rows are padded to a multiple of this many floats;
-    None = the backend's choice (1 on the GPU, the SIMD width on the CPU). Any values give the same
-    result. splat: "gather" (one thread per vertex over its sorted entry list, float sums in pixel
-    order as the reference: the CPU's choice) or "fixed" (K list slots per thread, exact fixed-point
-    sums with atomics, no sorting: the GPU's choice, where long lists would serialise a thread);
-    None = the backend's choice. Tests run the GPU's choices on the CPU."""
+    """choices: "cpu" or "gpu" (see CHOICES; None = the backend's own); the keyword arguments
+    override single choices."""
 
-    def __init__(self, backend: KernelBackend, label_chunk: int | None = None, label_align: int | None = None,
-                 splat: str | None = None):
-        if splat not in (None, *SPLATS):
-            raise ValueError(f"splat must be one of {SPLATS} or None, got {splat!r}")
+    def __init__(self, backend: KernelBackend, choices: str | None = None, **overrides):
+        choices = choices or ("gpu" if backend.name == "gpu" else "cpu")
+        if choices not in CHOICES:
+            raise ValueError(f"choices must be one of {sorted(CHOICES)}, got {choices!r}")
+        unknown = set(overrides) - set(CHOICES[choices])
+        if unknown:
+            raise TypeError(f"unknown driver choices {sorted(unknown)}; known: {sorted(CHOICES[choices])}")
+        self.choices = {**CHOICES[choices], **overrides}
+        if self.choices["splat"] not in SPLATS:
+            raise ValueError(f"splat must be one of {SPLATS}, got {self.choices['splat']!r}")
         self.k = backend
-        self._label_chunk = label_chunk
-        self._label_align = label_align
-        self.splat = splat or ("fixed" if backend.name == "gpu" else "gather")
+        self.splat = self.choices["splat"]
         self._pool: dict[str, Buffer] = {}
         self.last_vertices: dict[str, int] = {}
         # The spatial kernel's lattice depends on the image size and its parameters only, not on
@@ -200,12 +213,18 @@ class DenseCRFDriver:
             row = Buffer(s * 4, vbuf.ptr + lat.m * s * 4, vbuf.owner)
             self.k.launch("crf_fill_float", s, row, I32(s), F32(0.0))
 
-    def _exclusive_scan(self, counts: Buffer, n: int, out: Buffer) -> None:
-        chunk = max(32, math.isqrt(max(n, 1)) + 1)
+    def _exclusive_scan(self, counts: Buffer, n: int, out: Buffer, level: int = 0) -> None:
+        """out[0..n] = exclusive scan of counts[0..n) (out[n] = the total); out may be counts.
+        Chunk sums, a scan of the chunk sums (serial when there are few, else this again), then
+        every chunk scanned from its offset."""
+        chunk = self.choices["scan_chunk"] or max(32, math.isqrt(max(n, 1)) + 1)
         n_chunks = (n + chunk - 1) // chunk
-        sums = self._buf("scan_sums", (n_chunks + 1) * 4)
+        sums = self._buf(f"scan_sums{level}", (n_chunks + 1) * 4)
         self.k.launch("crf_scan_chunks", n_chunks, counts, I32(n), I32(chunk), sums)
-        self.k.launch("crf_scan_sums", 1, sums, I32(n_chunks))
+        if n_chunks <= chunk:
+            self.k.launch("crf_scan_sums", 1, sums, I32(n_chunks))
+        else:
+            self._exclusive_scan(sums, n_chunks, sums, level + 1)
         self.k.launch("crf_scan_apply", max(n_chunks, 1), counts, I32(n), I32(chunk), sums, I32(n_chunks), out)
 
     def _filter(self, lat: _Lattice, values: Buffer, prescale: Buffer | None, s: int) -> None:
@@ -231,15 +250,13 @@ class DenseCRFDriver:
 
     def label_chunk(self, s: int) -> int:
         """Labels per thread: 1 on the GPU (coalesced), the whole row on the CPU (vectorised loop)."""
-        if self._label_chunk is not None:
-            return min(self._label_chunk, s)
-        return 1 if self.k.name == "gpu" else s
+        return min(self.choices["label_chunk"] or s, s)
 
     def label_stride(self, c: int) -> int:
         """Floats per label row: c on the GPU (one thread per label, nothing to pad); on the CPU c
         rounded up to 8 floats (one AVX register): every label loop is whole vectors on 32-byte
         aligned rows, with no scalar remainder. Padding labels stay exactly 0."""
-        align = self._label_align if self._label_align is not None else (1 if self.k.name == "gpu" else 8)
+        align = self.choices["label_align"]
         return -(-c // align) * align
 
     # -- inference ------------------------------------------------------------------------------

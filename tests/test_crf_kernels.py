@@ -116,7 +116,7 @@ def test_fixed_point_splat_the_gpus_choice_on_the_cpu(name):
     for norm in ("after", "symmetric"):
         p = CRFParams(normalization=norm)
         ref = refine(s, img, p, backend="cpu")
-        gpu_choices = DenseCRFDriver(k, label_chunk=1, label_align=1, splat="fixed")
+        gpu_choices = DenseCRFDriver(k, "gpu")
         assert gpu_choices.splat == "fixed" and DenseCRFDriver(k).splat == "gather"
         got = gpu_choices.run(s, img, h, w, 21, p)[0]
         assert (got.argmax(0) == ref.argmax(0)).all()
@@ -149,6 +149,24 @@ def test_hash_table_grows_when_the_lattice_has_many_vertices(splat):
     assert drv._pool["table"].nbytes >= 4 * 1.5 * e  # so it was built again with the large one
     ref = refine(s, img, p, backend="numpy")
     assert (got.argmax(0) == ref.argmax(0)).mean() > 0.999 and np.abs(got - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("choices", ["cpu", "gpu"])
+def test_exclusive_scan(choices):
+    """The scan behind vertex numbering and the entry lists: two levels on the CPU, as many as it
+    takes with 32-element chunks on the GPU (1,000,003 elements: five levels)."""
+    from crf import _driver
+    from crf.driver import DenseCRFDriver
+
+    drv = DenseCRFDriver(_driver("cpu").k, choices)
+    rng = np.random.default_rng(1)
+    for n in (0, 1, 31, 32, 33, 1025, 1_000_003):
+        x = rng.integers(0, 7, n).astype(np.int32)
+        buf = drv.k.alloc((n + 1) * 4)
+        drv.k.upload(buf, x)
+        drv._exclusive_scan(buf, n, buf)  # in place, as the driver uses it
+        got = drv.k.download(buf, (n + 1,), np.int32)
+        assert np.array_equal(got, np.concatenate([[0], np.cumsum(x)]).astype(np.int32)), n
 
 
 def test_results_are_deterministic_and_buffers_are_reused():

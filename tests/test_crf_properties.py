@@ -22,8 +22,9 @@ def test_property_marginals_are_distributions(h, w, c, seed, bi_w, bi_xy, bi_rgb
                   iterations=iters, normalization=normalization)
     q = refine(scores, img, p, backend="cpu")
     assert q.shape == (c, h, w) and q.dtype == np.float32
-    # The GPU's choices (one label per thread, unpadded rows, fixed-point splat), run here.
-    g = DenseCRFDriver(_driver("cpu").k, label_chunk=1, label_align=1, splat="fixed").run(scores, img, h, w, c, p)[0]
+    # The GPU's choices (one label per thread, unpadded rows, fixed-point splat, short scan
+    # chunks), run here.
+    g = DenseCRFDriver(_driver("cpu").k, "gpu").run(scores, img, h, w, c, p)[0]
     gd = np.abs(g - q)
     assert gd.mean() < 1e-5 and gd.max() < 1e-3, (gd.mean(), gd.max())
     assert np.isfinite(q).all()
