@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -126,6 +127,8 @@ def build_cpu_library(force: bool = False) -> Path:
     if lib.is_file() and not force:
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
+    # a few seconds, once per machine and kernel version: say so rather than stall silently
+    print(f"crf: compiling the CPU kernels once (cached in {lib.parent})", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         out = Path(tmp) / lib.name
         cmd = [cxx, *CXX_FLAGS, "-o", str(out), str(KERNEL_DIR / "cpu_launch.cpp")]
