@@ -30,12 +30,15 @@ _DEFAULT = object()
 class Segmentation:
     """Result of one image. labels: H x W uint8 class ids. probabilities: C x H x W float32 (CRF
     marginals, or the network's softmax without CRF), only when asked for. timings: milliseconds
-    per stage (preprocess, network, crf, postprocess, total). image: the BGR image segmented."""
+    per stage (preprocess, network, crf, postprocess, total). image: the BGR image segmented.
+    scores: C x H x W float32, the network's upsampled logits (what the CRF starts from), only
+    when asked for."""
 
     labels: np.ndarray
     probabilities: np.ndarray | None
     timings: dict[str, float]
     image: np.ndarray = field(repr=False)
+    scores: np.ndarray | None = field(default=None, repr=False)
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
@@ -128,14 +131,15 @@ class Segmenter:
         return blend(result.image, result.labels, self.palette, alpha, skip_background)
 
     # -- segmentation ---------------------------------------------------------------------------
-    def __call__(self, images, return_probabilities: bool = False):
-        return self.seg(images, return_probabilities)
+    def __call__(self, images, return_probabilities: bool = False, return_scores: bool = False):
+        return self.seg(images, return_probabilities, return_scores)
 
-    def seg(self, images, return_probabilities: bool = False):
-        """Segment one image (path or BGR uint8 array) -> Segmentation, or a list -> list."""
+    def seg(self, images, return_probabilities: bool = False, return_scores: bool = False):
+        """Segment one image (path or BGR uint8 array) -> Segmentation, or a list -> list.
+        return_scores keeps the network's logits (e.g. to try other CRF parameters with crf.refine)."""
         if isinstance(images, (list, tuple)):
-            return self._seg_batch(list(images), return_probabilities)
-        return self._seg_batch([images], return_probabilities)[0]
+            return self._seg_batch(list(images), return_probabilities, return_scores)
+        return self._seg_batch([images], return_probabilities, return_scores)[0]
 
     def _prepare(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray, float]:
         import cv2
@@ -155,7 +159,7 @@ class Segmenter:
             return self.input_size
         return aligned_size(h), aligned_size(w)
 
-    def _seg_batch(self, images: list, return_probabilities: bool) -> list[Segmentation]:
+    def _seg_batch(self, images: list, return_probabilities: bool, return_scores: bool = False) -> list[Segmentation]:
         if not images:
             return []
         t0 = time.perf_counter()
@@ -201,5 +205,6 @@ class Segmenter:
                 labels = (probs if probs is not None else sc).argmax(axis=0).astype(np.uint8)
                 timings["postprocess"] += (time.perf_counter() - t2) * 1e3
                 timings["total"] = sum(timings.values())
-                results[i] = Segmentation(labels, probs if return_probabilities else None, timings, img)
+                results[i] = Segmentation(labels, probs if return_probabilities else None, timings, img,
+                                          sc if return_scores else None)
         return results  # type: ignore[return-value]

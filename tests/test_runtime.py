@@ -55,6 +55,23 @@ def test_crf_raises_mean_iou_on_held_out_scenes(seg, seg_nocrf):
     assert mean_iou(c_crf)[0] > mean_iou(c_plain)[0]
 
 
+def test_scores_are_what_the_crf_refines(seg, seg_nocrf):
+    """return_scores gives the upsampled logits: their argmax is the no-CRF labelling, and
+    crf.refine on them is exactly what the Segmenter's own CRF stage gives (tools/evaluate.py
+    relies on this to run the network once per scene)."""
+    from crf import refine
+
+    image, _ = held_out_scene(5)
+    plain = seg_nocrf(image, return_scores=True)
+    assert plain.scores.shape == (5, *image.shape[:2]) and plain.scores.dtype == np.float32
+    assert np.array_equal(plain.scores.argmax(0), plain.labels)
+    assert seg_nocrf(image).scores is None
+    with_crf = seg(image, return_probabilities=True, return_scores=True)
+    assert np.array_equal(with_crf.scores, plain.scores)
+    q = refine(plain.scores, plain.image, CRFParams())
+    assert np.array_equal(q, with_crf.probabilities) and np.array_equal(q.argmax(0), with_crf.labels)
+
+
 def test_class_names_palette_and_helpers(seg):
     assert seg.class_names == ("background", "disc", "square", "triangle", "star")
     assert seg.class_name(4) == "star" and len(seg.class_color(1)) == 3

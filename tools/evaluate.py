@@ -49,17 +49,19 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    from crf import CRFParams
+    from crf import CRFParams, refine
     from runtime import Segmenter
 
+    # One network pass per scene: the labels without the CRF, and the same logits refined by the
+    # CRF exactly as Segmenter(crf=CRFParams()) would (labels = argmax of crf.refine's marginals).
     plain = Segmenter(args.model, crf=None)
-    with_crf = Segmenter(args.model, crf=CRFParams())
     n = plain.num_classes
     conf = {"no CRF": np.zeros((n, n), np.int64), "CRF": np.zeros((n, n), np.int64)}
     for i in tqdm(range(args.images), desc="evaluate", unit="img", file=sys.stderr):
         image, truth = held_out_scene(i)
-        conf["no CRF"] += confusion(plain(image).labels, truth, n)
-        conf["CRF"] += confusion(with_crf(image).labels, truth, n)
+        result = plain(image, return_scores=True)
+        conf["no CRF"] += confusion(result.labels, truth, n)
+        conf["CRF"] += confusion(refine(result.scores, result.image, CRFParams()).argmax(0).astype(np.uint8), truth, n)
     results = {}
     print(f"{args.images} held-out scenes, CRF {CRFParams()}")
     print(f"{'':8s} {'mIoU':>7s} " + " ".join(f"{c[:9]:>9s}" for c in plain.class_names))
