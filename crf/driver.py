@@ -149,8 +149,8 @@ class DenseCRFDriver:
         # Hash table: first sized for a typical vertex count (photographs give 3-5 % of the entries;
         # this takes up to 1/12 of them in a table that stays in cache), then, if it fills up,
         # for the worst case (every entry its own vertex), which can never fill.
-        for cap, limit in ((_next_pow2(-(-e // 8)), None), (_next_pow2(math.ceil(1.5 * e)), e + 1)):
-            limit = cap // 2 if limit is None else limit
+        small, worst = _next_pow2(-(-e // 8)), _next_pow2(math.ceil(1.5 * e))
+        for cap, limit in ((small, small // 2), (worst, e + 1)):  # (slots, vertices it may take)
             table = self._buf("table", cap * 4)
             self._fill_int(table, cap, -1)
             self._fill_int(fill, 2, 0)
