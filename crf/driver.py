@@ -189,7 +189,7 @@ class DenseCRFDriver:
         k.launch("crf_list_payload", e, lat.lists, lat.weights, I32(dp1), I32(e), I32(1 if gather else 0), lat.list_w)
         if not gather:
             # Fixed-point sums, one buffer shared by both lattices (they filter one after the
-            # other); crf_fixed_to_float leaves it zeroed after every use.
+            # other); the second blur pass of every filter leaves it zeroed.
             vfixed = self._buf("vfixed", (m + 1) * s * 8)
             self._fill_int(vfixed, vfixed.nbytes // 4, 0)
 
@@ -241,10 +241,12 @@ class DenseCRFDriver:
             n_chunks = -(-lat.e // FIXED_SPLAT_SLOTS)
             k.launch("crf_splat_fixed", n_chunks * per_row, values, prescale, lat.lists, lat.list_w, lat.offsets,
                      I32(lat.e), I32(lat.dp1), I32(FIXED_SPLAT_SLOTS), I32(s), I32(chunk), vfixed)
-            k.launch("crf_fixed_to_float", m * s, vfixed, I32(m * s), lat.va)  # row M of va stays zero
+            # the first blur pass reads the fixed-point sums, the second clears them for the next splat
+            k.launch("crf_blur_fixed", n_threads, vfixed, lat.va, lat.nbr, I32(0), I32(m), I32(s), I32(chunk))
         src, dst = lat.va, lat.vb
-        for j in range(lat.dp1):
-            k.launch("crf_blur", n_threads, src, dst, lat.nbr, I32(j), I32(m), I32(s), I32(chunk))
+        for j in range(0 if self.splat == "gather" else 1, lat.dp1):
+            zero = self._pool["vfixed"] if self.splat == "fixed" and j == 1 else None
+            k.launch("crf_blur", n_threads, src, dst, lat.nbr, I32(j), I32(m), I32(s), I32(chunk), zero)
             src, dst = dst, src
         lat.result = src
 
