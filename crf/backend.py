@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -60,8 +61,14 @@ class KernelBackend:
     def download(self, buf: Buffer, shape, dtype) -> np.ndarray:
         raise NotImplementedError
 
-    def launch(self, kernel: str, n_threads: int, *args) -> None:
+    def prepare(self, kernel: str, n_threads: int, *args) -> Callable[[], None]:
+        """A launch of ``kernel`` over n_threads with these arguments (Buffers, None = NULL,
+        np.int32 / np.uint32 / np.float32), converted once: calling it launches. The mean-field
+        iterations repeat the same launches, so they prepare them once per image."""
         raise NotImplementedError
+
+    def launch(self, kernel: str, n_threads: int, *args) -> None:
+        self.prepare(kernel, n_threads, *args)()
 
     def host_view(self, array: np.ndarray) -> Buffer | None:
         """A Buffer over a C-contiguous host array that kernels can read and write in place, or
@@ -174,7 +181,7 @@ class CPUKernels(KernelBackend):
         """Where buf starts inside the host array that owns it (a Buffer may be a view at an offset)."""
         return buf.ptr - buf.owner.ctypes.data
 
-    def launch(self, kernel: str, n_threads: int, *args) -> None:
+    def prepare(self, kernel: str, n_threads: int, *args) -> Callable[[], None]:
         fn = self._launchers.get(kernel)
         if fn is None:
             fn = getattr(self.lib, f"launch_{kernel}")
@@ -196,12 +203,18 @@ class CPUKernels(KernelBackend):
             else:
                 raise TypeError(f"{kernel}: argument {a!r} must be a Buffer, None or np.int32/uint32/float32")
         params = (ctypes.c_void_p * max(1, len(holders)))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in holders])
-        if self.profile is None:
-            fn(self.grid(n_threads), BLOCK, params)
-            return
-        t0 = time.perf_counter()
-        fn(self.grid(n_threads), BLOCK, params)
-        self.profile.setdefault(kernel, []).append((time.perf_counter() - t0) * 1e3)
+        grid = self.grid(n_threads)
+
+        def call() -> None:
+            if self.profile is None:
+                fn(grid, BLOCK, params)
+                return
+            t0 = time.perf_counter()
+            fn(grid, BLOCK, params)
+            self.profile.setdefault(kernel, []).append((time.perf_counter() - t0) * 1e3)
+
+        call.holders = holders  # type: ignore[attr-defined]  # the argument values params points at
+        return call
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,7 +284,7 @@ class GPUKernels(KernelBackend):
     # pycuda argument codes: pointers as "P", numpy scalars by type.
     _CODES = {np.int32: "i", np.uint32: "I", np.float32: "f"}
 
-    def launch(self, kernel: str, n_threads: int, *args) -> None:
+    def prepare(self, kernel: str, n_threads: int, *args) -> Callable[[], None]:
         fn = self._functions.get(kernel)
         if fn is None:
             # Prepared calls: the argument layout is worked out once per kernel instead of at every
@@ -280,15 +293,20 @@ class GPUKernels(KernelBackend):
             fn = self._functions[kernel] = self.module.get_function(kernel)
             fn.prepare(codes)
         conv = [a.ptr if isinstance(a, Buffer) else (0 if a is None else a) for a in args]
-        grid, block = (self.grid(n_threads), 1), (BLOCK, 1, 1)
-        if self.profile is None:
-            fn.prepared_async_call(grid, block, self.stream, *conv)
-            return
-        start, end = self.cuda.Event(), self.cuda.Event()
-        start.record(self.stream)
-        fn.prepared_async_call(grid, block, self.stream, *conv)
-        end.record(self.stream)
-        self._events.append((kernel, start, end))
+        grid, block, stream = (self.grid(n_threads), 1), (BLOCK, 1, 1), self.stream
+        launch = fn.prepared_async_call
+
+        def call() -> None:
+            if self.profile is None:
+                launch(grid, block, stream, *conv)
+                return
+            start, end = self.cuda.Event(), self.cuda.Event()
+            start.record(stream)
+            launch(grid, block, stream, *conv)
+            end.record(stream)
+            self._events.append((kernel, start, end))
+
+        return call
 
     def kernel_times(self) -> dict[str, list[float]]:
         """CUDA-event times per kernel (ms), resolved after a synchronize."""

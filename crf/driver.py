@@ -229,26 +229,35 @@ class DenseCRFDriver:
 
     def _filter(self, lat: _Lattice, values: Buffer, prescale: Buffer | None, s: int) -> None:
         """Splat ``values`` (N rows of s floats) and blur; the result is left in lat.result."""
+        for launch in self._filter_launches(lat, values, prescale, s):
+            launch()
+
+    def _filter_launches(self, lat: _Lattice, values: Buffer, prescale: Buffer | None, s: int) -> list:
+        """The prepared launches of _filter (sets lat.result to where they leave it)."""
         k, m = self.k, lat.m
+        launches = []
         chunk = self.label_chunk(s)
         per_row = (s + chunk - 1) // chunk
         n_threads = m * per_row
         if self.splat == "gather":
-            k.launch("crf_splat", n_threads, values, prescale, lat.starts, lat.lists, lat.list_w, I32(m), I32(s),
-                     I32(chunk), lat.va)
+            launches.append(k.prepare("crf_splat", n_threads, values, prescale, lat.starts, lat.lists, lat.list_w,
+                                      I32(m), I32(s), I32(chunk), lat.va))
         else:
             vfixed = self._pool["vfixed"]
             n_chunks = -(-lat.e // FIXED_SPLAT_SLOTS)
-            k.launch("crf_splat_fixed", n_chunks * per_row, values, prescale, lat.lists, lat.list_w, lat.offsets,
-                     I32(lat.e), I32(lat.dp1), I32(FIXED_SPLAT_SLOTS), I32(s), I32(chunk), vfixed)
+            launches.append(k.prepare("crf_splat_fixed", n_chunks * per_row, values, prescale, lat.lists, lat.list_w,
+                                      lat.offsets, I32(lat.e), I32(lat.dp1), I32(FIXED_SPLAT_SLOTS), I32(s),
+                                      I32(chunk), vfixed))
             # the first blur pass reads the fixed-point sums, the second clears them for the next splat
-            k.launch("crf_blur_fixed", n_threads, vfixed, lat.va, lat.nbr, I32(0), I32(m), I32(s), I32(chunk))
+            launches.append(k.prepare("crf_blur_fixed", n_threads, vfixed, lat.va, lat.nbr, I32(0), I32(m), I32(s),
+                                      I32(chunk)))
         src, dst = lat.va, lat.vb
         for j in range(0 if self.splat == "gather" else 1, lat.dp1):
             zero = self._pool["vfixed"] if self.splat == "fixed" and j == 1 else None
-            k.launch("crf_blur", n_threads, src, dst, lat.nbr, I32(j), I32(m), I32(s), I32(chunk), zero)
+            launches.append(k.prepare("crf_blur", n_threads, src, dst, lat.nbr, I32(j), I32(m), I32(s), I32(chunk), zero))
             src, dst = dst, src
         lat.result = src
+        return launches
 
     def label_chunk(self, s: int) -> int:
         """Labels per thread: 1 on the GPU (coalesced), the whole row on the CPU (vectorised loop)."""
@@ -324,11 +333,15 @@ class DenseCRFDriver:
         nulls = (None, None, None, I32(1))
         k.launch("crf_update", n, u, I32(n), I32(c), I32(s), *nulls, *nulls, q)  # Q = softmax(-U)
         clock.lap("unary")
-        for _ in range(params.iterations):
-            for lat in lattices:
-                self._filter(lat, q, lat.norm if symmetric else None, s)
-            k.launch("crf_update", n, u, I32(n), I32(c), I32(s), *self._update_args(lattices[0]),
-                     *self._update_args(lattices[1]), q)
+        if params.iterations > 0:
+            # Every iteration makes the same launches: prepared once, replayed.
+            iteration = [launch for lat in lattices
+                         for launch in self._filter_launches(lat, q, lat.norm if symmetric else None, s)]
+            iteration.append(k.prepare("crf_update", n, u, I32(n), I32(c), I32(s), *self._update_args(lattices[0]),
+                                       *self._update_args(lattices[1]), q))
+            for _ in range(params.iterations):
+                for launch in iteration:
+                    launch()
         if lattices:
             clock.lap("iterations")
 
