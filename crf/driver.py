@@ -18,7 +18,7 @@ kernels (M is data-dependent, at most (d+1)N, typically N/5), M_max the larger:
   8NS (Q, unary) + 236N (entries, int16 keys, per-pixel data) + 4*pow2(ceil(3N/4)) (hash table;
   4*pow2(9N) when more than 1/12 of the entries are vertices) + M_s*(28 + 8S) + M_b*(52 + 8S)
   + M_max*8 (+ M_max*8S for the fixed-point splat's sums, and 3N for the image, on the GPU)
-e.g. 500x375, 21 labels: 96.8 MB with the GPU's choices (S = 21, fixed-point splat; plus the CUDA
+e.g. 500x375, 21 labels: 97.0 MB with the GPU's choices (S = 21, fixed-point splat; plus the CUDA
 context and module), 96.0 MB on the CPU (S = 24). On the GPU, logits from the host are written into
 Q's memory; the CPU build reads the caller's arrays and writes the result array in place (no copies).
 """
