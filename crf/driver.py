@@ -100,7 +100,6 @@ class DenseCRFDriver:
         if self.choices["splat"] not in SPLATS:
             raise ValueError(f"splat must be one of {SPLATS}, got {self.choices['splat']!r}")
         self.k = backend
-        self.splat = self.choices["splat"]
         self._pool: dict[str, Buffer] = {}
         self.last_vertices: dict[str, int] = {}
         # The spatial kernel's lattice depends on the image size and its parameters only, not on
@@ -118,6 +117,10 @@ class DenseCRFDriver:
             b = self.k.alloc(nbytes)
             self._pool[role] = b
         return b
+
+    @property
+    def splat(self) -> str:
+        return self.choices["splat"]
 
     def clear_cache(self) -> None:
         """Forget the kept spatial lattice: the next call builds everything (a cold call)."""
@@ -239,7 +242,8 @@ class DenseCRFDriver:
         chunk = self.label_chunk(s)
         per_row = (s + chunk - 1) // chunk
         n_threads = m * per_row
-        if self.splat == "gather":
+        gather = self.splat == "gather"
+        if gather:
             launches.append(k.prepare("crf_splat", n_threads, values, prescale, lat.starts, lat.lists, lat.list_w,
                                       I32(m), I32(s), I32(chunk), lat.va))
         else:
@@ -252,8 +256,8 @@ class DenseCRFDriver:
             launches.append(k.prepare("crf_blur_fixed", n_threads, vfixed, lat.va, lat.nbr, I32(0), I32(m), I32(s),
                                       I32(chunk)))
         src, dst = lat.va, lat.vb
-        for j in range(0 if self.splat == "gather" else 1, lat.dp1):
-            zero = self._pool["vfixed"] if self.splat == "fixed" and j == 1 else None
+        for j in range(0 if gather else 1, lat.dp1):
+            zero = self._pool["vfixed"] if not gather and j == 1 else None
             launches.append(k.prepare("crf_blur", n_threads, src, dst, lat.nbr, I32(j), I32(m), I32(s), I32(chunk), zero))
             src, dst = dst, src
         lat.result = src

@@ -379,42 +379,47 @@ extern "C" __global__ void crf_splat_fixed(const float* __restrict__ Q, const fl
     }
 }
 
-__device__ __forceinline__ float crf_from_fixed(unsigned long long x)
+// A lattice value as float: float sums as they are, fixed-point sums (crf_splat_fixed) / 2^32.
+__device__ __forceinline__ float crf_value(float x) { return x; }
+__device__ __forceinline__ float crf_value(unsigned long long x) { return (float)(long long)x * (1.0f / CRF_FIXED_ONE); }
+
+// One blur pass along direction j of this thread's labels: out = in + 0.5 (in[n1] + in[n2]); row M
+// of in is zeros. Returns the thread's row (M or more: none).
+template <typename T>
+__device__ __forceinline__ int crf_blur_pass(const T* __restrict__ in, float* __restrict__ out,
+                                             const int* __restrict__ nbr, int j, int M, int S, int chunk, int& c0,
+                                             int& c1)
 {
-    return (float)(long long)x * (1.0f / CRF_FIXED_ONE);
+    int v;
+    crf_chunk(crf_tid(), S, chunk, v, c0, c1);
+    if (v >= M) return v;
+    const T* a = in + (long long)nbr[(j * M + v) * 2] * S;
+    const T* b = in + (long long)nbr[(j * M + v) * 2 + 1] * S;
+    const T* x = in + (long long)v * S;
+    float* y = out + (long long)v * S;
+    for (int l = c0; l < c1; l++) y[l] = crf_value(x[l]) + 0.5f * (crf_value(a[l]) + crf_value(b[l]));
+    return v;
 }
 
-// One blur pass along direction j: out = in + 0.5 (in[n1] + in[n2]); row M of in is zeros.
-// zero_fixed (the fixed-point splat's second pass; else NULL): clears this thread's part of the
-// fixed-point sums, which the first pass has read, so they are zero for the next splat.
+// A blur pass over float values. zero_fixed (the fixed-point splat's second pass; else NULL):
+// clears this thread's part of the fixed-point sums, which the first pass has read, so they are
+// zero for the next splat.
 extern "C" __global__ void crf_blur(const float* __restrict__ in, float* __restrict__ out, const int* __restrict__ nbr,
                                     int j, int M, int S, int chunk, unsigned long long* __restrict__ zero_fixed)
 {
-    int v, c0, c1;
-    crf_chunk(crf_tid(), S, chunk, v, c0, c1);
-    if (v >= M) return;
-    const float* a = in + (long long)nbr[(j * M + v) * 2] * S;
-    const float* b = in + (long long)nbr[(j * M + v) * 2 + 1] * S;
-    const float* x = in + (long long)v * S;
-    float* y = out + (long long)v * S;
-    for (int l = c0; l < c1; l++) y[l] = x[l] + 0.5f * (a[l] + b[l]);
-    if (zero_fixed)
+    int c0, c1;
+    const int v = crf_blur_pass(in, out, nbr, j, M, S, chunk, c0, c1);
+    if (v < M && zero_fixed)
         for (int l = c0; l < c1; l++) zero_fixed[(long long)v * S + l] = 0ull;
 }
 
 // The first blur pass after crf_splat_fixed, reading its sums as they are (converted to float
-// exactly as a separate conversion pass would, one launch fewer): row M of in is zeros.
+// exactly as a separate conversion pass would, one launch fewer).
 extern "C" __global__ void crf_blur_fixed(const unsigned long long* __restrict__ in, float* __restrict__ out,
                                           const int* __restrict__ nbr, int j, int M, int S, int chunk)
 {
-    int v, c0, c1;
-    crf_chunk(crf_tid(), S, chunk, v, c0, c1);
-    if (v >= M) return;
-    const unsigned long long* a = in + (long long)nbr[(j * M + v) * 2] * S;
-    const unsigned long long* b = in + (long long)nbr[(j * M + v) * 2 + 1] * S;
-    const unsigned long long* x = in + (long long)v * S;
-    float* y = out + (long long)v * S;
-    for (int l = c0; l < c1; l++) y[l] = crf_from_fixed(x[l]) + 0.5f * (crf_from_fixed(a[l]) + crf_from_fixed(b[l]));
+    int c0, c1;
+    crf_blur_pass(in, out, nbr, j, M, S, chunk, c0, c1);
 }
 
 // out[i*C + l] = sum_r (weight * V[vertex][l]) * alpha, the reference's slice; used once per image
