@@ -151,6 +151,19 @@ def test_hash_table_grows_when_the_lattice_has_many_vertices(splat):
     assert (got.argmax(0) == ref.argmax(0)).mean() > 0.999 and np.abs(got - ref).max() < 1e-4
 
 
+def test_bad_driver_choices_are_refused():
+    from crf import _driver
+    from crf.driver import DenseCRFDriver
+
+    k = _driver("cpu").k
+    with pytest.raises(ValueError, match="choices must be one of.*'tpu'"):
+        DenseCRFDriver(k, "tpu")
+    with pytest.raises(TypeError, match="unknown driver choices.*'label_chunks'"):
+        DenseCRFDriver(k, label_chunks=4)
+    with pytest.raises(ValueError, match="splat must be one of.*'scatter'"):
+        DenseCRFDriver(k, splat="scatter")
+
+
 @pytest.mark.parametrize("choices", ["cpu", "gpu"])
 def test_exclusive_scan(choices):
     """The scan behind vertex numbering and the entry lists: two levels on the CPU, as many as it
