@@ -86,12 +86,15 @@ def refine(scores: np.ndarray, image: np.ndarray, params: CRFParams = CRFParams(
 
 
 def _run(src: np.ndarray, image: np.ndarray, params: CRFParams, backend: str, is_logits: bool) -> np.ndarray:
+    from .driver import check_key_range
+
     name = resolve_backend(backend)
+    c, h, w = src.shape
+    check_key_range(h, w, params)
     if name == "numpy":
         from .numpy_backend import mean_field
 
         return mean_field(unary_from_scores(src) if is_logits else src, image, params)
-    c, h, w = src.shape
     with _lock:
         # check_inputs() has already refused NaN/inf on the host
         marginals, _ = _driver(name).run(src, image, h, w, c, params, is_logits=is_logits, check_finite=False)

@@ -11,6 +11,7 @@ implementations:
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +31,26 @@ KERNEL_SOURCE = KERNEL_DIR / "densecrf.cu"
 BLOCK = 256
 
 # Argument kinds a kernel takes, as numpy scalar types; buffers and None (a NULL pointer) besides.
-I32, U32, F32 = np.int32, np.uint32, np.float32
+U32, F32 = np.uint32, np.float32
+INT32_MAX = 2**31 - 1
+
+
+class SizeLimitError(ValueError):
+    """A count beyond the kernels' 32-bit indexing (thread ids and element indices are int)."""
+
+
+def I32(value: int) -> np.int32:
+    """A kernel's int argument, refused (not wrapped) outside the 32-bit range."""
+    if not -INT32_MAX - 1 <= int(value) <= INT32_MAX:
+        raise SizeLimitError(f"{int(value):,} does not fit the kernels' 32-bit int arguments (at most {INT32_MAX:,})")
+    return np.int32(value)
+
+
+def check_count(what: str, n: int) -> None:
+    """Thread and element counts of a launch must stay below 2^31: the kernels index with int."""
+    if n > INT32_MAX:
+        raise SizeLimitError(f"{what}: {n:,} threads/elements exceed the kernels' 32-bit indexing "
+                             f"(at most {INT32_MAX:,}); use a smaller image or fewer labels")
 
 
 class BackendUnavailable(RuntimeError):
@@ -47,6 +68,9 @@ class KernelBackend:
     name = "abstract"
     #: when a dict, every launch adds its time (ms) under the kernel's name (see kernel_times())
     profile: dict[str, list] | None = None
+    #: kernel launches and graph replays made so far (a host-overhead measure; see benchmarks/gpu_report.py)
+    launches = 0
+    graph_launches = 0
 
     def kernel_times(self) -> dict[str, list[float]]:
         """Per-kernel times in ms recorded since profiling was switched on (profile = {})."""
@@ -69,6 +93,16 @@ class KernelBackend:
 
     def launch(self, kernel: str, n_threads: int, *args) -> None:
         self.prepare(kernel, n_threads, *args)()
+
+    def capture(self, launches: list) -> Callable[[], None] | None:
+        """One call that replays these prepared launches in order (a CUDA graph on the GPU), or None
+        where the backend has no such thing (the CPU): then the caller calls them one by one."""
+        return None
+
+    @contextlib.contextmanager
+    def active(self):
+        """Makes the backend usable in the calling thread for the duration (the GPU: its context)."""
+        yield self
 
     def host_view(self, array: np.ndarray) -> Buffer | None:
         """A Buffer over a C-contiguous host array that kernels can read and write in place, or
@@ -182,6 +216,7 @@ class CPUKernels(KernelBackend):
         return buf.ptr - buf.owner.ctypes.data
 
     def prepare(self, kernel: str, n_threads: int, *args) -> Callable[[], None]:
+        check_count(kernel, n_threads)
         fn = self._launchers.get(kernel)
         if fn is None:
             fn = getattr(self.lib, f"launch_{kernel}")
@@ -206,6 +241,7 @@ class CPUKernels(KernelBackend):
         grid = self.grid(n_threads)
 
         def call() -> None:
+            self.launches += 1
             if self.profile is None:
                 fn(grid, BLOCK, params)
                 return
@@ -214,6 +250,7 @@ class CPUKernels(KernelBackend):
             self.profile.setdefault(kernel, []).append((time.perf_counter() - t0) * 1e3)
 
         call.holders = holders  # type: ignore[attr-defined]  # the argument values params points at
+        call.spec = (kernel, grid, tuple(h.value for h in holders))  # type: ignore[attr-defined]
         return call
 
 
@@ -234,61 +271,93 @@ def require_nvcc() -> str:
     return nvcc
 
 
+def import_pycuda():
+    """pycuda.driver, or BackendUnavailable naming what is missing: pycuda itself, or one of its
+    own dependencies (pytools, platformdirs, mako, ...), which is a broken install, not a missing GPU."""
+    try:
+        import pycuda.driver as cuda
+    except ImportError as e:
+        missing = getattr(e, "name", None) or ""
+        if missing == "pycuda" or missing.startswith("pycuda."):
+            raise BackendUnavailable(f"pycuda is not installed (pip install 'deeplab-v1-toolkit[gpu]'): {e}") from e
+        if missing:
+            raise BackendUnavailable(f"pycuda is installed but its dependency {missing!r} is missing "
+                                     f"(pip install {missing}): {e}") from e
+        raise BackendUnavailable(f"pycuda cannot be imported (its driver extension did not load: is the "
+                                 f"NVIDIA driver's libcuda.so.1 installed?): {e}") from e
+    return cuda
+
+
 class GPUKernels(KernelBackend):
-    """pycuda driver: primary context, one module per process (pycuda caches the cubin on disk),
-    launches on ``stream`` (a pycuda Stream; None = a stream of our own, never the legacy default)."""
+    """pycuda driver: the device's primary context (shared with TensorRT, PyTorch and others), one
+    module per process (pycuda caches the cubin on disk), launches on ``stream`` (a pycuda Stream;
+    None = a stream of our own, never the legacy default stream).
+
+    Usable from any thread: every entry point pushes the primary context and pops it after
+    (``with k.active():`` for a sequence of calls; DenseCRFDriver.run does that once per call)."""
 
     name = "gpu"
     _module = None
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, device: int = 0):
+        cuda = import_pycuda()
         try:
-            import pycuda.driver as cuda
-        except ImportError as e:
-            raise BackendUnavailable(f"pycuda is not installed (pip install '.[gpu]'): {e}") from e
-        try:
-            try:
-                import pycuda.autoprimaryctx  # noqa: F401  share the primary context with TensorRT / others
-            except ModuleNotFoundError:
-                import pycuda.autoinit  # noqa: F401  older pycuda
-        except Exception as e:  # no device, no driver
+            cuda.init()
+            self.context = cuda.Device(device).retain_primary_context()
+        except Exception as e:  # no device, no driver, driver too old
             raise BackendUnavailable(f"no usable CUDA device: {e}") from e
         self.cuda = cuda
-        self.stream = stream or cuda.Stream()
-        if GPUKernels._module is None:
-            require_nvcc()
-            from pycuda.compiler import SourceModule
-
-            GPUKernels._module = SourceModule(KERNEL_SOURCE.read_text(), no_extern_c=True, options=NVCC_OPTIONS)
+        with self.active():
+            self.stream = stream or cuda.Stream()
+            if GPUKernels._module is None:
+                GPUKernels._module = _compile_module(cuda)
         self.module = GPUKernels._module
         self._functions: dict = {}
         self._events: list = []
+        #: set to False to launch the mean-field iterations one kernel at a time (no CUDA graph)
+        self.use_graphs = True
+        self.graph_error: str | None = None
+
+    @contextlib.contextmanager
+    def active(self):
+        """The primary context current in this thread for the duration (push / pop: re-entrant,
+        and the thread's own current context, e.g. PyTorch's, is back afterwards)."""
+        self.context.push()
+        try:
+            yield self
+        finally:
+            self.cuda.Context.pop()
 
     def alloc(self, nbytes: int) -> Buffer:
-        mem = self.cuda.mem_alloc(max(int(nbytes), 4))
+        with self.active():
+            mem = self.cuda.mem_alloc(max(int(nbytes), 4))
         return Buffer(int(nbytes), int(mem), mem)
 
     def upload(self, buf: Buffer, array: np.ndarray) -> None:
         a = np.ascontiguousarray(array)
         if a.nbytes > buf.nbytes:
             raise ValueError(f"upload of {a.nbytes} bytes into a {buf.nbytes}-byte buffer")
-        self.cuda.memcpy_htod_async(buf.ptr, a, self.stream)
-        self.stream.synchronize()  # the host array may be a temporary
+        with self.active():
+            self.cuda.memcpy_htod_async(buf.ptr, a, self.stream)
+            self.stream.synchronize()  # the host array may be a temporary
 
     def download(self, buf: Buffer, shape, dtype) -> np.ndarray:
         out = np.empty(shape, dtype)
-        self.cuda.memcpy_dtoh_async(out, buf.ptr, self.stream)
-        self.stream.synchronize()
+        with self.active():
+            self.cuda.memcpy_dtoh_async(out, buf.ptr, self.stream)
+            self.stream.synchronize()
         return out
 
     # pycuda argument codes: pointers as "P", numpy scalars by type.
     _CODES = {np.int32: "i", np.uint32: "I", np.float32: "f"}
 
     def prepare(self, kernel: str, n_threads: int, *args) -> Callable[[], None]:
+        """A prepared launch; call it with the context active (inside ``active()``)."""
+        check_count(kernel, n_threads)
         fn = self._functions.get(kernel)
         if fn is None:
             # Prepared calls: the argument layout is worked out once per kernel instead of at every
-            # launch (a CRF makes ~160 launches, and the GPU target is a couple of milliseconds).
+            # launch (a CRF makes ~170 launches, and the GPU target is a couple of milliseconds).
             codes = "".join("P" if a is None or isinstance(a, Buffer) else self._CODES[type(a)] for a in args)
             fn = self._functions[kernel] = self.module.get_function(kernel)
             fn.prepare(codes)
@@ -297,6 +366,7 @@ class GPUKernels(KernelBackend):
         launch = fn.prepared_async_call
 
         def call() -> None:
+            self.launches += 1
             if self.profile is None:
                 launch(grid, block, stream, *conv)
                 return
@@ -306,18 +376,60 @@ class GPUKernels(KernelBackend):
             end.record(stream)
             self._events.append((kernel, start, end))
 
+        call.spec = (kernel, grid[0], tuple(conv))  # type: ignore[attr-defined]
         return call
+
+    def capture(self, launches: list) -> Callable[[], None] | None:
+        """The launches recorded once as a CUDA graph on this stream (crf/cuda_graph.py): calling the
+        result replays them all with one graph launch. None where graphs are off, while profiling
+        per kernel, or after a capture failed (then the caller launches one by one)."""
+        if not self.use_graphs or self.profile is not None or self.graph_error is not None:
+            return None
+        from .cuda_graph import CudaGraphError, capture_launches
+
+        try:
+            graph = capture_launches(self.stream.handle, launches)
+        except CudaGraphError as e:
+            self.graph_error = str(e)
+            warnings.warn(f"crf: CUDA graph capture failed, launching kernels one by one: {e}",
+                          RuntimeWarning, stacklevel=2)
+            return None
+
+        def replay() -> None:
+            self.graph_launches += 1
+            graph.launch(self.stream.handle)
+
+        replay.graph = graph  # type: ignore[attr-defined]
+        return replay
 
     def kernel_times(self) -> dict[str, list[float]]:
         """CUDA-event times per kernel (ms), resolved after a synchronize."""
-        self.stream.synchronize()
-        for kernel, start, end in self._events:
-            self.profile.setdefault(kernel, []).append(start.time_till(end))
+        with self.active():
+            self.stream.synchronize()
+            for kernel, start, end in self._events:
+                self.profile.setdefault(kernel, []).append(start.time_till(end))
         self._events.clear()
         return dict(self.profile or {})
 
     def synchronize(self) -> None:
-        self.stream.synchronize()
+        with self.active():
+            self.stream.synchronize()
+
+
+def _compile_module(cuda):
+    """The kernel module for the current context; a compile or load failure is BackendUnavailable
+    with nvcc's message, so that "auto" falls back to the CPU build instead of failing."""
+    require_nvcc()
+    from pycuda.compiler import SourceModule
+
+    try:
+        return SourceModule(KERNEL_SOURCE.read_text(), no_extern_c=True, options=NVCC_OPTIONS)
+    except cuda.CompileError as e:
+        detail = (getattr(e, "stderr", None) or "").strip()[-4000:]
+        raise BackendUnavailable(f"nvcc could not compile the CRF kernels ({KERNEL_SOURCE.name}) for this GPU: "
+                                 f"{e}\n{detail}".rstrip()) from e
+    except cuda.Error as e:  # e.g. a cubin the driver cannot load (driver older than the toolkit)
+        raise BackendUnavailable(f"the compiled CRF kernels do not load on this GPU: {e}") from e
 
 
 def gpu_available() -> bool:

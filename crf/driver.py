@@ -29,11 +29,44 @@ import time
 
 import numpy as np
 
-from .backend import F32, I32, U32, Buffer, KernelBackend
+from .backend import F32, I32, INT32_MAX, U32, Buffer, KernelBackend, SizeLimitError
 from .features import CRFInputError
 from .params import CRFParams
 
 SPATIAL_D, BILATERAL_D = 2, 5
+KEY_LIMIT = 32767  # lattice keys are int16, as the reference's
+
+
+def lattice_key_bound(h: int, w: int, d: int, sxy: float, srgb: float) -> float:
+    """The largest |lattice coordinate| crf_embed can produce for an h x w image: the elevation is
+    linear in the features, so its extremes lie on the corners of the feature box (x, y in pixels
+    over sxy, colours 0..255 over srgb); the rounding to a remainder-0 point and the rank correction
+    add at most 2(d+1). Computed in float64 on the host before any launch."""
+    hi = [(w - 1) / sxy, (h - 1) / sxy] + [255.0 / srgb] * (d - 2)
+    corners = np.array(np.meshgrid(*[[0.0, v] for v in hi], indexing="ij")).reshape(d, -1).T
+    inv_std_dev = math.sqrt(2.0 / 3.0) * (d + 1)
+    elevated = np.zeros((corners.shape[0], d + 1))
+    sm = np.zeros(corners.shape[0])
+    for j in range(d, 0, -1):
+        cf = corners[:, j - 1] * (inv_std_dev / math.sqrt((j + 1) * j))
+        elevated[:, j] = sm - j * cf
+        sm += cf
+    elevated[:, 0] = sm
+    return float(np.abs(elevated).max()) + 2 * (d + 1)
+
+
+def check_key_range(h: int, w: int, params: CRFParams) -> None:
+    """CRFInputError where a bandwidth is so small for an h x w image that lattice coordinates would
+    not fit the int16 keys (every backend: the numpy port's keys are bounded the same way)."""
+    if params.iterations == 0:
+        return
+    for name, d, sxy, srgb in (("spatial", SPATIAL_D, params.pos_xy_std, 1.0),
+                               ("bilateral", BILATERAL_D, params.bi_xy_std, params.bi_rgb_std)):
+        bound = lattice_key_bound(h, w, d, sxy, srgb)
+        if not bound <= KEY_LIMIT:
+            raise CRFInputError(
+                f"lattice coordinates overflow 16 bits: the {name} bandwidth (xy {sxy}, rgb {srgb}) is too "
+                f"small for a {h}x{w} image (coordinates up to {bound:.3g}, at most {KEY_LIMIT})")
 
 
 def _next_pow2(n: int) -> int:
@@ -108,6 +141,9 @@ class DenseCRFDriver:
         self._spatial_key: tuple | None = None
         #: set to a dict to get per-phase wall times (ms) of each run (adds synchronisations)
         self.phase_times: dict[str, float] | None = None
+        #: the prepared launches of one mean-field iteration of the last call, and its graph replay
+        self.last_iteration: list = []
+        self._replay = None
 
     # -- memory ---------------------------------------------------------------------------------
     def _buf(self, role: str, nbytes: int) -> Buffer:
@@ -168,6 +204,8 @@ class DenseCRFDriver:
             if not too_full:
                 break
         m = int(k.download(Buffer(4, rank.ptr + e * 4, rank.owner), (1,), np.int32)[0])
+        self._check_counts(h, w, s, {"fixed-point vertex sums": (m + 1) * s * 2, "vertex rows": (m + 1) * s,
+                                     "blur neighbours": m * dp1 * 2})
         vertex_entry = self._buf("vertex_entry", m * 4)
         k.launch("crf_number_vertices", e, slot_of, rank, I32(e), table, vertex_entry)
         lat.m = m
@@ -285,11 +323,35 @@ class DenseCRFDriver:
         Returns (marginals (C, H, W) float32 or None, labels (H, W) uint8 or None).
         check_finite=False skips the device-side NaN/inf check for callers that checked already.
         """
-        k = self.k
-        n = h * w
         if labels and c > 256:
             raise CRFInputError(f"{c} labels: label ids are written as uint8 (at most 256 labels); "
                                 "ask for marginals instead")
+        self.check_limits(h, w, c, params)
+        with self.k.active():  # the GPU: the primary context, current in whichever thread calls
+            return self._run(scores, image, h, w, c, params, is_logits, marginals, labels, check_finite)
+
+    def check_limits(self, h: int, w: int, c: int, params: CRFParams) -> None:
+        """Refuse, before anything runs, an image whose lattice coordinates would not fit the int16
+        keys (a bandwidth tiny for the image), or whose buffers would exceed the kernels' 32-bit
+        indexing. Counts that depend on the vertex count are checked again once it is known."""
+        check_key_range(h, w, params)
+        n, s = h * w, self.label_stride(c)
+        e = n * (BILATERAL_D + 1)
+        worst = {"label rows (pixels x labels)": n * max(s, c), "lattice entries (pixels x 6)": e,
+                 "hash table slots": _next_pow2(math.ceil(1.5 * e))}
+        self._check_counts(h, w, c, worst)
+
+    @staticmethod
+    def _check_counts(h: int, w: int, c: int, counts: dict) -> None:
+        for what, count in counts.items():
+            if count > INT32_MAX:
+                raise SizeLimitError(
+                    f"a {h}x{w} image with {c} labels needs {count:,} {what}, beyond the CRF kernels' 32-bit "
+                    f"indexing (at most {INT32_MAX:,}): downscale the image for the CRF or use fewer labels")
+
+    def _run(self, scores, image, h, w, c, params, is_logits, marginals, labels, check_finite):
+        k = self.k
+        n = h * w
         clock = _PhaseClock(k, self.phase_times)
         s = self.label_stride(c)
         q = self._buf("q", n * s * 4)
@@ -343,9 +405,16 @@ class DenseCRFDriver:
                          for launch in self._filter_launches(lat, q, lat.norm if symmetric else None, s)]
             iteration.append(k.prepare("crf_update", n, u, I32(n), I32(c), I32(s), *self._update_args(lattices[0]),
                                        *self._update_args(lattices[1]), q))
+            self.last_iteration = iteration
+            # On the GPU one iteration is captured as a CUDA graph and replayed: one launch per
+            # iteration instead of ~17 (host work per launch is what a millisecond CRF cannot afford).
+            self._replay = k.capture(iteration) if params.iterations > 1 else None
             for _ in range(params.iterations):
-                for launch in iteration:
-                    launch()
+                if self._replay is not None:
+                    self._replay()
+                else:
+                    for launch in iteration:
+                        launch()
         if lattices:
             clock.lap("iterations")
 

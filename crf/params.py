@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 NORMALIZATIONS = ("after", "symmetric")
+MAX_WEIGHT = 1e6
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,12 @@ class CRFParams:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"CRFParams.{name} must be a finite number > 0, got {v!r}")
+        for name in ("bi_w", "pos_w"):
+            # Energies are float32: a weight near float32's maximum overflows them to inf (NaN
+            # marginals). Far below that, a weight of 1e6 already makes the pairwise term absolute.
+            if getattr(self, name) > MAX_WEIGHT:
+                raise ValueError(f"CRFParams.{name} (kernel weight) must be at most {MAX_WEIGHT:g}, "
+                                 f"got {getattr(self, name)!r}")
         if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 0:
             raise ValueError(f"CRFParams.iterations must be an int >= 0, got {self.iterations!r}")
         if self.normalization not in NORMALIZATIONS:

@@ -357,3 +357,99 @@ def test_gpu_memory_does_not_grow_over_1000_calls():
         refine(s, img, backend="gpu")
     free1, _ = cuda.mem_get_info()
     assert free0 - free1 < 1 << 20, f"device memory grew by {free0 - free1} bytes"
+
+
+def test_graph_replay_captures_one_iteration_and_replays_the_same_launches():
+    """On the GPU one mean-field iteration is captured as a CUDA graph and replayed once per
+    iteration. The driver's side of it runs here, with a backend whose capture records the
+    launches made while capturing and replays them: what is captured must be exactly the
+    iteration the one-by-one path launches (same kernels, grids and arguments, in order), and the
+    results the same bits."""
+    from crf import _driver
+    from crf.backend import CPUKernels
+    from crf.driver import DenseCRFDriver
+
+    class Recording(CPUKernels):
+        def __init__(self, lib, graphs):
+            super().__init__(lib)
+            self.log, self.graphs, self.captured = [], graphs, []
+
+        def prepare(self, kernel, n_threads, *args):
+            call = super().prepare(kernel, n_threads, *args)
+
+            def logged():
+                self.log.append(call.spec)
+                call()
+            logged.spec = call.spec
+            return logged
+
+        def capture(self, launches):
+            if not self.graphs:
+                return None
+            start = len(self.log)
+            for launch in launches:  # "capturing" runs nothing on a GPU; here it is recorded, then undone below
+                self.log.append(launch.spec)
+            self.captured.append(self.log[start:])
+            del self.log[start:]
+
+            def replay():
+                self.graph_launches += 1
+                for launch in launches:
+                    launch()
+            return replay
+
+    lib = _driver("cpu").k.lib._name
+    img = photo("chelsea", 120)
+    h, w = img.shape[:2]
+    s = smooth_logits(h, w, 21, seed=8)
+    p = CRFParams(iterations=4)
+    rec = Recording(lib, graphs=False)
+    drv = DenseCRFDriver(rec, "gpu")
+    a = drv.run(s, img, h, w, 21, p)[0]
+    direct_log, direct_iteration = list(rec.log), [launch.spec for launch in drv.last_iteration]
+    rec.log.clear()
+    rec.graphs = True
+    drv.clear_cache()  # a cold call again, into the same pooled buffers (same addresses)
+    b = drv.run(s, img, h, w, 21, p)[0]
+    assert np.array_equal(a, b)
+    iteration = [launch.spec for launch in drv.last_iteration]
+    assert iteration == direct_iteration and 10 <= len(iteration) <= 20
+    assert [spec[0] for spec in iteration].count("crf_update") == 1
+    assert rec.captured == [iteration] and rec.graph_launches == 4
+    # from the first iteration on, the replays ran exactly what the one-by-one path launched:
+    # four iterations, then the output
+    k = len(iteration)
+    starts = [next(i for i in range(len(log)) if log[i:i + k] == iteration) for log in (direct_log, rec.log)]
+    for log, start in zip((direct_log, rec.log), starts):
+        assert log[start:start + 4 * k] == iteration * 4 and log[start + 4 * k][0] == "crf_marginals"
+
+
+def test_import_pycuda_names_what_is_missing(tmp_path):
+    """pycuda absent, and pycuda present without one of its own dependencies, are different
+    problems: the second is reported by the dependency's name, not as 'no usable CUDA device'."""
+    from crf.backend import BackendUnavailable, import_pycuda
+
+    code = ("import sys\nsys.path.insert(0, sys.argv[1])\n"
+            "from crf.backend import import_pycuda, BackendUnavailable\n"
+            "try:\n    import_pycuda()\nexcept BackendUnavailable as e:\n    print(e)\n")
+    fake = tmp_path / "site"
+    (fake / "pycuda").mkdir(parents=True)
+    (fake / "pycuda" / "__init__.py").write_text("")
+    (fake / "pycuda" / "driver.py").write_text("import pytools_absent_here  # as a pycuda without pytools\n")
+    out = subprocess.run([sys.executable, "-c", code, str(fake)], cwd=ROOT, capture_output=True, text=True)
+    assert "its dependency 'pytools_absent_here' is missing" in out.stdout, out.stdout + out.stderr
+    try:
+        import pycuda  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendUnavailable, match=r"pycuda is not installed \(pip install"):
+            import_pycuda()
+
+
+def test_gpu_kernels_unavailable_here_is_a_backend_error_and_auto_falls_back():
+    from crf.backend import BackendUnavailable, GPUKernels
+
+    if gpu_available():
+        pytest.skip("a GPU is here")
+    with pytest.raises(BackendUnavailable):
+        GPUKernels()
+    assert resolve_backend("auto") == "cpu"

@@ -55,6 +55,19 @@ extern "C" __global__ void crf_embed(const unsigned char* image, int H, int W, i
         sm += cf;
     }
     elevated[0] = sm;
+    // A bandwidth tiny for the image puts coordinates beyond the 16-bit keys, and far enough out,
+    // beyond int: the host refuses such inputs before launching (crf/driver.py check_limits); this
+    // stops here anyway, before any float -> int conversion, with the entries zeroed (NaN fails too).
+    for (int k = 0; k <= d; k++) {
+        if (!(elevated[k] > -32767.f && elevated[k] < 32767.f)) {
+            overflow[0] = 1;
+            for (int e = i * (d + 1); e < (i + 1) * (d + 1); e++) {
+                for (int c = 0; c < d; c++) keys[(long long)e * d + c] = 0;
+                weights[e] = 0.f;
+            }
+            return;
+        }
+    }
 
     // Closest remainder-0 point, coordinate-wise (ties round down, as the reference).
     const float down_factor = 1.0f / (float)(d + 1);
