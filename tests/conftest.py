@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -44,3 +45,14 @@ def bundled_onnx(tmp_path_factory) -> Path:
     model, meta = load_model(BUNDLED)
     out = tmp_path_factory.mktemp("bundled") / "deeplab_shapes.onnx"
     return export_onnx(model, out, class_names=meta.get("class_names"), palette=meta.get("palette"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """REQUIRE_GPU=1 (the GPU machine's run): a skipped GPU test is a failure, so that a broken
+    pycuda install can never pass as "no GPU tests to run"."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("REQUIRE_GPU") == "1" and report.skipped and item.get_closest_marker("gpu"):
+        report.outcome = "failed"
+        report.longrepr = f"REQUIRE_GPU=1 but this GPU test was skipped: {report.longrepr}"

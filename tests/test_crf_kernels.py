@@ -453,3 +453,88 @@ def test_gpu_kernels_unavailable_here_is_a_backend_error_and_auto_falls_back():
     with pytest.raises(BackendUnavailable):
         GPUKernels()
     assert resolve_backend("auto") == "cpu"
+
+
+def test_require_gpu_turns_a_skipped_gpu_test_into_a_failure():
+    """The GPU machine runs the suite with REQUIRE_GPU=1: there, a GPU test that skips (a broken
+    pycuda build, no device) must fail the run instead of passing as "0 GPU tests"."""
+    if gpu_available():
+        pytest.skip("a GPU is here: the GPU tests run instead of skipping")
+    test = "tests/test_crf_kernels.py::test_gpu_memory_does_not_grow_over_1000_calls"
+    env = dict(os.environ, REQUIRE_GPU="1")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=ROOT,
+                         capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "REQUIRE_GPU=1 but this GPU test was skipped" in out.stdout, out.stdout
+    env.pop("REQUIRE_GPU")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=ROOT,
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "1 skipped" in out.stdout, out.stdout
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_from_worker_threads():
+    """pycuda contexts are current per thread: the backend pushes its primary context around every
+    call, so worker threads (a thread pool serving requests) get the same results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    img = _scene(120, 160)
+    s = smooth_logits(*img.shape[:2], 21, seed=6)
+    expected = refine(s, img, backend="gpu")
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: refine(s, img, backend="gpu"), range(8)))
+    assert all(np.array_equal(g, expected) for g in got)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_graph_replay_equals_launches_and_holds_the_iteration():
+    """One iteration captured as a CUDA graph: its kernel nodes are the iteration's launches
+    (names where the driver tells them, grid and block sizes), and replaying it gives the same
+    bits as launching kernel by kernel."""
+    from crf.backend import BLOCK, GPUKernels
+    from crf.driver import DenseCRFDriver
+
+    img = _scene(240, 320)
+    h, w = img.shape[:2]
+    s = smooth_logits(h, w, 21, seed=12)
+    k = GPUKernels()
+    drv = DenseCRFDriver(k)
+    k.use_graphs = False
+    direct, n_direct = drv.run(s, img, h, w, 21, CRFParams())[0], k.launches
+    k.use_graphs = True
+    g0, l0 = k.graph_launches, k.launches
+    graph = drv.run(s, img, h, w, 21, CRFParams())[0]
+    assert k.graph_error is None, k.graph_error
+    assert k.graph_launches - g0 == 10 and np.array_equal(direct, graph)
+    assert k.launches - l0 < n_direct - 100  # ~17 launch calls captured instead of ~170 made
+    nodes = drv._replay.graph.kernel_nodes()
+    launched = sorted((spec[0], spec[1], BLOCK) for spec in (launch.spec for launch in drv.last_iteration))
+    assert len(nodes) == len(launched)
+    assert [(g, b) for _, g, b in nodes] == sorted((g, b) for _, g, b in launched) or \
+        sorted(nodes) == launched
+    if all(name is not None for name, _, _ in nodes):  # cuFuncGetName: CUDA 12.3 drivers and newer
+        assert sorted(nodes) == launched
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_compile_failure_is_backend_unavailable_with_nvccs_message(tmp_path, monkeypatch):
+    from crf import backend
+
+    bad = tmp_path / "broken.cu"
+    bad.write_text('extern "C" __global__ void k(float* x) { x[0] = undeclared_name; }\n')
+    monkeypatch.setattr(backend, "KERNEL_SOURCE", bad)
+    k = backend.GPUKernels()  # the real module is compiled already; compile the broken one directly
+    with k.active(), pytest.raises(backend.BackendUnavailable, match=r"nvcc could not compile.*undeclared_name"):
+        backend._compile_module(k.cuda)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_missing_pycuda_dependency_is_named():
+    code = ("import sys\nsys.modules['pytools'] = None  # as an install without pytools\n"
+            "from crf.backend import import_pycuda, BackendUnavailable\n"
+            "try:\n    import_pycuda()\nexcept BackendUnavailable as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert "its dependency 'pytools' is missing" in out.stdout, out.stdout + out.stderr

@@ -1,0 +1,76 @@
+"""The device-resident pipeline (network -> CRF -> labels, scores kept where the network wrote them),
+with PyTorch as the network: on the CPU here with the CPU build of the kernels, on a GPU (marked
+gpu) with the network on CUDA and the CRF kernels on the same stream. Both must give the labels of
+the ordinary path (Segmenter: ONNX Runtime, scores on the host, then crf.refine)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import BUNDLED, SAMPLES
+from crf.backend import gpu_available
+
+# Network scores from PyTorch and from ONNX Runtime differ by float rounding (~1e-5); where two
+# labels are that close the CRF may pick either: this share of pixels may differ.
+TIE_TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def reference(bundled_onnx):
+    from runtime import Segmenter
+
+    seg = Segmenter(bundled_onnx, crf_backend="cpu")
+    return {p.name: (cv2.imread(str(p)), seg(str(p)).labels) for p in sorted(SAMPLES.glob("*.png"))}
+
+
+def _check(pipe, reference, repeats=1):
+    for name, (image, expected) in reference.items():
+        for _ in range(repeats):
+            timings: dict = {}
+            labels, timings = pipe(image, timings)
+            assert labels.shape == image.shape[:2] and labels.dtype == np.uint8
+            differ = float((labels != expected).mean())
+            assert differ <= TIE_TOLERANCE, f"{name}: {100 * differ:.3f}% of labels differ"
+            assert set(timings) == {"network", "crf", "total"}
+        print(f"{name}: labels differ from the host path on {100 * differ:.4f}% of pixels")
+
+
+def test_pipeline_on_the_cpu_equals_the_host_path(reference):
+    from tools.torch_pipeline import TorchPipeline
+
+    pipe = TorchPipeline(BUNDLED, device="cpu")
+    _check(pipe, reference)
+
+
+def test_tensor_buffer_refuses_what_the_kernels_cannot_read():
+    import torch
+
+    from crf.backend import CPUKernels
+    from tools.torch_pipeline import tensor_buffer
+
+    k = CPUKernels()
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    with pytest.raises(ValueError, match="contiguous"):
+        tensor_buffer(t.t(), k)
+    buf = tensor_buffer(t, k)
+    assert buf.nbytes == 48 and np.array_equal(k.download(buf, (3, 4), np.float32), t.numpy())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU with pycuda and nvcc here")
+def test_pipeline_on_the_gpu_equals_the_host_path(reference):
+    """Network on CUDA, scores handed to the CRF kernels by device pointer on the same stream,
+    only the uint8 labels copied back; repeated calls give the same labels."""
+    import pycuda.driver as cuda
+
+    from tools.torch_pipeline import TorchPipeline
+
+    pipe = TorchPipeline(BUNDLED, device="cuda")
+    _check(pipe, reference, repeats=3)
+    with pipe.kernels.active():
+        free0, _ = cuda.mem_get_info()
+    _check(pipe, reference, repeats=5)
+    with pipe.kernels.active():
+        free1, _ = cuda.mem_get_info()
+    assert free0 - free1 < 8 << 20, f"device memory grew by {free0 - free1} bytes"
