@@ -5,7 +5,8 @@ arrays in and out, launch a kernel by name over n threads with CUDA's argument c
 implementations:
 
 - ``CPUKernels``: the .cu file compiled by g++ with cpu_shim.h into a shared library (built on
-  first use, cached on disk), launched through ctypes: ``launch_<kernel>(grid, block, void** args)``.
+  first use, cached on disk and checked against its recorded sha256 before every load), launched
+  through ctypes: ``launch_<kernel>(grid, block, void** args)``.
 - ``GPUKernels``: the same .cu file compiled by pycuda (nvcc, cached on disk by pycuda), launched on
   the caller's stream in the device's primary context.
 """
@@ -16,6 +17,7 @@ import ctypes
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 KERNEL_SOURCE = KERNEL_DIR / "densecrf.cu"
@@ -132,6 +139,7 @@ CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared",
 
 
 def cache_dir() -> Path:
+    """Where the compiled CPU library is cached (as configured; see kernel_cache_dir())."""
     base = os.environ.get("DEEPLAB_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "deeplab-v1-toolkit"
 
@@ -153,8 +161,187 @@ def _cpu_signature() -> str:
         return os.uname().machine
 
 
-def build_cpu_library(force: bool = False) -> Path:
-    """Compile crf/kernels/*.{cu,h,cpp} into a shared library once; cached by content and compiler."""
+# The cache holds machine code this process loads, so it is trusted only when no one else can
+# write it, and a library is loaded only when its bytes match the sha256 recorded beside it after
+# a successful compile. Builds write temp files named _BUILD_PREFIX* and replace atomically, under
+# a lock, so concurrent processes compile once and a killed build leaves nothing that is loaded.
+_BUILD_PREFIX = ".build-"
+_LOCK_NAME = ".build.lock"
+_STALE_S = 600.0  # a build leftover this old belongs to a dead builder even without a lock
+_warned_dirs: set = set()
+
+
+def _refusal(directory: Path, follow_symlinks: bool = True) -> str | None:
+    """Why ``directory`` must not hold code we load (None when it may): it has to be a directory
+    owned by this user, writable by this user and by no one else."""
+    try:
+        st = os.stat(directory, follow_symlinks=follow_symlinks)
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if hasattr(os, "geteuid"):  # POSIX owners and modes; Windows has neither
+        if st.st_uid != os.geteuid():
+            return f"owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "not writable by this user"
+    return None
+
+
+def _private_temp_dir() -> Path:
+    user = os.geteuid() if hasattr(os, "geteuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"deeplab-v1-toolkit-{user}"
+
+
+def kernel_cache_dir() -> Path:
+    """cache_dir(), created if needed, when it is safe and writable; else a private temp
+    directory (mode 0700), with one warning naming the refused directory and why."""
+    wanted = cache_dir()
+    try:
+        wanted.mkdir(mode=0o700, parents=True, exist_ok=True)
+        problem = _refusal(wanted)
+    except OSError as e:
+        problem = f"cannot be created: {e.strerror or e}"
+    if problem is None:
+        return wanted
+    private = _private_temp_dir()
+    try:
+        private.mkdir(mode=0o700, exist_ok=True)
+        # no symlink here: the temp directory is shared with every user
+        private_problem = _refusal(private, follow_symlinks=False)
+    except OSError as e:
+        private_problem = f"cannot be created: {e.strerror or e}"
+    if private_problem is not None:
+        raise BackendUnavailable(f"no safe directory to cache the compiled CPU CRF kernels: {wanted} {problem}, "
+                                 f"and {private} {private_problem}; set DEEPLAB_CACHE to a directory of your own")
+    if str(wanted) not in _warned_dirs:
+        _warned_dirs.add(str(wanted))
+        warnings.warn(f"crf: not caching the CPU kernels in {wanted} ({problem}); using {private}",
+                      RuntimeWarning, stacklevel=2)
+    return private
+
+
+def _hash_path(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_library(lib: Path) -> tuple[str | None, str | None]:
+    """(sha256, None) for a cached library that may be loaded, else (None, why not); (None, None)
+    when there is none."""
+    try:
+        st = os.lstat(lib)
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"cannot be read: {e.strerror or e}"
+    if not stat.S_ISREG(st.st_mode):
+        return None, "is not a regular file"
+    if hasattr(os, "geteuid") and (st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+        return None, "is owned or writable by another user"
+    try:
+        with open(_hash_path(lib), "rb") as f:
+            recorded = f.read(100).decode("ascii", "replace").strip()
+    except OSError:
+        return None, "has no recorded sha256"
+    try:
+        digest = _file_sha256(lib)
+    except OSError as e:
+        return None, f"cannot be read: {e.strerror or e}"
+    if digest != recorded:
+        return None, "does not match its recorded sha256 (damaged or replaced)"
+    return digest, None
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """Held while building in ``directory``: a second process waits here, then finds the library
+    the first one built."""
+    if fcntl is None:  # no flock (Windows): concurrent builders may each compile, still atomically
+        yield
+        return
+    fd = os.open(str(directory / _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"crf: waiting for another process building the CPU kernels in {directory}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove_build_leftovers(directory: Path) -> None:
+    """Temp files of builds killed mid-way, and temp directories of earlier versions' builds.
+    Called under the lock, when no other build runs here: every _BUILD_PREFIX entry is a leftover."""
+    now = time.time()
+    for p in directory.iterdir():
+        legacy = p.name.startswith("tmp") and p.is_dir() and not p.is_symlink()
+        if not (p.name.startswith(_BUILD_PREFIX) or legacy):
+            continue
+        try:
+            if (legacy or fcntl is None) and now - p.lstat().st_mtime < _STALE_S:
+                continue  # may belong to a build running now
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError:
+            pass  # gone already, or not ours to remove: harmless, never loaded
+
+
+def _write_durably(path: Path, data: bytes | None = None) -> None:
+    """Write data to path (None: keep its contents) and wait until it is on disk."""
+    with open(path, "r+b" if data is None else "wb") as f:
+        if data is not None:
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _compile(cxx: str, lib: Path) -> None:
+    """Compile into a temp file beside ``lib``, record its sha256, then move both into place."""
+    fd, name = tempfile.mkstemp(prefix=_BUILD_PREFIX, suffix=".so", dir=str(lib.parent))
+    os.close(fd)
+    tmp = Path(name)
+    tmp_hash = _hash_path(tmp)
+    try:
+        cmd = [cxx, *CXX_FLAGS, "-o", str(tmp), str(KERNEL_DIR / "cpu_launch.cpp")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise BackendUnavailable(f"building the CPU CRF kernels failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
+        os.chmod(tmp, 0o755)  # whatever the umask: never writable by others (see _check_library)
+        _write_durably(tmp)
+        _write_durably(tmp_hash, (_file_sha256(tmp) + "\n").encode())
+        # A crash between the two replaces leaves a library and hash that disagree: rebuilt next time.
+        os.replace(tmp, lib)
+        os.replace(tmp_hash, _hash_path(lib))
+        if os.name == "posix":  # the renames themselves survive a power loss
+            fd = os.open(str(lib.parent), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        for p in (tmp, tmp_hash):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def build_cpu_library(force: bool = False, failed_sha256: str | None = None) -> Path:
+    """Compile crf/kernels/*.{cu,h,cpp} into a shared library once; cached by content, compiler and
+    CPU, and compiled again when the cached one fails its sha256 check. ``force`` always compiles;
+    ``failed_sha256`` (a library that failed to load) compiles unless another process has already
+    replaced that library."""
     cxx = _compiler()
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
@@ -164,27 +351,52 @@ def build_cpu_library(force: bool = False) -> Path:
     for f in sorted(KERNEL_DIR.glob("*")):
         if f.suffix in (".cu", ".h", ".cpp"):
             h.update(f.name.encode() + f.read_bytes())
-    lib = cache_dir() / f"libdensecrf_cpu_{h.hexdigest()[:16]}.so"
-    if lib.is_file() and not force:
+    directory = kernel_cache_dir()
+    lib = directory / f"libdensecrf_cpu_{h.hexdigest()[:16]}.so"
+    if not force and failed_sha256 is None and _check_library(lib)[0] is not None:
         return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    # a few seconds, once per machine and kernel version: say so rather than stall silently
-    print(f"crf: compiling the CPU kernels once (cached in {lib.parent})", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-        out = Path(tmp) / lib.name
-        cmd = [cxx, *CXX_FLAGS, "-o", str(out), str(KERNEL_DIR / "cpu_launch.cpp")]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise BackendUnavailable(f"building the CPU CRF kernels failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
-        os.replace(out, lib)  # atomic: concurrent builders never see a half-written library
+    try:
+        with _build_lock(directory):
+            # checked again: another process may have built it while this one waited
+            digest, problem = _check_library(lib)
+            if digest is not None and not force and digest != failed_sha256:
+                return lib
+            if digest is not None and digest == failed_sha256:
+                problem = "does not load"
+            _remove_build_leftovers(directory)
+            # a few seconds, once per machine and kernel version: say so rather than stall silently
+            why = f"; the cached {lib.name} {problem}" if problem else ""
+            print(f"crf: compiling the CPU kernels once (cached in {directory}{why})", file=sys.stderr, flush=True)
+            _compile(cxx, lib)
+    except OSError as e:
+        raise BackendUnavailable(f"could not build the CPU CRF kernels in {directory}: {e}") from e
     return lib
+
+
+def load_cpu_library() -> ctypes.CDLL:
+    """The compiled kernels, loaded: a verified library that still does not load is compiled
+    again once; if that one does not load either, BackendUnavailable says why."""
+    lib = build_cpu_library()
+    try:
+        return ctypes.CDLL(str(lib))
+    except OSError:
+        pass
+    try:
+        failed = _file_sha256(lib)
+    except OSError:
+        failed = None
+    lib = build_cpu_library(force=failed is None, failed_sha256=failed)
+    try:
+        return ctypes.CDLL(str(lib))
+    except OSError as e:
+        raise BackendUnavailable(f"the compiled CPU CRF kernels do not load, even compiled again: {e}") from e
 
 
 class CPUKernels(KernelBackend):
     name = "cpu"
 
     def __init__(self, library: Path | None = None):
-        self.lib = ctypes.CDLL(str(library or build_cpu_library()))
+        self.lib = load_cpu_library() if library is None else ctypes.CDLL(str(library))
         self._launchers: dict[str, ctypes._CFuncPtr] = {}
 
     def alloc(self, nbytes: int) -> Buffer:
