@@ -538,3 +538,20 @@ def test_gpu_missing_pycuda_dependency_is_named():
             "try:\n    import_pycuda()\nexcept BackendUnavailable as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert "its dependency 'pytools' is missing" in out.stdout, out.stdout + out.stderr
+
+
+def test_gpu_session_script_help_and_loud_failure(tmp_path):
+    """The GPU machine's one script: --help runs nothing; without the pycuda build kit it stops
+    with a failure and its summary, never "nothing to test, exit 0"."""
+    script = ROOT / "benchmarks" / "gpu_session.sh"
+    out = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True,
+                         env=dict(os.environ, OUT=str(tmp_path / "o")))
+    assert out.returncode == 0 and "usage: bash benchmarks/gpu_session.sh" in out.stdout
+    assert not (tmp_path / "o").exists()
+    if (ROOT / ".whl").exists() or gpu_available():
+        pytest.skip("a pycuda build kit or a GPU is here: the script would really run")
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path,
+                         env=dict(os.environ, OUT=str(tmp_path / "o")))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "pycuda build" in out.stdout and ".whl/device-install.sh missing" in out.stdout
+    assert "RESULT: FAILED" in out.stdout and (tmp_path / "o" / "nvidia-smi.txt").exists()

@@ -43,7 +43,8 @@ for case in cases:
 """
 
 
-@pytest.mark.parametrize("backend", ["cpu", "numpy"] + (["gpu"] if gpu_available() else []))
+@pytest.mark.parametrize("backend", ["cpu", "numpy", pytest.param("gpu", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU with pycuda and nvcc here")])])
 def test_bandwidths_and_weights_over_their_range_never_crash(backend):
     out = subprocess.run([sys.executable, "-c", SWEEP, backend], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
