@@ -210,7 +210,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: ShapeP
                                    f"{builder.num_DLA_cores} DLA core(s)")
         trt_compat.use_dla(config, options.dla_core)
     cache_file = Path(timing_cache) if timing_cache else None
-    # Held until the build is over: TensorRT 10 does not keep the attached cache alive by itself.
+    # The attached cache gathers this build's timings; it is written back to the file afterwards.
     cache = _attach_timing_cache(config, cache_file)
     opt_profile = builder.create_optimization_profile()
     # Explicit Dims (pybind11 would also convert tuples, but the typed API says Dims).

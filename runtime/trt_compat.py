@@ -118,7 +118,7 @@ def use_dla(config: tensorrt.IBuilderConfig, core: int) -> None:
 
 
 def describe_parser_error(error: tensorrt.ParserError, nodes: Sequence[tuple[str, str]] = ()) -> str:
-    """One parser error naming the ONNX node: node_name()/node_operator() exist from 9.0 on; on 8.x
+    """One parser error naming the ONNX node: node_name()/node_operator() exist from 9.x on; on 8.x
     the node index is looked up in ``nodes`` ((name, op_type) in graph order, the parser's index)."""
     index = error.node()  # -1 when the error is not about one node
     name = op = ""
