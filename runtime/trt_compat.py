@@ -3,12 +3,14 @@
 TensorRT is imported from wherever it is installed (a system package on Jetson, a wheel on x86)
 and never pinned. ``tensorrt-stubs`` installs an importable ``tensorrt`` namespace with no
 implementation, so availability is decided by the presence of ``Builder``, not by the import.
-Functions below import ``tensorrt`` themselves so that mypy checks them against the stubs.
+Functions below import ``tensorrt`` themselves so that mypy checks them against the stubs; the
+pure functions at the end (version arithmetic) need no TensorRT and serve the plan loader too.
 """
 from __future__ import annotations
 
+import re
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     import tensorrt
@@ -35,10 +37,15 @@ def load_tensorrt() -> ModuleType:
     return trt
 
 
-def version() -> tuple[int, int]:
+def full_version() -> str:
+    """The installed version as TensorRT prints it (e.g. 10.3.0.30): a plan records this exact string."""
     import tensorrt as trt
 
-    major, minor = (int(x) for x in trt.__version__.split(".")[:2])
+    return str(trt.__version__)
+
+
+def version() -> tuple[int, int]:
+    major, minor = parse_version(full_version())[:2]
     return major, minor
 
 
@@ -59,8 +66,118 @@ def supports_precision_flags() -> bool:
     return version()[0] < 11 and hasattr(trt.BuilderFlag, "FP16")
 
 
+def precision_name(fp16: bool) -> str:
+    """What a build's precision is called in the plan's metadata: "fp16" (the builder flag, <= 10.x),
+    "fp32", or "onnx" on 11.x, where the ONNX model's own tensor types decide."""
+    if fp16:
+        return "fp16"
+    return "fp32" if supports_precision_flags() else "onnx"
+
+
 def set_workspace(config: tensorrt.IBuilderConfig, nbytes: int) -> None:
     """Workspace limit: set_memory_pool_limit exists from 8.4 on (max_workspace_size is gone in 10)."""
     import tensorrt as trt
 
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, nbytes)
+
+
+def supports_portable_plans() -> bool:
+    """Hardware-compatible (HardwareCompatibilityLevel) and version-compatible (BuilderFlag.
+    VERSION_COMPATIBLE) plans exist from 8.6 on."""
+    return version() >= (8, 6)
+
+
+def set_hardware_compatible(config: tensorrt.IBuilderConfig) -> None:
+    """A plan that runs on every Ampere or newer GPU (8.6+; slower: fewer tactics, no cuDNN/cuBLAS)."""
+    import tensorrt as trt
+
+    config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+
+
+def set_version_compatible(config: tensorrt.IBuilderConfig) -> None:
+    """A plan that newer TensorRT runtimes load (8.6+); it embeds a lean runtime, so the loader must
+    allow host code (allow_plan_host_code)."""
+    import tensorrt as trt
+
+    config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+
+
+def allow_plan_host_code(runtime: tensorrt.Runtime) -> None:
+    """Needed to deserialize a version-compatible plan (IRuntime::setEngineHostCodeAllowed, 8.6+)."""
+    runtime.engine_host_code_allowed = True
+
+
+def use_dla(config: tensorrt.IBuilderConfig, core: int) -> None:
+    """Run on DLA core ``core`` (Jetson Orin), layers DLA cannot run going to the GPU. The same
+    properties exist from 8.5 to 11.x (DLA itself returned in 11.4 after being dropped in 11.0)."""
+    import tensorrt as trt
+
+    config.default_device_type = trt.DeviceType.DLA
+    config.DLA_core = core
+    config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+
+
+def describe_parser_error(error: tensorrt.ParserError, nodes: Sequence[tuple[str, str]] = ()) -> str:
+    """One parser error naming the ONNX node: node_name()/node_operator() exist from 9.x on; on 8.x
+    the node index is looked up in ``nodes`` ((name, op_type) in graph order, the parser's index)."""
+    index = error.node()  # -1 when the error is not about one node
+    name = op = ""
+    if hasattr(error, "node_name"):
+        name, op = error.node_name(), error.node_operator()
+    if not name and 0 <= index < len(nodes):
+        name, op = nodes[index]
+    where = "model" if index < 0 else f"node {index} {name!r} ({op or 'unknown op'})"
+    code = getattr(error.code(), "name", str(error.code()))
+    return f"{where}: {error.desc()} [{code}]"
+
+
+# TensorRT DataType member names -> numpy-style names (the plan's metadata speaks numpy); trt.nptype
+# is not used because 8.5's builds its table with np.bool, which numpy >= 1.24 no longer has.
+_DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
+                "INT32": "int32", "INT64": "int64", "BOOL": "bool", "FP8": "float8", "INT4": "int4"}
+
+
+def dtype_name(dtype: tensorrt.DataType) -> str:
+    name = str(getattr(dtype, "name", str(dtype).rsplit(".", 1)[-1]))
+    return _DTYPE_NAMES.get(name, name.lower())
+
+
+def dims_list(dims: tensorrt.Dims) -> list[int]:
+    return [int(dims[i]) for i in range(len(dims))]
+
+
+# --- version arithmetic, no TensorRT needed -------------------------------------------------------
+
+# Cross-major pairs (built by, run by) that version-compatible plans support (TensorRT support
+# matrix: 8 -> 9 and 10, 10 -> 11); within one major version any newer runtime loads them.
+_CROSS_MAJOR_VERSION_COMPATIBLE = {(8, 9), (8, 10), (10, 11)}
+_AMPERE = (8, 0)
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'10.3.0.30' -> (10, 3, 0, 30); suffixes such as 'post1' or 'rc' are dropped."""
+    parts = []
+    for p in text.strip().split("."):
+        m = re.match(r"\d+", p)
+        if m is None:
+            break
+        parts.append(int(m.group()))
+        if m.end() < len(p):  # '0b6', '1rc2': the rest is a pre-release tag
+            break
+    if not parts:
+        raise ValueError(f"not a TensorRT version: {text!r}")
+    return tuple(parts)
+
+
+def runs_version_compatible_plan(built_by: str, running: str) -> bool:
+    """Whether TensorRT ``running`` loads a version-compatible plan built by ``built_by``: never an
+    older runtime; a newer one of the same major version, or of a supported next major version."""
+    b, r = parse_version(built_by), parse_version(running)
+    if r < b or b[:2] < (8, 6):
+        return False
+    return r[0] == b[0] or (b[0], r[0]) in _CROSS_MAJOR_VERSION_COMPATIBLE
+
+
+def runs_hardware_compatible_plan(compute_capability: str) -> bool:
+    """Whether a GPU runs an AMPERE_PLUS hardware-compatible plan: compute capability 8.0 or newer."""
+    return parse_version(compute_capability)[:2] >= _AMPERE

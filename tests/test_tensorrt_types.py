@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT
 
-TRT_FILES = ["export/tensorrt_build.py", "runtime/trt_compat.py"]
+TRT_FILES = ["export/tensorrt_build.py", "runtime/trt_compat.py", "runtime/engine_meta.py", "runtime/gpu_info.py"]
 
 
 @pytest.fixture(scope="module")

@@ -70,19 +70,6 @@ def test_export_caffemodel_and_class_mismatch(tmp_path):
     assert bad.returncode == 2 and "--num-classes 21" in bad.stderr and not (tmp_path / "x.onnx").exists()
 
 
-def test_export_engine_without_tensorrt_explains(tmp_path):
-    pytest.importorskip("onnx")
-    try:
-        import tensorrt  # noqa: F401
-
-        if hasattr(tensorrt, "Builder"):
-            pytest.skip("TensorRT is installed here: the explanation path is not taken")
-    except ImportError:
-        pass
-    out = run("tools/export.py", BUNDLED, "--out", tmp_path / "m.onnx", "--engine", tmp_path / "m.engine")
-    assert "no TensorRT engine built" in out.stdout and not (tmp_path / "m.engine").exists()
-
-
 def test_evaluate_writes_a_table_and_json(tmp_path, bundled_onnx):
     res = run("tools/evaluate.py", "--model", bundled_onnx, "--images", "3", "--json", tmp_path / "e.json")
     data = json.loads((tmp_path / "e.json").read_text())

@@ -21,8 +21,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_hw(s: str) -> tuple[int, int]:
+    """'513x513', '480x640' or '513' (square) -> (H, W), both >= 1."""
     h, _, w = s.lower().partition("x")
-    return int(h), int(w or h)
+    try:
+        hw = int(h), int(w or h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 513x513) or one size, got {s!r}") from None
+    if min(hw) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {s!r}")
+    return hw
+
+
+def int_at_least(low: int):
+    """An argparse type: a whole number >= low."""
+    def parse(s: str) -> int:
+        try:
+            n = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
+        return n
+    return parse
 
 
 def main(argv=None) -> int:
@@ -34,14 +54,24 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=float, help="width multiplier (default: from the weights)")
     ap.add_argument("--from-vgg16", action="store_true", help="weights are a torchvision ImageNet VGG-16 state dict")
     ap.add_argument("--class-names", help="comma-separated class names to store in the model")
-    ap.add_argument("--engine", help="also build a TensorRT engine at this path (needs TensorRT)")
-    ap.add_argument("--fp16", action="store_true", help="TensorRT FP16 (TensorRT <= 10)")
-    ap.add_argument("--min-size", type=parse_hw, default=(65, 65), metavar="HxW")
-    ap.add_argument("--opt-size", type=parse_hw, default=(513, 513), metavar="HxW")
-    ap.add_argument("--max-size", type=parse_hw, default=(1025, 1025), metavar="HxW")
-    ap.add_argument("--max-batch", type=int, default=1)
-    ap.add_argument("--timing-cache", help="TensorRT timing cache file (read and updated)")
+    trt = ap.add_argument_group("TensorRT engine (needs TensorRT; the plan gets a .json metadata sidecar)")
+    trt.add_argument("--engine", metavar="PATH", help="also build a TensorRT engine at this path; skipped when the plan there "
+                     "was built from the same ONNX, TensorRT, GPU and options")
+    trt.add_argument("--force", action="store_true", help="rebuild the engine even when it is up to date")
+    trt.add_argument("--fp16", action="store_true", help="TensorRT FP16 (TensorRT <= 10)")
+    trt.add_argument("--min-size", type=parse_hw, default=(65, 65), metavar="HxW", help="smallest input (65x65)")
+    trt.add_argument("--opt-size", type=parse_hw, default=(513, 513), metavar="HxW", help="size tuned for (513x513)")
+    trt.add_argument("--max-size", type=parse_hw, default=(1025, 1025), metavar="HxW", help="largest input (1025x1025)")
+    trt.add_argument("--max-batch", type=int_at_least(1), default=1, metavar="N", help="largest batch (1)")
+    trt.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache file (read and updated)")
+    trt.add_argument("--hardware-compatible", action="store_true",
+                     help="plan runs on any Ampere or newer GPU (TensorRT >= 8.6; slower)")
+    trt.add_argument("--version-compatible", action="store_true",
+                     help="plan runs on newer TensorRT versions too (TensorRT >= 8.6)")
+    trt.add_argument("--dla-core", type=int_at_least(0), metavar="N",
+                     help="run on DLA core N (Jetson Orin): needs --fp16 and one fixed size (min = opt = max)")
     args = ap.parse_args(argv)
+    engine_profile, engine_options = engine_settings(ap, args)
 
     import torch
 
@@ -83,17 +113,41 @@ def main(argv=None) -> int:
           f"{model.config.num_classes} classes, {n_params / 1e6:.2f} M params) in {time.perf_counter() - t0:.1f} s")
 
     if args.engine:
-        from export.tensorrt_build import ShapeProfile, build_engine
+        from export.tensorrt_build import EngineBuildError, build_engine
         from runtime.trt_compat import TensorRTUnavailable
 
         try:
-            profile = ShapeProfile(args.min_size, args.opt_size, args.max_size, args.max_batch)
-            engine = build_engine(out, args.engine, profile, fp16=args.fp16, timing_cache=args.timing_cache)
-        except TensorRTUnavailable as e:
-            print(f"no TensorRT engine built: {e}")
-            return 0
-        print(f"built TensorRT engine {engine}")
+            res = build_engine(out, args.engine, engine_profile, engine_options, timing_cache=args.timing_cache,
+                               weights_path=src, force=args.force)
+        except (TensorRTUnavailable, EngineBuildError) as e:
+            print(f"error: no TensorRT engine built: {e}", file=sys.stderr)
+            return 1
+        if res.built:
+            print(f"built TensorRT engine {res.path} (metadata: {res.path}.json)")
+        else:
+            print(f"engine up to date: {res.path}")
     return 0
+
+
+def engine_settings(ap: argparse.ArgumentParser, args: argparse.Namespace):
+    """The engine's profile and options, refused at parse time when they cannot work."""
+    from export.tensorrt_build import BuildOptions, ShapeProfile, check_options
+
+    engine_only = [f for f, on in (("--force", args.force), ("--fp16", args.fp16),
+                                   ("--hardware-compatible", args.hardware_compatible),
+                                   ("--version-compatible", args.version_compatible),
+                                   ("--dla-core", args.dla_core is not None),
+                                   ("--timing-cache", args.timing_cache)) if on]
+    if engine_only and not args.engine:
+        ap.error(f"{', '.join(engine_only)} apply to the TensorRT engine: add --engine PATH")
+    try:
+        profile = ShapeProfile(args.min_size, args.opt_size, args.max_size, args.max_batch)
+        options = BuildOptions(fp16=args.fp16, hardware_compatible=args.hardware_compatible,
+                               version_compatible=args.version_compatible, dla_core=args.dla_core)
+        check_options(profile, options)
+    except ValueError as e:
+        ap.error(str(e))
+    return profile, options
 
 
 if __name__ == "__main__":

@@ -1,0 +1,307 @@
+"""The TensorRT engine build's parts that run without TensorRT: the plan's metadata sidecar, the
+loader-side compatibility check, the engine cache key, and tools/export.py's engine options.
+
+TensorRT cannot be installed here, so the builder itself is only type-checked
+(tests/test_tensorrt_types.py); nothing below pretends to run it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+
+from conftest import BUNDLED, ROOT
+from export.tensorrt_build import BuildOptions, ShapeProfile, _json_list, _onnx_nodes_and_metadata, check_options
+from runtime import engine_meta, trt_compat
+from runtime.engine_meta import EngineMeta, EngineMismatch, SidecarError
+
+OUR_IO = [{"name": "image", "mode": "input", "dtype": "uint8", "shape": [-1, -1, -1, 3]},
+          {"name": "scores", "mode": "output", "dtype": "float32", "shape": [-1, 5, -1, -1]}]
+
+
+def tensorrt_installed() -> bool:
+    try:
+        trt_compat.load_tensorrt()
+    except trt_compat.TensorRTUnavailable:
+        return False
+    return True
+
+
+@pytest.fixture()
+def meta(bundled_onnx, tmp_path) -> EngineMeta:
+    """What a build of the bundled model would record: the values come from the same functions the
+    builder calls (ONNX hash and metadata, profile shapes); TensorRT's own answers (version, GPU,
+    I/O) are the ones a TensorRT 10.3 build on a Jetson Orin gives."""
+    _, metadata = _onnx_nodes_and_metadata(bundled_onnx)
+    return EngineMeta(
+        tensorrt_version="10.3.0.30", gpu_name="Orin", compute_capability="8.7", precision="fp16",
+        profile=ShapeProfile((257, 257), (257, 257), (257, 257), 1).shapes(), hardware_compatible=False,
+        version_compatible=False, dla_core=0, onnx_sha256=engine_meta.file_sha256(bundled_onnx),
+        plan_sha256=hashlib.sha256(b"plan bytes").hexdigest(), io=OUR_IO,
+        class_names=_json_list(metadata, "class_names"), palette=_json_list(metadata, "palette"),
+        onnx_path=str(bundled_onnx), weights_path=str(BUNDLED), engine_path=str(tmp_path / "m.engine"))
+
+
+def write_plan(meta: EngineMeta, plan_bytes: bytes = b"plan bytes"):
+    plan = Path(meta.engine_path)
+    engine_meta.atomic_write(plan, plan_bytes)
+    engine_meta.write_sidecar(plan, meta)
+    return plan
+
+
+# --- sidecar ---------------------------------------------------------------------------------------
+
+def test_sidecar_round_trip(meta, tmp_path):
+    plan = write_plan(meta)
+    side = tmp_path / "m.engine.json"
+    assert engine_meta.sidecar_path(plan) == side and side.is_file()
+    assert engine_meta.read_sidecar(plan) == meta
+    data = json.loads(side.read_text())
+    assert data["profile"] == {"min": [1, 257, 257, 3], "opt": [1, 257, 257, 3], "max": [1, 257, 257, 3]}
+    # class names and palette came from the ONNX's metadata (export/onnx_export.py wrote them)
+    assert data["class_names"][0] == "background" and len(data["class_names"]) == 5
+    assert len(data["palette"]) >= 5 and len(data["palette"][0]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.json"]  # no temporary left
+
+
+def test_plan_without_sidecar_warns_that_nothing_is_checked(tmp_path):
+    (tmp_path / "m.engine").write_bytes(b"plan")
+    with pytest.warns(RuntimeWarning, match="no metadata sidecar .*cannot be checked"):
+        assert engine_meta.read_sidecar(tmp_path / "m.engine") is None
+
+
+@pytest.mark.parametrize("io, named", [
+    ([dict(OUR_IO[0], name="input"), OUR_IO[1]], ["no input 'image'", "unexpected tensors ['input']"]),
+    ([dict(OUR_IO[0], dtype="float32"), OUR_IO[1]], ["'image' is input float32"]),
+    ([OUR_IO[0], dict(OUR_IO[1], dtype="float16")], ["'scores' is output float16"]),
+    ([dict(OUR_IO[0], shape=[-1, 3, -1, -1]), OUR_IO[1]], ["'image' is input uint8 [-1, 3, -1, -1]"]),
+    ([OUR_IO[0], OUR_IO[1], {"name": "labels", "mode": "output", "dtype": "int64", "shape": [-1, -1, -1]}],
+     ["unexpected tensors ['labels']"]),
+])
+def test_sidecar_with_foreign_io_is_refused(meta, tmp_path, io, named):
+    side = tmp_path / "m.engine.json"
+    data = json.loads(json.dumps(asdict(meta)))
+    data["io"] = io
+    side.write_text(json.dumps(data))
+    with pytest.raises(SidecarError, match="not a plan of this toolkit's DeepLab graph") as e:
+        engine_meta.read_sidecar(tmp_path / "m.engine")
+    for text in named:
+        assert text in str(e.value)
+    with pytest.raises(SidecarError):  # the builder's writer refuses it too
+        engine_meta.write_sidecar(tmp_path / "other.engine", replace(meta, io=io))
+    assert not (tmp_path / "other.engine.json").exists()
+
+
+def test_corrupt_or_incomplete_sidecar_is_a_clear_error(meta, tmp_path):
+    plan, side = tmp_path / "m.engine", tmp_path / "m.engine.json"
+    side.write_text('{"tensorrt_version": "10.3')
+    with pytest.raises(SidecarError, match="not valid JSON.*tools/export.py"):
+        engine_meta.read_sidecar(plan)
+    side.write_text("[1, 2]")
+    with pytest.raises(SidecarError, match="expected a JSON object, found list"):
+        engine_meta.read_sidecar(plan)
+    data = asdict(meta)
+    del data["tensorrt_version"], data["io"]
+    side.write_text(json.dumps(data))
+    with pytest.raises(SidecarError, match="misses io, tensorrt_version"):
+        engine_meta.read_sidecar(plan)
+    side.write_text(json.dumps(dict(asdict(meta), dla_core="0", version_compatible=1)))
+    with pytest.raises(SidecarError, match="wrong types for version_compatible=1, dla_core='0'"):
+        engine_meta.read_sidecar(plan)
+    side.write_text(json.dumps(dict(asdict(meta), profile={"min": [1, 2]})))
+    with pytest.raises(SidecarError, match="'profile' must map min, opt and max"):
+        engine_meta.read_sidecar(plan)
+
+
+# --- loader-side compatibility check ----------------------------------------------------------------
+
+def test_same_tensorrt_and_gpu_passes(meta):
+    assert engine_meta.check_compatible(meta, "10.3.0.30", "Orin", "8.7") == []
+
+
+def test_tensorrt_version_mismatch_names_both_and_the_rebuild_command(meta):
+    with pytest.raises(EngineMismatch) as e:
+        engine_meta.check_compatible(meta, "10.4.0.26", "Orin", "8.7")
+    msg = str(e.value)
+    assert "built by TensorRT 10.3.0.30, this is TensorRT 10.4.0.26" in msg and "GPU" not in msg
+    cmd = msg.split("Rebuild it on this machine: ")[1]
+    assert shlex.split(cmd) == [
+        "python", "tools/export.py", str(BUNDLED), "--out", meta.onnx_path, "--engine", meta.engine_path,
+        "--min-size", "257x257", "--opt-size", "257x257", "--max-size", "257x257", "--max-batch", "1",
+        "--fp16", "--dla-core", "0"]
+
+
+def test_gpu_mismatch_names_both(meta):
+    with pytest.raises(EngineMismatch, match=r"built for Orin \(compute capability 8.7\), this GPU is "
+                                             r"NVIDIA A100-SXM4-80GB \(compute capability 8.0\)") as e:
+        engine_meta.check_compatible(meta, "10.3.0.30", "NVIDIA A100-SXM4-80GB", "8.0")
+    assert "TensorRT 10.3" not in str(e.value)
+
+
+def test_both_mismatches_are_reported_together(meta):
+    with pytest.raises(EngineMismatch) as e:
+        engine_meta.check_compatible(meta, "8.6.2.3", "Xavier", "7.2", plan_path="/models/moved.engine")
+    msg = str(e.value)
+    assert "TensorRT 10.3.0.30, this is TensorRT 8.6.2.3" in msg and "this GPU is Xavier (compute capability 7.2)" in msg
+    assert "--engine /models/moved.engine" in msg and msg.startswith("TensorRT plan /models/moved.engine")
+
+
+def test_version_compatible_plan_tolerates_a_newer_tensorrt_only(meta):
+    vc = replace(meta, version_compatible=True, dla_core=None)
+    for newer in ("10.3.0.31", "10.7.0.23", "11.0.0.4"):
+        assert engine_meta.check_compatible(vc, newer, "Orin", "8.7") == []
+    for refused in ("10.2.0.19", "12.0.0.1"):
+        with pytest.raises(EngineMismatch, match="same or a newer TensorRT only.*--version-compatible"):
+            engine_meta.check_compatible(vc, refused, "Orin", "8.7")
+    with pytest.raises(EngineMismatch, match="this is TensorRT 10.4.0.26"):  # not version-compatible
+        engine_meta.check_compatible(meta, "10.4.0.26", "Orin", "8.7")
+    # TensorRT 8 plans load on 9 and 10 but not 11; 8.5 had no version-compatible plans at all
+    assert trt_compat.runs_version_compatible_plan("8.6.1.6", "10.3.0.30")
+    assert not trt_compat.runs_version_compatible_plan("8.6.1.6", "11.0.0.4")
+    assert not trt_compat.runs_version_compatible_plan("8.5.2.2", "8.6.1.6")
+
+
+def test_hardware_compatible_plan_tolerates_other_ampere_plus_gpus(meta):
+    hc = replace(meta, gpu_name="NVIDIA A100-SXM4-80GB", compute_capability="8.0", hardware_compatible=True,
+                 dla_core=None)
+    assert engine_meta.check_compatible(hc, "10.3.0.30", "NVIDIA GeForce RTX 4090", "8.9") == []
+    assert engine_meta.check_compatible(hc, "10.3.0.30", "NVIDIA H100 80GB HBM3", "9.0") == []
+    with pytest.raises(EngineMismatch, match="this GPU is Tesla T4 .*compute capability 8.0 or newer"):
+        engine_meta.check_compatible(hc, "10.3.0.30", "Tesla T4", "7.5")
+    with pytest.raises(EngineMismatch, match="this is TensorRT 10.4"):  # hardware- is not version-compatible
+        engine_meta.check_compatible(hc, "10.4.0.26", "NVIDIA GeForce RTX 4090", "8.9")
+    with pytest.raises(EngineMismatch, match="this GPU is NVIDIA GeForce RTX 4090"):
+        engine_meta.check_compatible(replace(hc, hardware_compatible=False), "10.3.0.30", "NVIDIA GeForce RTX 4090", "8.9")
+
+
+def test_unknown_gpu_is_reported_not_checked(meta):
+    notes = engine_meta.check_compatible(replace(meta, gpu_name=None, compute_capability=None),
+                                         "10.3.0.30", "Orin", "8.7")
+    assert len(notes) == 1 and "GPU not checked: the plan was built on an unknown GPU" in notes[0]
+    notes = engine_meta.check_compatible(meta, "10.3.0.30", None, None)
+    assert "this is an unknown GPU" in notes[0]
+
+
+def test_version_strings():
+    assert trt_compat.parse_version("10.3.0.30") == (10, 3, 0, 30)
+    assert trt_compat.parse_version("10.0.0b6") == (10, 0, 0)
+    assert trt_compat.parse_version("8.6.1.post1") == (8, 6, 1)
+    with pytest.raises(ValueError, match="not a TensorRT version"):
+        trt_compat.parse_version("unknown")
+
+
+# --- engine cache -------------------------------------------------------------------------------------
+
+KEY_ARGS = dict(onnx_sha256="ab" * 32, tensorrt_version="10.3.0.30", gpu_name="Orin", compute_capability="8.7",
+                precision="fp16", profile=ShapeProfile().shapes(), hardware_compatible=False,
+                version_compatible=False, dla_core=None)
+
+
+def test_engine_key_equality():
+    assert engine_meta.engine_key(**KEY_ARGS) == engine_meta.engine_key(**dict(KEY_ARGS))
+    assert engine_meta.engine_key(**KEY_ARGS) == engine_meta.engine_key(
+        **dict(KEY_ARGS, profile={k: tuple(v) for k, v in reversed(list(KEY_ARGS["profile"].items()))}))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("onnx_sha256", "cd" * 32), ("tensorrt_version", "10.3.0.31"), ("gpu_name", "NVIDIA A100"),
+    ("compute_capability", "8.0"), ("precision", "fp32"), ("profile", ShapeProfile(max_batch=4).shapes()),
+    ("hardware_compatible", True), ("version_compatible", True), ("dla_core", 1)])
+def test_engine_key_changes_with_every_input(field, value):
+    assert engine_meta.engine_key(**KEY_ARGS) != engine_meta.engine_key(**dict(KEY_ARGS, **{field: value}))
+
+
+def test_up_to_date_needs_the_same_key_and_the_described_plan(meta, tmp_path):
+    plan = tmp_path / "m.engine"
+    assert not engine_meta.up_to_date(plan, meta.key())  # nothing built yet
+    write_plan(meta)
+    assert engine_meta.up_to_date(plan, meta.key())
+    assert not engine_meta.up_to_date(plan, replace(meta, tensorrt_version="10.4.0.26").key())
+    plan.write_bytes(b"another plan")  # replaced behind the sidecar's back
+    assert not engine_meta.up_to_date(plan, meta.key())
+    write_plan(meta)
+    (tmp_path / "m.engine.json").write_text("{")
+    assert not engine_meta.up_to_date(plan, meta.key())
+
+
+def test_onnx_sha256_of_an_export_is_stable(bundled_onnx, tmp_path):
+    """The cache key hashes the ONNX that tools/export.py writes again on every run: an export of the
+    same weights must give the same bytes, other weights other bytes."""
+    from export.onnx_export import export_onnx
+    from export.weights import load_model
+
+    digest = engine_meta.file_sha256(bundled_onnx)
+    assert digest == hashlib.sha256(bundled_onnx.read_bytes()).hexdigest() and len(digest) == 64
+    model, m = load_model(BUNDLED)
+    again = export_onnx(model, tmp_path / "again.onnx", class_names=m.get("class_names"), palette=m.get("palette"))
+    assert engine_meta.file_sha256(again) == digest
+    import torch
+
+    with torch.no_grad():
+        model.fc8.bias.add_(1.0)
+    other = export_onnx(model, tmp_path / "other.onnx", class_names=m.get("class_names"), palette=m.get("palette"))
+    assert engine_meta.file_sha256(other) != digest
+
+
+# --- tools/export.py ----------------------------------------------------------------------------------
+
+def export_cli(*args):
+    return subprocess.run([sys.executable, "tools/export.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True)
+
+
+def test_engine_without_tensorrt_fails_after_writing_the_onnx(meta, tmp_path):
+    """Run the rebuild command a sidecar prints (here a DLA FP16 one): tools/export.py accepts it,
+    writes the ONNX, and exits non-zero with one line saying why no engine was built."""
+    if tensorrt_installed():
+        pytest.skip("TensorRT is installed here: the engine would be built")
+    meta = replace(meta, onnx_path=str(tmp_path / "m.onnx"))
+    cmd = shlex.split(engine_meta.rebuild_command(meta))
+    assert cmd[:2] == ["python", "tools/export.py"]
+    res = export_cli(*cmd[2:])
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert (tmp_path / "m.onnx").is_file() and "exported" in res.stdout
+    errors = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: no TensorRT engine built: TensorRT is not installed")
+    assert not (tmp_path / "m.engine").exists() and not (tmp_path / "m.engine.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--min-size", "600x600"], "profile sizes must be ordered min <= opt <= max in H and in W, got min 600x600, "
+                                "opt 513x513, max 1025x1025"),
+    (["--opt-size", "513x513", "--max-size", "513x257"], "min <= opt <= max"),
+    (["--max-size", "abc"], "expected HxW (e.g. 513x513) or one size, got 'abc'"),
+    (["--min-size", "0x64"], "sizes must be >= 1, got '0x64'"),
+    (["--max-batch", "0"], "--max-batch: must be >= 1, got 0"),
+    (["--dla-core", "-1", "--fp16"], "--dla-core: must be >= 0, got -1"),
+    (["--dla-core", "0", "--fp16"], "DLA runs static shapes only: give one size as --min-size, --opt-size and "
+                                    "--max-size and --max-batch 1 (got min 65x65, opt 513x513, max 1025x1025"),
+    (["--dla-core", "0", "--fp16", "--min-size", "513", "--max-size", "513", "--max-batch", "2"],
+     "DLA runs static shapes only"),
+    (["--dla-core", "0", "--fp16", "--min-size", "513", "--max-size", "513", "--hardware-compatible"],
+     "--hardware-compatible does not apply with --dla-core"),
+])
+def test_bad_engine_options_are_refused_at_parse_time(tmp_path, args, message):
+    res = export_cli(BUNDLED, "--out", tmp_path / "m.onnx", "--engine", tmp_path / "m.engine", *args)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert not (tmp_path / "m.onnx").exists()  # refused before anything was exported
+
+
+def test_engine_options_without_engine_are_refused(tmp_path):
+    res = export_cli(BUNDLED, "--out", tmp_path / "m.onnx", "--fp16", "--version-compatible")
+    assert res.returncode == 2 and "--fp16, --version-compatible apply to the TensorRT engine: add --engine PATH" \
+        in res.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_static_dla_profile_is_accepted():
+    check_options(ShapeProfile((513, 513), (513, 513), (513, 513), 1), BuildOptions(fp16=True, dla_core=1))
+    with pytest.raises(ValueError, match="DLA runs static shapes only"):
+        check_options(ShapeProfile((513, 513), (513, 513), (513, 769), 1), BuildOptions(fp16=True, dla_core=1))
+    check_options(ShapeProfile(), BuildOptions(hardware_compatible=True, version_compatible=True))
