@@ -24,14 +24,14 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 try:
     import fcntl
 except ImportError:  # Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 KERNEL_SOURCE = KERNEL_DIR / "densecrf.cu"
@@ -397,7 +397,7 @@ class CPUKernels(KernelBackend):
 
     def __init__(self, library: Path | None = None):
         self.lib = load_cpu_library() if library is None else ctypes.CDLL(str(library))
-        self._launchers: dict[str, ctypes._CFuncPtr] = {}
+        self._launchers: dict[str, Any] = {}  # ctypes function pointers
 
     def alloc(self, nbytes: int) -> Buffer:
         arr = np.empty(max(int(nbytes), 4), np.uint8)
@@ -435,7 +435,7 @@ class CPUKernels(KernelBackend):
             fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
             fn.restype = None
             self._launchers[kernel] = fn
-        holders = []
+        holders: list[Any] = []  # ctypes scalars
         for a in args:
             if a is None:
                 holders.append(ctypes.c_void_p(None))
@@ -509,7 +509,7 @@ class GPUKernels(KernelBackend):
     (``with k.active():`` for a sequence of calls; DenseCRFDriver.run does that once per call)."""
 
     name = "gpu"
-    _module = None
+    _module: Any = None
 
     def __init__(self, stream=None, device: int = 0):
         cuda = import_pycuda()
@@ -618,8 +618,9 @@ class GPUKernels(KernelBackend):
         """CUDA-event times per kernel (ms), resolved after a synchronize."""
         with self.active():
             self.stream.synchronize()
+            sink = self.profile if self.profile is not None else {}
             for kernel, start, end in self._events:
-                self.profile.setdefault(kernel, []).append(start.time_till(end))
+                sink.setdefault(kernel, []).append(start.time_till(end))
         self._events.clear()
         return dict(self.profile or {})
 
@@ -642,6 +643,25 @@ def _compile_module(cuda):
                                  f"{e}\n{detail}".rstrip()) from e
     except cuda.Error as e:  # e.g. a cubin the driver cannot load (driver older than the toolkit)
         raise BackendUnavailable(f"the compiled CRF kernels do not load on this GPU: {e}") from e
+
+
+class GpuIdentity(NamedTuple):
+    name: str                 # as the driver names it, e.g. "NVIDIA A100-SXM4-80GB", "Orin"
+    compute_capability: str   # "8.0", "8.7"
+
+
+def gpu_identity(device: int = 0) -> GpuIdentity | None:
+    """Name and compute capability of CUDA device ``device`` (what a TensorRT plan is tied to),
+    asked through pycuda without creating or touching any context; None where pycuda or a CUDA
+    driver is missing."""
+    try:
+        cuda = import_pycuda()
+        cuda.init()
+        dev = cuda.Device(device)
+        major, minor = dev.compute_capability()
+        return GpuIdentity(str(dev.name()), f"{major}.{minor}")
+    except Exception:  # BackendUnavailable, or pycuda's own errors (no driver, no device, bad index)
+        return None
 
 
 def gpu_available() -> bool:

@@ -119,7 +119,7 @@ class CapturedGraph:
                 self._lib.cuGraphDestroy(self._graph)
         except Exception:  # interpreter shutdown: the driver may be gone already
             pass
-        self._exe = self._graph = None
+        self._exe = self._graph = _c_p()  # NULL: destroyed
 
 
 def capture_launches(stream_handle: int, launches: List[Callable[[], None]]) -> CapturedGraph:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import numpy as np
 
@@ -96,8 +97,17 @@ class _Lattice:
         self.tag, self.d, self.dp1, self.weight = tag, d, d + 1, weight
         self.alpha = np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d))
         self.m = self.e = 0
-        self.weights = self.offsets = self.nbr = self.starts = self.lists = self.list_w = self.norm = None
-        self.va = self.vb = self.result = None
+        # device buffers, set by DenseCRFDriver._build (Any: None until then)
+        self.weights: Any = None
+        self.offsets: Any = None
+        self.nbr: Any = None
+        self.starts: Any = None
+        self.lists: Any = None
+        self.list_w: Any = None
+        self.norm: Any = None
+        self.va: Any = None
+        self.vb: Any = None
+        self.result: Any = None
 
 
 SPLATS = ("gather", "fixed")

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from crf.backend import gpu_identity
 from runtime import engine_meta, trt_compat
 from runtime.engine_meta import EngineMeta
-from runtime.gpu_info import current_gpu
 
 if TYPE_CHECKING:
     import tensorrt
@@ -167,7 +167,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: ShapeP
 
     _check_versioned_options(options)
     onnx_path, out = Path(onnx_path), Path(engine_path)
-    gpu = current_gpu()
+    gpu = gpu_identity()
     if options.hardware_compatible and gpu is not None and not trt_compat.runs_hardware_compatible_plan(
             gpu.compute_capability):
         raise EngineBuildError(f"hardware-compatible plans are built on Ampere or newer GPUs; this is {gpu.name} "

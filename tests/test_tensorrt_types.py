@@ -18,7 +18,10 @@ import pytest
 
 from conftest import ROOT
 
-TRT_FILES = ["export/tensorrt_build.py", "runtime/trt_compat.py", "runtime/engine_meta.py", "runtime/gpu_info.py"]
+TRT_FILES = ["export/tensorrt_build.py", "runtime/trt_compat.py", "runtime/engine_meta.py"]
+# The modules that drive pycuda and the CUDA driver (pycuda ships no annotations: its calls are
+# checked as Any, the project's own code around them is checked in full).
+PYCUDA_FILES = ["crf/backend.py", "crf/cuda_graph.py", "crf/driver.py", "tools/torch_pipeline.py"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def mypy(stub_dir: Path, *targets: str) -> subprocess.CompletedProcess:
 
 
 def test_tensorrt_code_type_checks_against_the_10x_bindings(stub_dir):
-    res = mypy(stub_dir, *TRT_FILES)
+    res = mypy(stub_dir, *TRT_FILES, *PYCUDA_FILES)
     assert res.returncode == 0, res.stdout + res.stderr
 
 

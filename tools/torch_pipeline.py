@@ -56,7 +56,8 @@ class TorchPipeline:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
             self.kernels: KernelBackend = GPUKernels()
-            self.torch_stream = torch.cuda.ExternalStream(self.kernels.stream.handle, device=self.device)
+            self.torch_stream: torch.cuda.ExternalStream | None = torch.cuda.ExternalStream(
+                self.kernels.stream.handle, device=self.device)
         else:
             self.kernels = CPUKernels()
             self.torch_stream = None
