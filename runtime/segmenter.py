@@ -21,9 +21,12 @@ from crf.features import unary_from_scores
 
 from .contract import (DEFAULT_MAX_SIZE, ImageError, ImageLike, aligned_size, as_bgr_uint8, fit_scale,
                        load_image, pad_image)
+from .onnx_backend import ModelFormatError, NetworkOutputError
 from .palette import VOC_CLASSES, blend, check_palette, colour_mask, voc_palette
 
 _DEFAULT = object()
+#: Side of the padded image the network is tried on when a model is loaded (8k+1, tiny).
+PROBE_SIZE = 17
 
 
 @dataclass
@@ -57,6 +60,53 @@ def _resize_scores(scores: np.ndarray, h: int, w: int) -> np.ndarray:
     return out
 
 
+def _shape_problems(shape: tuple, n: int, c: int, h: int, w: int) -> list[str]:
+    """What is off in a network output of ``shape`` for n images of h x w with c classes."""
+    if len(shape) != 4:
+        return [f"scores of shape {shape}, not N x C x H x W"]
+    problems = []
+    if shape[0] != n:
+        problems.append(f"{shape[0]} score maps for a batch of {n}")
+    if shape[1] != c:
+        problems.append(f"{shape[1]} class channels for a {c}-class model")
+    if tuple(shape[2:]) != (h, w):
+        problems.append(f"{shape[2]}x{shape[3]} scores for a {h}x{w} input "
+                        "(the graph must upsample them to the input size)")
+    return problems
+
+
+def check_network_output(network, source: str) -> None:
+    """Run the network once on a small image padded as the Segmenter pads and refuse a model
+    whose scores are not N x C x H x W at the input size, whose class count disagrees with its
+    metadata, or which gives NaN/inf there (raises ModelFormatError naming what is off)."""
+    fixed_n, fixed_h, fixed_w = network.fixed_input_dims
+    n, h, w = fixed_n or 1, fixed_h or PROBE_SIZE, fixed_w or PROBE_SIZE
+    image = np.full((max(1, h - 4), max(1, w - 6), 3), 128, np.uint8)
+    batch = np.stack([pad_image(image, h, w)] * n)
+    try:
+        scores = np.asarray(network(batch))
+    except Exception as e:  # the backend's own error types
+        raise ModelFormatError(f"{source}: the network fails on a {h}x{w} probe image: {e}") from e
+    problems = _shape_problems(scores.shape, n, network.num_classes, h, w)
+    meta = network.metadata
+    try:
+        config_classes = json.loads(meta.get("deeplab_config", "{}")).get("num_classes")
+        names = json.loads(meta["class_names"]) if "class_names" in meta else None
+    except (ValueError, AttributeError) as e:
+        raise ModelFormatError(f"{source}: unreadable metadata: {e}") from e
+    if config_classes is not None and config_classes != network.num_classes:
+        problems.append(f"its metadata's config says {config_classes} classes, its output shape "
+                        f"{network.num_classes}")
+    if names is not None and scores.ndim == 4 and len(names) != scores.shape[1]:
+        problems.append(f"its metadata lists {len(names)} class names for {scores.shape[1]} class channels")
+    with np.errstate(over="ignore"):
+        finite = np.isfinite(scores.astype(np.float32)).all()  # as the runtime casts them
+    if not problems and not finite:
+        problems.append(f"NaN/inf scores on a uniform {h}x{w} image (broken weights?)")
+    if problems:
+        raise ModelFormatError(f"{source}: " + "; ".join(problems))
+
+
 class Segmenter:
     """DeepLab v1 segmentation with the dense CRF, for embedded apps.
 
@@ -68,6 +118,10 @@ class Segmenter:
     side above it are shrunk for the network and the scores resized back (see runtime.contract).
     input_size: (H, W) to pad every image to a fixed network size instead of the next 8k+1.
     max_batch: the most images of one padded size sent to the network at once.
+
+    The network is tried once at load on a small padded image: scores not at the input's size,
+    a class count that disagrees with the metadata, or NaN/inf there raise ModelFormatError.
+    NaN/inf scores for an image raise NetworkOutputError naming it (with the CRF or without).
     """
 
     def __init__(self, model_path: str | Path, crf: CRFParams | None = _DEFAULT, backend: str = "auto",  # type: ignore[assignment]
@@ -83,6 +137,8 @@ class Segmenter:
         from .onnx_backend import OnnxRuntimeNetwork
 
         self.network = OnnxRuntimeNetwork(path, threads=threads)
+        self.model_path = path
+        check_network_output(self.network, str(path))
         self.backend = self.network.name
         self.crf_params = CRFParams() if crf is _DEFAULT else crf
         if self.crf_params is not None and not isinstance(self.crf_params, CRFParams):
@@ -163,6 +219,8 @@ class Segmenter:
         if not images:
             return []
         t0 = time.perf_counter()
+        names = [str(im) if isinstance(im, (str, Path)) else
+                 (f"image {k} of the batch" if len(images) > 1 else "the image") for k, im in enumerate(images)]
         prepared = []
         for k, im in enumerate(images):
             try:
@@ -184,6 +242,9 @@ class Segmenter:
             t1 = time.perf_counter()
             scores = self.network(batch)
             t_net = (time.perf_counter() - t1) * 1e3 / len(idx)
+            problems = _shape_problems(scores.shape, len(idx), self.num_classes, ph, pw)
+            if problems:
+                raise ModelFormatError(f"{self.model_path}: " + "; ".join(problems))
             for j, i in enumerate(idx):
                 img, net_img, s = prepared[i]
                 timings = {"preprocess": t_pre + t_pad, "network": t_net}
@@ -192,7 +253,14 @@ class Segmenter:
                 sc = scores[j, :, :nh, :nw]  # crop top-left
                 if s < 1.0:
                     sc = _resize_scores(sc, *img.shape[:2])
-                sc = np.ascontiguousarray(sc, np.float32)
+                with np.errstate(over="ignore"):
+                    sc = np.ascontiguousarray(sc, np.float32)
+                # After the cast: a float64 graph output can overflow there. The float64
+                # sum is non-finite exactly when an element is (float32 values cannot overflow it).
+                if not np.isfinite(sc.sum(dtype=np.float64)):
+                    bad = int(sc.size - np.count_nonzero(np.isfinite(sc)))
+                    raise NetworkOutputError(f"{names[i]}: the network's scores contain {bad} NaN/inf "
+                                             f"values (of {sc.size}); no labels can be drawn from them")
                 timings["postprocess"] = (time.perf_counter() - t2) * 1e3
                 t2 = time.perf_counter()
                 if self.crf_params is not None:
