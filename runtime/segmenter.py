@@ -8,7 +8,9 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,21 @@ from .palette import VOC_CLASSES, blend, check_palette, colour_mask, voc_palette
 _DEFAULT = object()
 #: Side of the padded image the network is tried on when a model is loaded (8k+1, tiny).
 PROBE_SIZE = 17
+#: Bytes the CRF may take by default before it runs on a shrunken copy (see crf_max_pixels).
+CRF_MEMORY_BUDGET = 1.5e9
+
+
+def crf_bytes_per_pixel(num_classes: int) -> float:
+    """CRF memory per pixel by the README's formula with C-float label rows (the GPU's layout),
+    lattice vertices ~ N/5 per kernel as on photographs, the hash table at its largest
+    (4 pow2(3N/4) <= 6N) and the GPU's extra terms: ~530 bytes with 21 classes."""
+    s = num_classes
+    return 8 * s + 236 + 6 + (28 + 8 * s + 52 + 8 * s + 8) / 5 + 8 * s / 5 + 3
+
+
+def default_crf_max_pixels(num_classes: int) -> int:
+    """Largest image (pixels) the CRF runs on at full size within CRF_MEMORY_BUDGET."""
+    return int(CRF_MEMORY_BUDGET // crf_bytes_per_pixel(num_classes))
 
 
 @dataclass
@@ -35,13 +52,15 @@ class Segmentation:
     marginals, or the network's softmax without CRF), only when asked for. timings: milliseconds
     per stage (preprocess, network, crf, postprocess, total). image: the BGR image segmented.
     scores: C x H x W float32, the network's upsampled logits (what the CRF starts from), only
-    when asked for."""
+    when asked for. crf_scale: 1, or the factor (< 1) by which the image was shrunk for the CRF
+    because it had more than the Segmenter's crf_max_pixels."""
 
     labels: np.ndarray
     probabilities: np.ndarray | None
     timings: dict[str, float]
     image: np.ndarray = field(repr=False)
     scores: np.ndarray | None = field(default=None, repr=False)
+    crf_scale: float = 1.0
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
@@ -118,6 +137,12 @@ class Segmenter:
     side above it are shrunk for the network and the scores resized back (see runtime.contract).
     input_size: (H, W) to pad every image to a fixed network size instead of the next 8k+1.
     max_batch: the most images of one padded size sent to the network at once.
+    crf_max_pixels: images with more pixels run the CRF on a copy shrunk to fit (default: what
+    keeps the CRF's buffers under ~1.5 GB for the model's class count, ~2.8 M pixels with 21
+    classes). A deviation from DeepLab, which always ran it at full size: the image is shrunk
+    with area interpolation, the scores bilinearly, the spatial bandwidths (bi_xy_std,
+    pos_xy_std) by the same factor; the marginals are resized back bilinearly and the labels are
+    their argmax. ``result.crf_scale`` says when it happened.
 
     The network is tried once at load on a small padded image: scores not at the input's size,
     a class count that disagrees with the metadata, or NaN/inf there raise ModelFormatError.
@@ -127,7 +152,7 @@ class Segmenter:
     def __init__(self, model_path: str | Path, crf: CRFParams | None = _DEFAULT, backend: str = "auto",  # type: ignore[assignment]
                  class_names: Sequence[str] | None = None, palette=None, max_size: int = DEFAULT_MAX_SIZE,
                  input_size: tuple[int, int] | None = None, crf_backend: str = "auto", threads: int | None = None,
-                 max_batch: int = 8):
+                 max_batch: int = 8, crf_max_pixels: int | None = None):
         path = Path(model_path)
         if backend not in ("auto", "onnxruntime"):
             raise ValueError(f"unknown backend {backend!r}: choose 'auto' or 'onnxruntime'")
@@ -161,6 +186,9 @@ class Segmenter:
         if n > 256:
             raise ValueError(f"{n} classes: labels are uint8, at most 256 classes are supported")
         self.num_classes = n
+        if crf_max_pixels is not None and crf_max_pixels < 1:
+            raise ValueError(f"crf_max_pixels must be >= 1, got {crf_max_pixels}")
+        self.crf_max_pixels = default_crf_max_pixels(n) if crf_max_pixels is None else int(crf_max_pixels)
         if class_names is None:
             class_names = json.loads(meta["class_names"]) if "class_names" in meta else (
                 VOC_CLASSES if n == len(VOC_CLASSES) else [f"class_{i}" for i in range(n)])
@@ -207,6 +235,22 @@ class Segmenter:
         if s < 1.0:
             net_img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
         return img, net_img, s
+
+    def _crf(self, scores: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """CRF marginals at the image's size, and the factor the CRF ran at (see crf_max_pixels)."""
+        import cv2
+
+        h, w = image.shape[:2]
+        if h * w <= self.crf_max_pixels:
+            return refine(scores, image, self.crf_params, backend=self.crf_backend), 1.0
+        f = math.sqrt(self.crf_max_pixels / (h * w))
+        sh, sw = max(1, int(h * f)), max(1, int(w * f))  # rounded down: within the budget
+        scale = math.sqrt(sh * sw / (h * w))
+        params = dataclasses.replace(self.crf_params, bi_xy_std=self.crf_params.bi_xy_std * scale,
+                                     pos_xy_std=self.crf_params.pos_xy_std * scale)
+        small = refine(_resize_scores(scores, sh, sw), cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA),
+                       params, backend=self.crf_backend)
+        return _resize_scores(small, h, w), scale
 
     def _padded_size(self, h: int, w: int) -> tuple[int, int]:
         if self.input_size is not None:
@@ -263,8 +307,9 @@ class Segmenter:
                                              f"values (of {sc.size}); no labels can be drawn from them")
                 timings["postprocess"] = (time.perf_counter() - t2) * 1e3
                 t2 = time.perf_counter()
+                crf_scale = 1.0
                 if self.crf_params is not None:
-                    probs = refine(sc, img, self.crf_params, backend=self.crf_backend)
+                    probs, crf_scale = self._crf(sc, img)
                     timings["crf"] = (time.perf_counter() - t2) * 1e3
                 else:
                     probs = _softmax(sc) if return_probabilities else None
@@ -274,5 +319,5 @@ class Segmenter:
                 timings["postprocess"] += (time.perf_counter() - t2) * 1e3
                 timings["total"] = sum(timings.values())
                 results[i] = Segmentation(labels, probs if return_probabilities else None, timings, img,
-                                          sc if return_scores else None)
+                                          sc if return_scores else None, crf_scale)
         return results  # type: ignore[return-value]
