@@ -27,10 +27,18 @@ def check_inputs(scores: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.
                             f"{image.shape[0]}x{image.shape[1]}: they must be the same size")
     if scores.shape[1] == 0 or scores.shape[2] == 0:
         raise CRFInputError(f"zero-size input {scores.shape}")
-    if not np.isfinite(scores).all():
-        bad = int((~np.isfinite(scores)).sum())
+    # Checked after the cast: the kernels see float32, and a finite float64 beyond float32's
+    # range becomes inf there (then NaN marginals).
+    with np.errstate(over="ignore"):
+        scores32 = np.ascontiguousarray(scores, np.float32)
+    finite = np.isfinite(scores32)
+    if not finite.all():
+        bad = int(finite.size - np.count_nonzero(finite))
+        if scores.dtype != np.float32 and np.isfinite(scores).all():
+            raise CRFInputError(f"scores contain {bad} values beyond float32's range (|x| > 3.4e38), "
+                                f"which overflow to inf in float32")
         raise CRFInputError(f"scores contain {bad} NaN/inf values")
-    return np.ascontiguousarray(scores, np.float32), np.ascontiguousarray(image)
+    return scores32, np.ascontiguousarray(image)
 
 
 def unary_from_scores(scores: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from .model import DeepLabPipeline, DeepLabV1
+from .weights import check_finite
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "scores"
@@ -37,43 +38,63 @@ class GraphCheckError(ValueError):
 
 def export_onnx(net: DeepLabV1, path: str | Path, class_names: Sequence[str] | None = None,
                 palette: Sequence[Sequence[int]] | None = None, sample_size: int = 321) -> Path:
-    """Export ``net`` wrapped in :class:`DeepLabPipeline` to ``path`` (opset 17), then check it."""
+    """Export ``net`` wrapped in :class:`DeepLabPipeline` to ``path`` (opset 17), then check it.
+
+    Class names, palette and weights are checked first; the file appears under ``path`` only
+    once it is complete and has passed :func:`check_graph` (written beside it, then renamed)."""
     import onnx
 
+    from runtime.output_files import replacing
+
+    check_labels(class_names, palette, net.config.num_classes)
+    check_finite(net.state_dict(), "the model")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pipe = DeepLabPipeline(net).eval()
     sample = torch.full((1, sample_size, sample_size, 3), 128, dtype=torch.uint8)
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of torch.export, but it is the one that
-        # emits a single Resize with dynamic H/W for F.interpolate(size=...), which we need.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            pipe, (sample,), str(path), opset_version=OPSET, dynamo=False,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch", 1: "height", 2: "width"},
-                          OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
-            do_constant_folding=True,
-        )
-    model = onnx.load(str(path))
-    meta = {
-        "deeplab_config": json.dumps(net.config.to_dict()),
-        "input_layout": "NHWC uint8 BGR 0..255, mean subtracted in-graph",
-        "output_layout": "NCHW float32 class scores at input resolution",
-    }
-    if class_names is not None:
-        if len(class_names) != net.config.num_classes:
-            raise ValueError(f"{len(class_names)} class names for {net.config.num_classes} classes")
-        meta["class_names"] = json.dumps(list(class_names))
-    if palette is not None:
-        meta["palette"] = json.dumps([list(map(int, c)) for c in palette])
-    del model.metadata_props[:]
-    for k, v in meta.items():
-        model.metadata_props.add(key=k, value=v)
-    model.producer_name = PRODUCER
-    onnx.save(model, str(path))
-    check_graph(path)
+    with replacing(path) as tmp:
+        with warnings.catch_warnings():
+            # The TorchScript exporter is deprecated in favour of torch.export, but it is the one that
+            # emits a single Resize with dynamic H/W for F.interpolate(size=...), which we need.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                pipe, (sample,), str(tmp), opset_version=OPSET, dynamo=False,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch", 1: "height", 2: "width"},
+                              OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
+                do_constant_folding=True,
+            )
+        model = onnx.load(str(tmp))
+        meta = {
+            "deeplab_config": json.dumps(net.config.to_dict()),
+            "input_layout": "NHWC uint8 BGR 0..255, mean subtracted in-graph",
+            "output_layout": "NCHW float32 class scores at input resolution",
+        }
+        if class_names is not None:
+            meta["class_names"] = json.dumps(list(class_names))
+        if palette is not None:
+            meta["palette"] = json.dumps([list(map(int, c)) for c in palette])
+        del model.metadata_props[:]
+        for k, v in meta.items():
+            model.metadata_props.add(key=k, value=v)
+        model.producer_name = PRODUCER
+        onnx.save(model, str(tmp))
+        check_graph(tmp)
     return path
+
+
+def check_labels(class_names: Sequence[str] | None, palette: Sequence[Sequence[int]] | None,
+                 num_classes: int) -> None:
+    """Refuse class names or a palette (RGB rows) that do not fit ``num_classes`` classes."""
+    from runtime.palette import check_palette
+
+    if class_names is not None:
+        if len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        if not all(isinstance(c, str) and c.strip() for c in class_names):
+            raise ValueError(f"class names must be non-empty strings, got {list(class_names)}")
+    if palette is not None:
+        check_palette(palette, num_classes)
 
 
 def check_graph(path: str | Path) -> dict:

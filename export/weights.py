@@ -60,7 +60,20 @@ def load_into(model: DeepLabV1, state: Mapping[str, torch.Tensor], source: str =
         problems.append("unexpected layers: " + ", ".join(unexpected))
     if problems:
         raise WeightsError(f"{source} does not fit DeepLab {model.config}: " + " | ".join(problems))
+    check_finite(state, source)
     model.load_state_dict({k: torch.as_tensor(state[k]) for k in expected}, strict=True)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
+    """Refuse NaN/inf weights, naming the layers (they would give NaN scores for every image)."""
+    bad = []
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            n = int((~torch.isfinite(v)).sum())
+            if n:
+                bad.append(f"{k} ({n} of {v.numel()})")
+    if bad:
+        raise WeightsError(f"{source} has NaN/inf weights: " + ", ".join(bad))
 
 
 # ---------------------------------------------------------------------------------------------

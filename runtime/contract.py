@@ -39,16 +39,84 @@ class ImageError(ValueError):
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as H x W x 3 uint8 BGR (OpenCV order)."""
+    """Read an image file as H x W x 3 uint8 BGR (OpenCV order).
+
+    A JPEG or PNG file that ends early is refused (decoders fill the missing rows with grey and
+    only warn). 16-bit files are scaled to 8 bits (x / 257, rounded); the EXIF orientation of a
+    file is applied; alpha is dropped and grayscale replicated, as for arrays.
+    """
     import cv2
 
     p = Path(path)
     if not p.is_file():
         raise ImageError(f"image file not found: {p}")
-    img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+    data = p.read_bytes()
+    if not data:
+        raise ImageError(f"empty image file: {p}")
+    problem = incomplete_file_reason(data)
+    if problem:
+        raise ImageError(f"cannot decode image file ({problem}): {p}")
+    # IMREAD_COLOR applies the EXIF orientation (IMREAD_UNCHANGED would not); ANYDEPTH keeps
+    # 16-bit samples so that they are scaled rather than truncated by the decoder.
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     if img is None:
         raise ImageError(f"cannot decode image file (corrupt or not an image): {p}")
+    if img.dtype == np.uint16:
+        img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise ImageError(f"{p}: {img.dtype} samples; only 8- and 16-bit image files are read "
+                         "(convert it to 8 bits, or pass a uint8 array)")
     return as_bgr_uint8(img, source=str(p))
+
+
+def incomplete_file_reason(data: bytes) -> str | None:
+    """Why a JPEG or PNG file is cut short (None when complete or another format)."""
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_problem(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return _png_problem(data)
+    return None
+
+
+def _jpeg_problem(data: bytes) -> str | None:
+    # Walk the marker segments (their lengths skip EXIF thumbnails, which hold their own end
+    # marker) to the first start-of-scan. Entropy-coded data never contains FF D9 (an FF there is
+    # followed by 00 or a restart marker), so the end-of-image marker must follow; bytes after it
+    # (padding, camera trailers) are allowed.
+    pos, n = 2, len(data)
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            return f"corrupt JPEG: no marker at byte {pos}"
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xD9:
+            return None
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        elif pos + 4 > n:
+            break
+        else:
+            length = int.from_bytes(data[pos + 2:pos + 4], "big")
+            if marker == 0xDA:
+                return None if data.find(b"\xff\xd9", pos + 2 + length) >= 0 else \
+                    "truncated JPEG: no end-of-image marker"
+            pos += 2 + length
+    return "truncated JPEG: it ends inside its headers"
+
+
+def _png_problem(data: bytes) -> str | None:
+    # Chunks are length, type, data, CRC; a complete file ends with the IEND chunk.
+    pos, n = 8, len(data)
+    while pos + 8 <= n:
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        end = pos + 12 + length
+        if end > n:
+            return f"truncated PNG: {data[pos + 4:pos + 8].decode('ascii', 'replace')} chunk is cut short"
+        if data[pos + 4:pos + 8] == b"IEND":
+            return None
+        pos = end
+    return "truncated PNG: no IEND chunk"
 
 
 def as_bgr_uint8(image: np.ndarray, source: str = "image") -> np.ndarray:

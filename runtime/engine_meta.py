@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import trt_compat
+from .output_files import write_bytes_atomically
 
 SCHEMA = 1
 INPUT_NAME = "image"
@@ -85,18 +84,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename: readers (a loader, a concurrent
-    build's up-to-date check) see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Readers (a loader, a concurrent build's up-to-date check) see the old file or the new one,
+    never half of one (runtime.output_files writes every file the toolkit produces)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomically(path, data)
 
 
 def check_io(io: List[Dict[str, Any]], source: str) -> None:

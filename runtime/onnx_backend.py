@@ -14,6 +14,10 @@ class ModelFormatError(ValueError):
     """A model file that is not a DeepLab graph exported by this toolkit."""
 
 
+class NetworkOutputError(ValueError):
+    """Scores from the network that cannot be segmented (NaN/inf), naming the image."""
+
+
 class OnnxRuntimeNetwork:
     """uint8 N x H x W x 3 BGR batch -> float32 N x C x H x W upsampled class scores."""
 
@@ -51,6 +55,8 @@ class OnnxRuntimeNetwork:
         if not isinstance(c, int):
             raise ModelFormatError(f"{p}: cannot tell the number of classes")
         self.num_classes = c
+        #: (N, H, W) of the input where the graph fixes them, else None per axis.
+        self.fixed_input_dims = tuple(d if isinstance(d, int) else None for d in ins[0].shape[:3])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]

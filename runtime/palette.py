@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .output_files import write_bytes_atomically
+
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -71,4 +73,4 @@ def write_indexed_png(path: str | Path, labels: np.ndarray, palette_rgb: np.ndar
     raw = np.concatenate([np.zeros((h, 1), np.uint8), labels], axis=1).tobytes()  # filter 0 per row
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
            + chunk(b"PLTE", pal.tobytes()) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    Path(path).write_bytes(png)
+    write_bytes_atomically(path, png)

@@ -98,3 +98,38 @@ def test_export_rejects_wrong_number_of_class_names(tmp_path):
     net = DeepLabV1(ModelConfig(num_classes=3, width=0.0625))
     with pytest.raises(ValueError, match="2 class names for 3 classes"):
         export_onnx(net, tmp_path / "m.onnx", class_names=["a", "b"])
+
+
+def test_export_checks_labels_and_weights_before_writing(tmp_path):
+    from export.weights import WeightsError
+
+    net = DeepLabV1(ModelConfig(num_classes=3, width=0.0625)).eval()
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ValueError, match="2 class names for 3 classes"):
+        export_onnx(net, out, class_names=["a", "b"])
+    with pytest.raises(ValueError, match="class names must be non-empty strings"):
+        export_onnx(net, out, class_names=["a", "", "c"])
+    with pytest.raises(ValueError, match=r"palette must be \(>= 3\) x 3 RGB"):
+        export_onnx(net, out, palette=[[0, 0, 0]])
+    with torch.no_grad():
+        net.fc7.bias[2] = float("inf")
+        net.fc8.weight[0, 0] = float("nan")
+    with pytest.raises(WeightsError, match=r"the model has NaN/inf weights: fc7.bias \(1 of 64\), fc8.weight \(1 of 192\)"):
+        export_onnx(net, out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_check_leaves_the_previous_export(tmp_path, monkeypatch):
+    import export.onnx_export as onnx_export
+
+    net = DeepLabV1(ModelConfig(num_classes=3, width=0.0625)).eval()
+    out = export_onnx(net, tmp_path / "m.onnx", class_names=["a", "b", "c"])
+    before = out.read_bytes()
+
+    def failing_check(path):
+        raise GraphCheckError(f"refused {path}")
+
+    monkeypatch.setattr(onnx_export, "check_graph", failing_check)
+    with pytest.raises(GraphCheckError, match="refused"):
+        export_onnx(net, out, class_names=["x", "y", "z"])
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]

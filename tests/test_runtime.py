@@ -224,3 +224,26 @@ def test_runtime_never_imports_torch(bundled_onnx):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_crf_memory_budget_shrinks_large_images(bundled_onnx, seg):
+    from runtime.segmenter import crf_bytes_per_pixel, default_crf_max_pixels
+
+    # The default follows the README's formula: 97.0 MB measured at 500x375 with 21 labels.
+    assert abs(crf_bytes_per_pixel(21) * 500 * 375 / 97.0e6 - 1) < 0.1
+    assert default_crf_max_pixels(21) * crf_bytes_per_pixel(21) <= 1.5e9 < (default_crf_max_pixels(21) + 1) * crf_bytes_per_pixel(21)
+    image, truth = held_out_scene(4)
+    h, w = truth.shape
+    full = seg(image, return_probabilities=True)
+    assert seg.crf_max_pixels == default_crf_max_pixels(5) > h * w and full.crf_scale == 1.0
+    r = Segmenter(bundled_onnx, crf_max_pixels=h * w // 4)(image, return_probabilities=True, return_scores=True)
+    assert 0.45 < r.crf_scale <= 0.5
+    assert r.labels.shape == truth.shape and r.probabilities.shape == (5, h, w)
+    np.testing.assert_allclose(r.probabilities.sum(0), 1, atol=1e-4)
+    assert np.array_equal(r.labels, r.probabilities.argmax(0))
+    plain = r.scores.argmax(0)
+    # The shrunken CRF still refines: closer to the truth than the network alone, close to the full CRF.
+    assert (r.labels == truth).mean() > (plain == truth).mean()
+    assert (r.labels == full.labels).mean() > 0.95
+    with pytest.raises(ValueError, match="crf_max_pixels must be >= 1"):
+        Segmenter(bundled_onnx, crf_max_pixels=0)

@@ -86,3 +86,72 @@ def test_scene_generator_is_deterministic():
     assert a.shape == (100, 120, 3) and la.max() < len(CLASS_NAMES)
     assert not (make_scene(43, 100, 120)[0] == a).all()
     assert np.unique(np.concatenate([make_scene(s)[1].ravel() for s in range(20)])).size == len(CLASS_NAMES)
+
+
+def test_segment_keeps_same_named_inputs_apart_and_reports_bad_ones(tmp_path, bundled_onnx):
+    import cv2
+
+    from tools.evaluate import held_out_scene
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    inputs = {"a/x.png": held_out_scene(0)[0], "b/x.png": held_out_scene(1)[0], "a/x.jpg": held_out_scene(2)[0]}
+    assert len({im.shape for im in inputs.values()}) == 3  # each result can be told by its size
+    for rel, im in inputs.items():
+        cv2.imwrite(str(tmp_path / rel), im)
+    jpg = cv2.imencode(".jpg", held_out_scene(3)[0])[1].tobytes()
+    (tmp_path / "b" / "cut.jpg").write_bytes(jpg[:len(jpg) // 2])
+    res = run("tools/segment.py", tmp_path / "a" / "x.png", tmp_path / "b", tmp_path / "a" / "x.jpg",
+              tmp_path / "a" / "x.png", "--model", bundled_onnx, "--out", tmp_path / "o", "--no-crf", check=False)
+    assert res.returncode == 1
+    assert "wrote 3 masks and overlays" in res.stdout and "1 failed" in res.stdout
+    failed = [line for line in res.stderr.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and "truncated JPEG" in failed[0] and str(tmp_path / "b" / "cut.jpg") in failed[0]
+    for rel, out in (("a/x.png", "a/x_png"), ("b/x.png", "b/x"), ("a/x.jpg", "a/x_jpg")):
+        mask = cv2.imread(str(tmp_path / "o" / f"{out}_mask.png"))
+        overlay = cv2.imread(str(tmp_path / "o" / f"{out}_overlay.jpg"))
+        assert mask.shape == overlay.shape == inputs[rel].shape
+    written = sorted(str(p.relative_to(tmp_path / "o")) for p in (tmp_path / "o").rglob("*") if p.is_file())
+    assert written == sorted(f"{o}_{k}" for o in ("a/x_png", "b/x", "a/x_jpg") for k in ("mask.png", "overlay.jpg"))
+
+
+def test_segment_arguments_are_checked_before_any_work(tmp_path, bundled_onnx):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "in").mkdir()
+    for name in ("x.png", "x_mask.png"):
+        (tmp_path / "in" / name).write_bytes((SAMPLES / "scene_0.png").read_bytes())
+    out = tmp_path / "o"
+    for inputs, args, message in (
+            (SAMPLES, ["--alpha", "1.5"], "argument --alpha: must be in [0, 1], got 1.5"),
+            (SAMPLES, ["--crf-iterations", "-1"], "argument --crf-iterations: must be >= 0, got -1"),
+            (SAMPLES, ["--out", tmp_path / "file"], f"--out {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder"),
+            (SAMPLES, ["--model", tmp_path / "absent.onnx"], "model file not found"),
+            (tmp_path / "in", ["--out", tmp_path / "in"], f"a result would overwrite the input {tmp_path / 'in' / 'x_mask.png'}")):
+        res = run("tools/segment.py", inputs, "--model", bundled_onnx, "--out", out, *args, check=False)
+        assert res.returncode == 2 and "usage:" in res.stderr and message in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and not out.exists()
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["x.png", "x_mask.png"]
+
+
+def test_export_checks_names_and_weights_before_writing(tmp_path):
+    out = tmp_path / "m.onnx"
+    bad = run("tools/export.py", BUNDLED, "--out", out, "--class-names", "a,b,c", check=False)
+    assert bad.returncode == 2 and "--class-names: 3 class names for 5 classes" in bad.stderr
+    bad = run("tools/export.py", BUNDLED, "--out", out, "--class-names", "a,,c", check=False)
+    assert bad.returncode == 2 and "empty class name" in bad.stderr
+    bad = run("tools/export.py", BUNDLED, "--out", tmp_path, check=False)
+    assert bad.returncode == 2 and f"{tmp_path} is a folder" in bad.stderr
+    state = DeepLabV1(ModelConfig(num_classes=3, width=0.0625)).state_dict()
+    state["conv1_1.bias"][1] = float("inf")
+    state["fc8.weight"][2, 5] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    bad = run("tools/export.py", tmp_path / "nan.pth", "--out", out, check=False)
+    assert bad.returncode == 2 and "NaN/inf weights: conv1_1.bias (1 of 4), fc8.weight (1 of 192)" in bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pth"]  # no .onnx, no temporary file
+
+
+def test_evaluate_arguments_are_checked(tmp_path, bundled_onnx):
+    res = run("tools/evaluate.py", "--model", bundled_onnx, "--images", "0", check=False)
+    assert res.returncode == 2 and "argument --images: must be >= 1" in res.stderr
+    res = run("tools/evaluate.py", "--model", bundled_onnx, "--json", tmp_path, check=False)
+    assert res.returncode == 2 and f"{tmp_path} is a folder" in res.stderr

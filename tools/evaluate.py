@@ -40,12 +40,27 @@ def mean_iou(conf: np.ndarray) -> tuple[float, np.ndarray]:
     return float(np.nanmean(iou)), iou
 
 
+def positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
+    return v
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="ONNX model exported by tools/export.py")
-    ap.add_argument("--images", type=int, default=100)
+    ap.add_argument("--images", type=positive_int, default=100)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+
+    from runtime.output_files import output_file_problem, write_bytes_atomically
+
+    if not Path(args.model).is_file():
+        ap.error(f"--model: model file not found: {args.model}")
+    problem = output_file_problem(args.json) if args.json else None
+    if problem:
+        ap.error(f"--json {args.json}: {problem}")
 
     from tqdm import tqdm
 
@@ -67,14 +82,18 @@ def main(argv=None) -> int:
     print(f"{'':8s} {'mIoU':>7s} " + " ".join(f"{c[:9]:>9s}" for c in plain.class_names))
     for name, c in conf.items():
         miou, iou = mean_iou(c)
-        results[name] = {"mean_iou": miou, "per_class_iou": dict(zip(plain.class_names, iou.tolist())),
+        # A class absent from both truth and labels has no IoU: null in the JSON (NaN is not JSON).
+        per_class = [None if np.isnan(v) else v for v in iou.tolist()]
+        results[name] = {"mean_iou": miou, "per_class_iou": dict(zip(plain.class_names, per_class)),
                          "pixel_accuracy": float(np.trace(c) / c.sum())}
         print(f"{name:8s} {100 * miou:7.2f} " + " ".join(f"{100 * v:9.2f}" for v in iou))
     gain = 100 * (results["CRF"]["mean_iou"] - results["no CRF"]["mean_iou"])
     print(f"CRF gain: {gain:+.2f} mIoU points")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"images": args.images, "crf": CRFParams().__dict__, **results}, indent=2))
+        text = json.dumps({"images": args.images, "crf": CRFParams().__dict__, **results}, indent=2,
+                          allow_nan=False)
+        write_bytes_atomically(args.json, text.encode())
     return 0
 
 

@@ -20,6 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def parse_class_names(s: str) -> list[str]:
+    names = [n.strip() for n in s.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"empty class name in {s!r}")
+    return names
+
+
 def parse_hw(s: str) -> tuple[int, int]:
     """'513x513', '480x640' or '513' (square) -> (H, W), both >= 1."""
     h, _, w = s.lower().partition("x")
@@ -53,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", choices=["largefov", "7x7", "4x4"], help="head (default: from the weights)")
     ap.add_argument("--width", type=float, help="width multiplier (default: from the weights)")
     ap.add_argument("--from-vgg16", action="store_true", help="weights are a torchvision ImageNet VGG-16 state dict")
-    ap.add_argument("--class-names", help="comma-separated class names to store in the model")
+    ap.add_argument("--class-names", type=parse_class_names, help="comma-separated class names to store in the model")
     trt = ap.add_argument_group("TensorRT engine (needs TensorRT; the plan gets a .json metadata sidecar)")
     trt.add_argument("--engine", metavar="PATH", help="also build a TensorRT engine at this path; skipped when the plan there "
                      "was built from the same ONNX, TensorRT, GPU and options")
@@ -72,15 +79,25 @@ def main(argv=None) -> int:
                      help="run on DLA core N (Jetson Orin): needs --fp16 and one fixed size (min = opt = max)")
     args = ap.parse_args(argv)
     engine_profile, engine_options = engine_settings(ap, args)
+    from runtime.output_files import output_file_problem
+
+    src = Path(args.weights)
+    out = Path(args.out) if args.out else src.with_suffix(".onnx")
+    problem = output_file_problem(out)
+    if problem:
+        ap.error(f"--out {out}: {problem}")
+    if args.num_classes is not None and args.num_classes < 1:
+        ap.error(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.class_names and args.num_classes and len(args.class_names) != args.num_classes:
+        ap.error(f"--class-names has {len(args.class_names)} names for --num-classes {args.num_classes}")
 
     import torch
 
     from export.caffe import CaffeModelError
     from export.model import DeepLabV1, ModelConfig
-    from export.onnx_export import export_onnx
+    from export.onnx_export import check_labels, export_onnx
     from export.weights import WeightsError, infer_config, load_into, load_model, read_checkpoint, vgg16_to_deeplab
 
-    src = Path(args.weights)
     t0 = time.perf_counter()
     try:
         if args.from_vgg16:
@@ -104,10 +121,23 @@ def main(argv=None) -> int:
     except (WeightsError, CaffeModelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    names = args.class_names.split(",") if args.class_names else meta.get("class_names")
-    out = Path(args.out) if args.out else src.with_suffix(".onnx")
-    with torch.no_grad():
-        export_onnx(model, out, class_names=names, palette=meta.get("palette"))
+    names = args.class_names or meta.get("class_names")
+    n = model.config.num_classes
+    # Checked before anything is written (export_onnx checks them again, and the weights).
+    labels = [("--class-names", args.class_names, None)] if args.class_names else []
+    labels.append((f"{src} metadata", None if args.class_names else names, meta.get("palette")))
+    for origin, class_names, palette in labels:
+        try:
+            check_labels(class_names, palette, n)
+        except ValueError as e:
+            print(f"error: {origin}: {e}", file=sys.stderr)
+            return 2
+    try:
+        with torch.no_grad():
+            export_onnx(model, out, class_names=names, palette=meta.get("palette"))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     n_params = sum(p.numel() for p in model.parameters())
     print(f"exported {out} ({model.config.variant}, width {model.config.width}, "
           f"{model.config.num_classes} classes, {n_params / 1e6:.2f} M params) in {time.perf_counter() - t0:.1f} s")

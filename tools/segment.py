@@ -4,12 +4,17 @@
     python tools/segment.py samples/ --model out/deeplab_shapes.onnx --out out/segmented
 
 Writes <name>_mask.png (8-bit palettised PNG, the PASCAL VOC label format) and
-<name>_overlay.jpg per image, and prints per-stage timings.
+<name>_overlay.jpg per image, and prints per-stage timings. <name> is the file name without its
+extension (under a glob's folders, its path from there: "photos/**/*.jpg" -> 2024/x); inputs whose
+names coincide take their paths from the folder they share (a/x.png, b/x.png -> a/x, b/x), then
+their extensions (x.png, x.jpg -> x_png, x_jpg), so no result overwrites another. An image that
+cannot be segmented is reported on one line and the others go on (exit status 1).
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import os
 import sys
 from pathlib import Path
 
@@ -18,17 +23,76 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
-def expand(inputs: list[str]) -> list[Path]:
-    files: list[Path] = []
+def expand(inputs: list[str]) -> list[tuple[Path, Path]]:
+    """(file, the folder its output name is relative to) for the files named, in folders (not
+    recursive) or matched by globs (relative to the glob's fixed leading folders); each file once."""
+    found: list[tuple[Path, Path]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            found += [(f, p) for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
         elif any(ch in item for ch in "*?["):
-            files += sorted(Path(f) for f in glob.glob(item, recursive=True))
+            fixed = next((i for i, part in enumerate(p.parts) if any(ch in part for ch in "*?[")), 0)
+            base = Path(*p.parts[:fixed]) if fixed else Path(".")
+            found += [(Path(f), base) for f in sorted(glob.glob(item, recursive=True)) if Path(f).is_file()]
         else:
-            files.append(p)  # missing files are reported by the Segmenter with a clear message
-    return files
+            found.append((p, p.parent))  # missing files are reported by the Segmenter with a clear message
+    seen: set[str] = set()
+    unique = []
+    for f, base in found:
+        key = os.path.abspath(f)
+        if key not in seen:
+            seen.add(key)
+            unique.append((f, base))
+    return unique
+
+
+def output_names(found: list[tuple[Path, Path]]) -> list[str]:
+    """One distinct output name (a relative path without extension) per (file, base) of expand():
+    the file's path relative to its base; inputs whose names coincide take their paths relative
+    to the folder they share (a/x.png, b/x.png -> a/x, b/x), then their extensions (x_png, x_jpg);
+    any name still taken is numbered. Compared case-insensitively (macOS, Windows file systems)."""
+    absolute = [os.path.abspath(f) for f, _ in found]
+    names = [os.path.splitext(os.path.relpath(a, os.path.abspath(b)))[0] for a, (_, b) in zip(absolute, found)]
+
+    def groups() -> dict[str, list[int]]:
+        by_name: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            by_name.setdefault(n.casefold(), []).append(i)
+        return {k: v for k, v in by_name.items() if len(v) > 1}
+
+    for idx in groups().values():
+        shared = os.path.commonpath([os.path.dirname(absolute[i]) for i in idx])
+        for i in idx:
+            names[i] = os.path.splitext(os.path.relpath(absolute[i], shared))[0]
+    for idx in groups().values():
+        for i in idx:
+            ext = os.path.splitext(absolute[i])[1].lstrip(".")
+            names[i] = f"{names[i]}_{ext}" if ext else names[i]
+    taken = {n.casefold() for n in names}
+    used: set[str] = set()
+    unique = []
+    for n in names:
+        u, k = n, 2
+        while u.casefold() in used or (u != n and u.casefold() in taken):
+            u, k = f"{n}_{k}", k + 1
+        used.add(u.casefold())
+        unique.append(u)
+    return unique
+
+
+def unit_interval(s: str) -> float:
+    v = float(s)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
+    return v
+
+
+def non_negative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
 
 
 def main(argv=None) -> int:
@@ -37,48 +101,67 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="ONNX model exported by tools/export.py")
     ap.add_argument("--out", default="out/segmented", help="output folder")
     ap.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
-    ap.add_argument("--crf-iterations", type=int, default=10)
-    ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    ap.add_argument("--crf-iterations", type=non_negative_int, default=10)
+    ap.add_argument("--alpha", type=unit_interval, default=0.5, help="overlay opacity, 0..1")
     args = ap.parse_args(argv)
 
+    from runtime.output_files import output_folder_problem
+
+    out = Path(args.out)
+    problem = output_folder_problem(out)
+    if problem:
+        ap.error(f"--out {out}: {problem}")
+    if not Path(args.model).is_file():
+        ap.error(f"--model: model file not found: {args.model}")
+    found = expand(args.inputs)
+    if not found:
+        ap.error("no images found in " + " ".join(args.inputs))
+    files = [f for f, _ in found]
+    names = output_names(found)
+    targets = [(out / f"{n}_mask.png", out / f"{n}_overlay.jpg") for n in names]
+    inputs = {os.path.abspath(f) for f in files}
+    clash = next((t for pair in targets for t in pair if os.path.abspath(t) in inputs), None)
+    if clash is not None:
+        ap.error(f"--out {out}: a result would overwrite the input {clash}")
+
     import cv2
+    import numpy as np
     from tqdm import tqdm
 
     from crf import CRFParams
-    from runtime import ImageError, ModelFormatError, Segmenter
+    from runtime import ModelFormatError, Segmenter
+    from runtime.output_files import write_bytes_atomically
     from runtime.palette import write_indexed_png
 
-    files = expand(args.inputs)
-    if not files:
-        print("error: no images found in " + " ".join(args.inputs), file=sys.stderr)
-        return 2
     try:
         seg = Segmenter(args.model, crf=None if args.no_crf else CRFParams(iterations=args.crf_iterations))
     except (ModelFormatError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     print(f"network: {seg.backend}; CRF: {seg.crf_backend or 'off'}")
     failed = 0
     stages = ("preprocess", "network", "crf", "postprocess", "total")
     seen: dict[str, list[float]] = {st: [] for st in stages}
     print(f"{'image':32s} " + " ".join(f"{s:>11s}" for s in stages) + "   (ms)")
-    for f in tqdm(files, desc="segment", unit="img", file=sys.stderr):
+    for f, (mask_path, overlay_path) in tqdm(list(zip(files, targets)), desc="segment", unit="img", file=sys.stderr):
         try:
             r = seg(f)
-        except ImageError as e:
-            tqdm.write(f"skipped: {e}", file=sys.stderr)
+            ok, jpg = cv2.imencode(".jpg", seg.overlay(r, args.alpha))
+            if not ok:
+                raise ValueError("cannot encode the overlay")
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            write_indexed_png(mask_path, r.labels, seg.palette)
+            write_bytes_atomically(overlay_path, jpg.tobytes())
+        except (ValueError, OSError, RuntimeError, MemoryError) as e:
+            # One line per image: its path and the reason (messages from loading already name it).
+            reason = " ".join(str(e).split()) or type(e).__name__
+            tqdm.write("failed: " + (reason if str(f) in reason else f"{f}: {reason}"), file=sys.stderr)
             failed += 1
             continue
-        write_indexed_png(out / f"{f.stem}_mask.png", r.labels, seg.palette)
-        cv2.imwrite(str(out / f"{f.stem}_overlay.jpg"), seg.overlay(r, args.alpha))
-        tqdm.write(f"{f.name[:32]:32s} " + " ".join(f"{r.timings[s]:11.1f}" for s in stages))
+        tqdm.write(f"{str(f)[-32:]:32s} " + " ".join(f"{r.timings[s]:11.1f}" for s in stages))
         for st in stages:
             seen[st].append(r.timings[st])
     if len(seen["total"]) > 1:
-        import numpy as np
-
         for name, q in (("median", 50), ("p90", 90), ("p99", 99)):
             print(f"{name:32s} " + " ".join(f"{np.percentile(seen[st], q):11.1f}" for st in stages))
     print(f"wrote {len(files) - failed} masks and overlays to {out}" + (f"; {failed} failed" if failed else ""))
