@@ -22,7 +22,10 @@ HELD_OUT_SEED = 1_000_000
 
 
 def held_out_scene(i: int):
-    from tools.scenes import make_scene
+    if __package__:  # imported: tools.evaluate from a checkout, deeplab_tools.evaluate when installed
+        from .scenes import make_scene
+    else:  # run as a script: python tools/evaluate.py
+        from tools.scenes import make_scene
 
     rng = np.random.default_rng(HELD_OUT_SEED + i)
     h, w = (int(v) for v in rng.integers(193, 386, size=2))

@@ -22,7 +22,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export.model import DeepLabPipeline, DeepLabV1, ModelConfig  # noqa: E402
 from export.weights import save_checkpoint  # noqa: E402
-from tools.scenes import CLASS_NAMES, PALETTE, make_scene  # noqa: E402
+if __package__:  # imported: tools.train from a checkout, deeplab_tools.train when installed
+    from .scenes import CLASS_NAMES, PALETTE, make_scene
+else:  # run as a script: python tools/train.py
+    from tools.scenes import CLASS_NAMES, PALETTE, make_scene  # noqa: E402
 
 
 def scene_crop(seed: int, size: int):

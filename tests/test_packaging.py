@@ -1,0 +1,133 @@
+"""What the repository ships and installs: the bundled ONNX model, the console scripts, the package list."""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+
+from conftest import BUNDLED, ROOT, SAMPLES
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli there
+    import tomli as tomllib
+
+SHIPPED_ONNX = ROOT / "models" / "deeplab_shapes.onnx"
+REGENERATE = f"python tools/export.py {BUNDLED.relative_to(ROOT)} --out {SHIPPED_ONNX.relative_to(ROOT)}"
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_shipped_onnx_is_a_fresh_export_of_the_bundled_checkpoint(bundled_onnx):
+    assert SHIPPED_ONNX.is_file(), f"{SHIPPED_ONNX} is missing; regenerate it with: {REGENERATE}"
+    size = SHIPPED_ONNX.stat().st_size
+    assert size < 2_000_000, f"the shipped ONNX model grew to {size / 1e6:.1f} MB (the checkpoint is 1.3 MB)"
+    shipped, fresh = session(SHIPPED_ONNX), session(bundled_onnx)
+
+    def meta(s):
+        return dict(s.get_modelmeta().custom_metadata_map)
+
+    assert meta(shipped) == meta(fresh), (
+        f"{SHIPPED_ONNX.name}'s metadata differs from a fresh export; regenerate it with: {REGENERATE}")
+    assert json.loads(meta(shipped)["class_names"]) == ["background", "disc", "square", "triangle", "star"]
+    rng = np.random.default_rng(0)
+    inputs = [cv2.imread(str(SAMPLES / "scene_0.png"))[None],
+              rng.integers(0, 256, (1, 65, 97, 3), dtype=np.uint8),
+              rng.integers(0, 256, (2, 81, 81, 3), dtype=np.uint8)]
+    for x in inputs:
+        a, b = shipped.run(None, {"image": x})[0], fresh.run(None, {"image": x})[0]
+        diff = float(np.abs(a - b).max())
+        assert a.shape == b.shape == (x.shape[0], 5, x.shape[1], x.shape[2])
+        assert diff <= 1e-5, (f"{SHIPPED_ONNX.name} differs from a fresh export of {BUNDLED.name} by {diff:.2e} "
+                              f"on a {x.shape} input; regenerate it with: {REGENERATE}")
+
+
+def test_no_top_level_tools_package_is_installed():
+    setuptools = pyproject()["tool"]["setuptools"]
+    packages = setuptools["packages"]
+    assert not [p for p in packages if p == "tools" or p.startswith("tools.")], packages
+    # The command-line tools are installed under another name, from the tools/ folder.
+    assert setuptools["package-dir"]["deeplab_tools"] == "tools" and "deeplab_tools" in packages
+
+
+def tool_commands() -> set[str]:
+    """The tools/*.py files that define a main(): each is a command."""
+    found = set()
+    for f in (ROOT / "tools").glob("*.py"):
+        tree = ast.parse(f.read_text())
+        if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
+            found.add(f.stem)
+    return found
+
+
+def test_every_tool_with_a_main_is_a_console_script():
+    scripts = pyproject()["project"]["scripts"]
+    assert {"export", "segment", "evaluate", "train"} <= tool_commands()
+    assert set(scripts) == {f"deeplab-{name}" for name in tool_commands()}
+    for name, target in scripts.items():
+        assert target == f"deeplab_tools.{name.removeprefix('deeplab-')}:main", (name, target)
+
+
+# Imports the console scripts' targets under their installed names, as the installed package lays
+# them out (package-dir), with the tools/ folder itself not importable as `tools`.
+RESOLVE = r"""
+import importlib, importlib.util, json, sys
+from pathlib import Path
+root, package_dir, scripts = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+for name, folder in package_dir.items():
+    spec = importlib.util.spec_from_file_location(name, root / folder / "__init__.py",
+                                                  submodule_search_locations=[str(root / folder)])
+    sys.modules[name] = module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+sys.modules["tools"] = None  # a stray `import tools...` fails here as it would in an installed toolkit
+for command, target in scripts.items():
+    module, _, attr = target.partition(":")
+    main = getattr(importlib.import_module(module), attr)
+    assert callable(main), target
+    try:
+        main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0, (command, e.code)
+    print("resolved", command)
+# a tool that uses a sibling module (the scene generator), under the installed name
+image, truth = importlib.import_module("deeplab_tools.evaluate").held_out_scene(0)
+print("scene", image.shape, truth.shape)
+"""
+
+
+def test_console_scripts_resolve_to_callables_under_the_installed_name(tmp_path):
+    config = pyproject()
+    scripts, package_dir = config["project"]["scripts"], config["tool"]["setuptools"]["package-dir"]
+    out = subprocess.run([sys.executable, "-c", RESOLVE, str(ROOT), json.dumps(package_dir), json.dumps(scripts)],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert sorted(re.findall(r"^resolved (\S+)$", out.stdout, re.M)) == sorted(scripts)
+    assert re.search(r"^scene \(\d+, \d+, 3\) \(\d+, \d+\)$", out.stdout, re.M), out.stdout
+
+
+def readme_command(section: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"^## {section}\..*?```bash\n(.*?)\n```", text, re.M | re.S)
+    assert match, f"README section {section} has no bash block"
+    return match.group(1)
+
+
+def test_readme_first_command_needs_no_torch_and_ci_runs_the_second():
+    first = readme_command("1")
+    assert "torch" not in first and "pip install -e . " in first, first
+    assert str(SHIPPED_ONNX.relative_to(ROOT)) in first
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci == readme_command("2")
