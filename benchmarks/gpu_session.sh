@@ -5,13 +5,14 @@ usage() {
 usage: bash benchmarks/gpu_session.sh [--help]
 
 Runs ON the GPU test machine, from the project root, with .whl/ carried along. On the build machine first:
-    bash ../shared/gpu/prepare.sh          # fills .whl/ with pycuda's source, its dependencies and device-install.sh
+    bash ../shared/gpu/prepare.sh          # fills .whl/ with pycuda's source and its dependencies
 then one device run (carry ".whl"), e.g. with a 420 s timeout:
     bash benchmarks/gpu_session.sh
 
 Steps, each logged under $OUT (default out/gpu):
   1. nvidia-smi                                   -> nvidia-smi.txt
-  2. build pycuda from source (.whl/device-install.sh)  -> pycuda-install.log   (failure stops the run)
+  2. build pycuda from source (benchmarks/device-install.sh, sources from .whl/)  -> pycuda-install.log
+     (failure stops the run)
   3. the GPU tests, REQUIRE_GPU=1: a skipped GPU test is a failure  -> gpu-tests.log
   4. compute-sanitizer memcheck and initcheck over a small CRF call  -> sanitizer.log
      ("Device not supported", as on gVisor machines, is recorded as refused, not as a failure)
@@ -54,11 +55,11 @@ fi
 
 # 2. pycuda: without it every GPU test would skip, so a failed build ends the run here.
 t=$SECONDS
-if [[ ! -f .whl/device-install.sh ]]; then
-  step "pycuda build" FAIL ".whl/device-install.sh missing: run ../shared/gpu/prepare.sh and carry .whl"
+if ! ls .whl/pycuda-*.tar.gz > /dev/null 2>&1; then
+  step "pycuda build" FAIL ".whl/pycuda-*.tar.gz missing: run ../shared/gpu/prepare.sh and carry .whl"
   summary; exit 1
 fi
-if bash .whl/device-install.sh > "$OUT/pycuda-install.log" 2>&1; then
+if bash benchmarks/device-install.sh > "$OUT/pycuda-install.log" 2>&1; then
   step "pycuda build" ok "$(( SECONDS - t )) s; $(tail -2 "$OUT/pycuda-install.log" | head -1)"
 else
   step "pycuda build" FAIL "$(( SECONDS - t )) s; $(tail -1 "$OUT/pycuda-install.log")"

@@ -553,5 +553,5 @@ def test_gpu_session_script_help_and_loud_failure(tmp_path):
     out = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path,
                          env=dict(os.environ, OUT=str(tmp_path / "o")))
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "pycuda build" in out.stdout and ".whl/device-install.sh missing" in out.stdout
+    assert "pycuda build" in out.stdout and ".whl/pycuda-*.tar.gz missing" in out.stdout
     assert "RESULT: FAILED" in out.stdout and (tmp_path / "o" / "nvidia-smi.txt").exists()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs ON the GPU test machine, from the project root, with .whl/ carried (see prepare.sh).
+# Installs pycuda, built from source against that machine's CUDA toolkit and driver, into /tmp/site.
+# Exits non-zero (and says why) if pycuda cannot be imported afterwards: a GPU run must never
+# mistake a failed install for "no GPU tests to run".
+# Afterwards: export PYTHONPATH=/tmp/site:$PWD
+# The project's copy of ../shared/gpu/device-install.sh (benchmarks/gpu_session.sh runs this one).
+# What differs: the extension is compiled with one job per core (setuptools compiles one file at a
+# time unless build_ext's "parallel" is set), and the build time is printed.
+set -euo pipefail
+site=/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+export PYTHONPATH=$site
+
+# The toolkit root: nvcc may be a wrapper script outside the toolkit, so ask nvcc itself.
+probe=$(mktemp -d)
+echo '__global__ void k(){}' > "$probe/k.cu"
+cuda_root=$(nvcc --dryrun -c "$probe/k.cu" -o "$probe/k.o" 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+cuda_root=$(cd "${cuda_root:-${CUDA_HOME:-/usr/local/cuda}}" && pwd -P)
+[[ -f $cuda_root/include/cuda.h ]] || { echo "device-install: no include/cuda.h under $cuda_root"; exit 1; }
+
+# The driver library: the linker needs libcuda.so; the machine may only have libcuda.so.1 outside
+# the linker's search path (e.g. /usr/local/nvidia/lib64), so link against a symlink to it.
+libcuda=${LIBCUDA:-}
+[[ -n $libcuda ]] || libcuda=$(ldconfig -p | sed -n 's/.*libcuda\.so\.1 .*=> //p' | head -1)
+[[ -n $libcuda ]] || libcuda=$(ls /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 2>/dev/null | head -1)
+[[ -n $libcuda ]] || { echo "device-install: no libcuda.so.1 found (is this a GPU machine?)"; exit 1; }
+mkdir -p "$probe/lib" && ln -sf "$libcuda" "$probe/lib/libcuda.so"
+
+t0=$SECONDS
+rm -rf /tmp/pycuda-src && mkdir -p /tmp/pycuda-src
+tar xzf .whl/pycuda-*.tar.gz -C /tmp/pycuda-src --strip-components=1
+(
+  cd /tmp/pycuda-src
+  # curand is not used by the CRF; a pip-installed curand header without its library breaks the link.
+  python3 configure.py --cuda-root="$cuda_root" --cudadrv-lib-dir="$probe/lib" --no-cuda-enable-curand >/dev/null
+  printf '\n[build_ext]\nparallel = %s\n' "$(nproc)" >> setup.cfg
+  python3 -m pip install -q --no-build-isolation --no-deps --target "$site" .
+)
+python3 -c "import pycuda.autoprimaryctx, pycuda.driver as d; print('pycuda', d.get_version(), d.Device(0).name())" \
+  || { echo "device-install: pycuda was built but cannot start a context"; exit 1; }
+echo "device-install: pycuda built in $(( SECONDS - t0 )) s; cuda root $cuda_root, driver library $libcuda"
