@@ -637,10 +637,9 @@ def _compile_module(cuda):
 
     try:
         return SourceModule(KERNEL_SOURCE.read_text(), no_extern_c=True, options=NVCC_OPTIONS)
-    except cuda.CompileError as e:
-        detail = (getattr(e, "stderr", None) or "").strip()[-4000:]
+    except cuda.CompileError as e:  # its text holds nvcc's command line, stdout and stderr
         raise BackendUnavailable(f"nvcc could not compile the CRF kernels ({KERNEL_SOURCE.name}) for this GPU: "
-                                 f"{e}\n{detail}".rstrip()) from e
+                                 f"{str(e)[-4000:]}") from e
     except cuda.Error as e:  # e.g. a cubin the driver cannot load (driver older than the toolkit)
         raise BackendUnavailable(f"the compiled CRF kernels do not load on this GPU: {e}") from e
 

@@ -350,12 +350,17 @@ def test_gpu_memory_does_not_grow_over_1000_calls():
 
     img = _scene(213, 320)
     s = smooth_logits(*img.shape[:2], 21, seed=2)
+    from crf import _driver
+
     for _ in range(3):
         refine(s, img, backend="gpu")
-    free0, _ = cuda.mem_get_info()
+    kernels = _driver("gpu").k
+    with kernels.active():  # no context stays current between calls: the backend pushes its own
+        free0, _ = cuda.mem_get_info()
     for _ in range(1000):
         refine(s, img, backend="gpu")
-    free1, _ = cuda.mem_get_info()
+    with kernels.active():
+        free1, _ = cuda.mem_get_info()
     assert free0 - free1 < 1 << 20, f"device memory grew by {free0 - free1} bytes"
 
 
@@ -510,9 +515,7 @@ def test_gpu_graph_replay_equals_launches_and_holds_the_iteration():
     assert k.launches - l0 < n_direct - 100  # ~17 launch calls captured instead of ~170 made
     nodes = drv._replay.graph.kernel_nodes()
     launched = sorted((spec[0], spec[1], BLOCK) for spec in (launch.spec for launch in drv.last_iteration))
-    assert len(nodes) == len(launched)
-    assert [(g, b) for _, g, b in nodes] == sorted((g, b) for _, g, b in launched) or \
-        sorted(nodes) == launched
+    assert sorted((g, b) for _, g, b in nodes) == sorted((g, b) for _, g, b in launched)
     if all(name is not None for name, _, _ in nodes):  # cuFuncGetName: CUDA 12.3 drivers and newer
         assert sorted(nodes) == launched
 
@@ -526,7 +529,7 @@ def test_gpu_compile_failure_is_backend_unavailable_with_nvccs_message(tmp_path,
     bad.write_text('extern "C" __global__ void k(float* x) { x[0] = undeclared_name; }\n')
     monkeypatch.setattr(backend, "KERNEL_SOURCE", bad)
     k = backend.GPUKernels()  # the real module is compiled already; compile the broken one directly
-    with k.active(), pytest.raises(backend.BackendUnavailable, match=r"nvcc could not compile.*undeclared_name"):
+    with k.active(), pytest.raises(backend.BackendUnavailable, match=r"(?s)nvcc could not compile.*undeclared_name"):
         backend._compile_module(k.cuda)
 
 
