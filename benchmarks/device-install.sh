@@ -5,8 +5,9 @@
 # mistake a failed install for "no GPU tests to run".
 # Afterwards: export PYTHONPATH=/tmp/site:$PWD
 # The project's copy of ../shared/gpu/device-install.sh (benchmarks/gpu_session.sh runs this one).
-# What differs: the extension is compiled with one job per core (setuptools compiles one file at a
-# time unless build_ext's "parallel" is set), and the build time is printed.
+# What differs: the fallback search for libcuda.so.1 no longer ends the script silently under
+# `set -e` (an `ls` of a missing path returned non-zero), a driver library found outside the
+# loader's path is put on LD_LIBRARY_PATH, and the build time and pycuda's version are printed.
 set -euo pipefail
 site=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
@@ -22,9 +23,19 @@ cuda_root=$(cd "${cuda_root:-${CUDA_HOME:-/usr/local/cuda}}" && pwd -P)
 # The driver library: the linker needs libcuda.so; the machine may only have libcuda.so.1 outside
 # the linker's search path (e.g. /usr/local/nvidia/lib64), so link against a symlink to it.
 libcuda=${LIBCUDA:-}
-[[ -n $libcuda ]] || libcuda=$(ldconfig -p | sed -n 's/.*libcuda\.so\.1 .*=> //p' | head -1)
-[[ -n $libcuda ]] || libcuda=$(ls /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 2>/dev/null | head -1)
+[[ -n $libcuda ]] || libcuda=$( (ldconfig -p 2>/dev/null || true) | sed -n 's/.*libcuda\.so\.1 .*=> //p' | head -1)
+if [[ -z $libcuda ]]; then
+  for f in /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 /usr/lib64/libcuda.so.1; do
+    [[ -e $f ]] && { libcuda=$f; break; }
+  done
+fi
 [[ -n $libcuda ]] || { echo "device-install: no libcuda.so.1 found (is this a GPU machine?)"; exit 1; }
+# found outside the loader's cache: pycuda's extension must find it at run time too (the caller
+# gets the same line to export)
+if ! (ldconfig -p 2>/dev/null || true) | grep -q 'libcuda\.so\.1 '; then
+  export LD_LIBRARY_PATH=$(dirname "$libcuda")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  echo "device-install: export LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+fi
 mkdir -p "$probe/lib" && ln -sf "$libcuda" "$probe/lib/libcuda.so"
 
 t0=$SECONDS
@@ -34,9 +45,8 @@ tar xzf .whl/pycuda-*.tar.gz -C /tmp/pycuda-src --strip-components=1
   cd /tmp/pycuda-src
   # curand is not used by the CRF; a pip-installed curand header without its library breaks the link.
   python3 configure.py --cuda-root="$cuda_root" --cudadrv-lib-dir="$probe/lib" --no-cuda-enable-curand >/dev/null
-  printf '\n[build_ext]\nparallel = %s\n' "$(nproc)" >> setup.cfg
   python3 -m pip install -q --no-build-isolation --no-deps --target "$site" .
 )
-python3 -c "import pycuda.autoprimaryctx, pycuda.driver as d; print('pycuda', d.get_version(), d.Device(0).name())" \
+python3 -c "import pycuda, pycuda.autoprimaryctx, pycuda.driver as d; print('pycuda', pycuda.VERSION_TEXT, 'built against CUDA', d.get_version(), 'on', d.Device(0).name())" \
   || { echo "device-install: pycuda was built but cannot start a context"; exit 1; }
 echo "device-install: pycuda built in $(( SECONDS - t0 )) s; cuda root $cuda_root, driver library $libcuda"

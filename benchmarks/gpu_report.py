@@ -213,6 +213,12 @@ def main(argv=None) -> int:
     from crf.backend import CPUKernels, GPUKernels
 
     report: dict = {"versions": versions(args.device), "crf": {}, "crf_cpu_build": {}}
+
+    def save() -> None:  # after every section: a run cut short keeps what it measured
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2))
+
     kernels = GPUKernels() if args.device == "cuda" else CPUKernels()
     for size in args.sizes:
         r = report["crf"][size] = crf_report(kernels, size, args.runs)
@@ -227,13 +233,17 @@ def main(argv=None) -> int:
             + f"; host {r['host_us_per_launch']:.1f} us/launch; {r['pooled_bytes'] / 1e6:.1f} MB pooled, "
             f"free memory -{r['device_memory_drop_bytes'] / 1e6:.1f} MB; CPU build {ref['repeated_ms']['p50']:.1f} ms "
             f"({r['speedup_vs_cpu_build']:.1f}x)", flush=True)
-    p = report["pipeline"] = pipeline_report(args.device, args.pipeline_runs)
+        save()
+    try:
+        p = report["pipeline"] = pipeline_report(args.device, args.pipeline_runs)
+    except Exception as e:  # the CRF numbers above are kept; the failure is reported
+        report["pipeline"] = {"error": repr(e)}
+        save()
+        raise
     print("pipeline 500x375: " + ", ".join(f"{k} p50 {v['p50']:.3f} / p90 {v['p90']:.3f} / p99 {v['p99']:.3f} ms"
                                            for k, v in p["stages_ms"].items())
           + f"; unsynchronised total p50 {p['total_unsynchronised_ms']['p50']:.3f} ms", flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    save()
     return 0
 
 

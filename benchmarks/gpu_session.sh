@@ -6,7 +6,7 @@ usage: bash benchmarks/gpu_session.sh [--help]
 
 Runs ON the GPU test machine, from the project root, with .whl/ carried along. On the build machine first:
     bash ../shared/gpu/prepare.sh          # fills .whl/ with pycuda's source and its dependencies
-then one device run (carry ".whl"), e.g. with a 420 s timeout:
+then one device run (carry ".whl"), with a timeout of about 560 s:
     bash benchmarks/gpu_session.sh
 
 Steps, each logged under $OUT (default out/gpu):
@@ -18,7 +18,8 @@ Steps, each logged under $OUT (default out/gpu):
      ("Device not supported", as on gVisor machines, is recorded as refused, not as a failure)
   5. benchmarks/gpu_report.py (CRF timings with CUDA events, launches, memory, the device-resident
      pipeline)                                    -> gpu_<date>_<gpu>.json, gpu-report.log
-Ends with a one-screen summary; exits non-zero if any step failed.
+Each step's line is appended to $OUT/summary.txt as it ends (it comes back even if the run is cut
+short). Ends with a one-screen summary; exits non-zero if any step failed.
 EOF
 }
 case "${1:-}" in
@@ -30,12 +31,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
+: > "$OUT/summary.txt"
 export PYTHONUNBUFFERED=1
 declare -a SUMMARY=()
 failed=0
 t_start=$SECONDS
 step() {  # step NAME STATUS DETAIL
   SUMMARY+=("$(printf '%-22s %-8s %s' "$1" "$2" "$3")")
+  printf '%-22s %-8s %s\n' "$1" "$2" "$3" >> "$OUT/summary.txt"
   [[ $2 == FAIL ]] && failed=1
   echo "== $1: $2 $3"
 }
@@ -66,10 +69,21 @@ else
   summary; exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD
+# a driver library outside the loader's cache: the install said what to export
+ld=$(sed -n 's/^device-install: export LD_LIBRARY_PATH=//p' "$OUT/pycuda-install.log" | tail -1)
+[[ -n $ld ]] && export LD_LIBRARY_PATH=$ld
+
+# what the tests import besides pycuda (the machine's image has them; a missing one is named here)
+if python3 -c "import numpy, cv2, onnx, onnxruntime, safetensors, torch, pytest, hypothesis, tqdm" > "$OUT/preflight.log" 2>&1 \
+   && python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'" >> "$OUT/preflight.log" 2>&1; then
+  step "python packages" ok "numpy cv2 onnx onnxruntime safetensors torch(cuda) pytest hypothesis tqdm"
+else
+  step "python packages" FAIL "$(tail -1 "$OUT/preflight.log")"
+fi
 
 # 3. GPU tests (all of them: files without GPU tests are deselected by -m gpu)
 t=$SECONDS
-REQUIRE_GPU=1 python3 -m pytest -q -rA -m gpu -p no:cacheprovider \
+REQUIRE_GPU=1 timeout 300 python3 -m pytest -q -rA -m gpu -p no:cacheprovider \
   tests/test_crf_kernels.py tests/test_crf_safety.py tests/test_device_pipeline.py > "$OUT/gpu-tests.log" 2>&1
 rc=$?
 counts=$(grep -E '^[0-9]+ (passed|failed)|[0-9]+ (passed|failed|error|skipped)' "$OUT/gpu-tests.log" | tail -1)
@@ -94,7 +108,7 @@ PY
 for tool in memcheck initcheck; do
   t=$SECONDS
   echo "### compute-sanitizer --tool $tool" >> "$OUT/sanitizer.log"
-  timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 /tmp/crf_once.py > /tmp/san.log 2>&1
+  timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 /tmp/crf_once.py > /tmp/san.log 2>&1
   rc=$?
   tail -40 /tmp/san.log >> "$OUT/sanitizer.log"
   if grep -qi "device not supported\|not supported on this device\|unable to .*device" /tmp/san.log; then
@@ -110,7 +124,7 @@ done
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/-$//')
 report="$OUT/gpu_$(date +%Y-%m-%d)_${gpu:-unknown}.json"
 t=$SECONDS
-if timeout 300 python3 benchmarks/gpu_report.py --json "$report" > "$OUT/gpu-report.log" 2>&1; then
+if timeout 240 python3 benchmarks/gpu_report.py --json "$report" > "$OUT/gpu-report.log" 2>&1; then
   step "GPU report" ok "$(basename "$report") ($(( SECONDS - t )) s)"
 else
   step "GPU report" FAIL "exit $?: $(tail -1 "$OUT/gpu-report.log")"

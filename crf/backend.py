@@ -488,6 +488,11 @@ def import_pycuda():
     own dependencies (pytools, platformdirs, mako, ...), which is a broken install, not a missing GPU."""
     try:
         import pycuda.driver as cuda
+        # pycuda.driver imports none of pycuda's own dependencies: pycuda.compiler imports pytools,
+        # and platformdirs only when it compiles. Import them now, so that a missing one is named
+        # here instead of surfacing later as a bare ModuleNotFoundError.
+        import platformdirs  # noqa: F401
+        import pycuda.compiler  # noqa: F401
     except ImportError as e:
         missing = getattr(e, "name", None) or ""
         if missing == "pycuda" or missing.startswith("pycuda."):
@@ -506,7 +511,9 @@ class GPUKernels(KernelBackend):
     None = a stream of our own, never the legacy default stream).
 
     Usable from any thread: every entry point pushes the primary context and pops it after
-    (``with k.active():`` for a sequence of calls; DenseCRFDriver.run does that once per call)."""
+    (``with k.active():`` for a sequence of calls; DenseCRFDriver.run does that once per call).
+    pycuda frees device memory in the thread that allocated it: let the backend (and the driver
+    that pools its buffers) be released in the thread that made it, or at process exit."""
 
     name = "gpu"
     _module: Any = None
@@ -575,16 +582,22 @@ class GPUKernels(KernelBackend):
             fn.prepare(codes)
         conv = [a.ptr if isinstance(a, Buffer) else (0 if a is None else a) for a in args]
         grid, block, stream = (self.grid(n_threads), 1), (BLOCK, 1, 1), self.stream
-        launch = fn.prepared_async_call
+        # The arguments packed once, launched with pycuda's raw launcher (cuLaunchKernel with the
+        # parameter buffer): what prepared_async_call does, without re-packing at every launch and
+        # without its legacy cuFuncSetBlockShape call, which has no place inside a stream capture.
+        from pycuda._pvt_struct import pack
+
+        argbuf = pack(fn.arg_format, *conv)
+        launch = fn._launch_kernel
 
         def call() -> None:
             self.launches += 1
             if self.profile is None:
-                launch(grid, block, stream, *conv)
+                launch(grid, block, argbuf, 0, stream)
                 return
             start, end = self.cuda.Event(), self.cuda.Event()
             start.record(stream)
-            launch(grid, block, stream, *conv)
+            launch(grid, block, argbuf, 0, stream)
             end.record(stream)
             self._events.append((kernel, start, end))
 
@@ -635,8 +648,12 @@ def _compile_module(cuda):
     require_nvcc()
     from pycuda.compiler import SourceModule
 
+    source = KERNEL_SOURCE.read_text()
     try:
-        return SourceModule(KERNEL_SOURCE.read_text(), no_extern_c=True, options=NVCC_OPTIONS)
+        try:
+            return SourceModule(source, no_extern_c=True, options=NVCC_OPTIONS)
+        except OSError:  # pycuda's on-disk cubin cache (under ~/.cache) cannot be written: compile without it
+            return SourceModule(source, no_extern_c=True, options=NVCC_OPTIONS, cache_dir=False)
     except cuda.CompileError as e:  # its text holds nvcc's command line, stdout and stderr
         raise BackendUnavailable(f"nvcc could not compile the CRF kernels ({KERNEL_SOURCE.name}) for this GPU: "
                                  f"{str(e)[-4000:]}") from e

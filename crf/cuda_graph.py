@@ -117,9 +117,9 @@ class CapturedGraph:
                 self._lib.cuGraphExecDestroy(self._exe)
             if self._graph:
                 self._lib.cuGraphDestroy(self._graph)
-        except Exception:  # interpreter shutdown: the driver may be gone already
+            self._exe = self._graph = _c_p()  # NULL: destroyed
+        except Exception:  # interpreter shutdown: the driver or this module's globals may be gone
             pass
-        self._exe = self._graph = _c_p()  # NULL: destroyed
 
 
 def capture_launches(stream_handle: int, launches: List[Callable[[], None]]) -> CapturedGraph:

@@ -355,7 +355,7 @@ def test_gpu_memory_does_not_grow_over_1000_calls():
     for _ in range(3):
         refine(s, img, backend="gpu")
     kernels = _driver("gpu").k
-    with kernels.active():  # no context stays current between calls: the backend pushes its own
+    with kernels.active():  # the backend's own context, whatever this thread has current
         free0, _ = cuda.mem_get_info()
     for _ in range(1000):
         refine(s, img, backend="gpu")
@@ -513,7 +513,8 @@ def test_gpu_graph_replay_equals_launches_and_holds_the_iteration():
     assert k.graph_error is None, k.graph_error
     assert k.graph_launches - g0 == 10 and np.array_equal(direct, graph)
     assert k.launches - l0 < n_direct - 100  # ~17 launch calls captured instead of ~170 made
-    nodes = drv._replay.graph.kernel_nodes()
+    with k.active():  # cuFuncGetName needs the context current
+        nodes = drv._replay.graph.kernel_nodes()
     launched = sorted((spec[0], spec[1], BLOCK) for spec in (launch.spec for launch in drv.last_iteration))
     assert sorted((g, b) for _, g, b in nodes) == sorted((g, b) for _, g, b in launched)
     if all(name is not None for name, _, _ in nodes):  # cuFuncGetName: CUDA 12.3 drivers and newer
@@ -527,8 +528,8 @@ def test_gpu_compile_failure_is_backend_unavailable_with_nvccs_message(tmp_path,
 
     bad = tmp_path / "broken.cu"
     bad.write_text('extern "C" __global__ void k(float* x) { x[0] = undeclared_name; }\n')
+    k = backend.GPUKernels()  # compiles the real module (once per process) before the source is swapped
     monkeypatch.setattr(backend, "KERNEL_SOURCE", bad)
-    k = backend.GPUKernels()  # the real module is compiled already; compile the broken one directly
     with k.active(), pytest.raises(backend.BackendUnavailable, match=r"(?s)nvcc could not compile.*undeclared_name"):
         backend._compile_module(k.cuda)
 
