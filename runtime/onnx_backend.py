@@ -90,7 +90,7 @@ class OnnxRuntimeNetwork:
             self.device_id = int(getattr(kernels, "device", 0))
             cuda_options = {"device_id": str(self.device_id),
                             # the CRF's stream: upload, network and CRF ordered on one stream
-                            "user_compute_stream": str(kernels.stream.handle),
+                            "user_compute_stream": str(getattr(kernels, "stream").handle),
                             "do_copy_in_default_stream": "1"}
             session_providers = [(CUDA_PROVIDER, cuda_options), "CPUExecutionProvider"]
             self.name = "onnxruntime-cuda"

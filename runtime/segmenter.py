@@ -288,20 +288,23 @@ class Segmenter:
         """crf.refine, or, on the device pipeline, the same CRF on the network's kernels."""
         if self._device is not None and self._device.driver is not None:
             return self._device.refine(scores, image, params)
+        assert self.crf_backend is not None, "the CRF is off"
         return refine(scores, image, params, backend=self.crf_backend)
 
     def _crf(self, scores: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, float]:
         """CRF marginals at the image's size, and the factor the CRF ran at (see crf_max_pixels)."""
         import cv2
 
+        params0 = self.crf_params
+        assert params0 is not None, "the CRF is off"
         h, w = image.shape[:2]
         if h * w <= self.crf_max_pixels:
-            return self._refine(scores, image, self.crf_params), 1.0
+            return self._refine(scores, image, params0), 1.0
         f = math.sqrt(self.crf_max_pixels / (h * w))
         sh, sw = max(1, int(h * f)), max(1, int(w * f))  # rounded down: within the budget
         scale = math.sqrt(sh * sw / (h * w))
-        params = dataclasses.replace(self.crf_params, bi_xy_std=self.crf_params.bi_xy_std * scale,
-                                     pos_xy_std=self.crf_params.pos_xy_std * scale)
+        params = dataclasses.replace(params0, bi_xy_std=params0.bi_xy_std * scale,
+                                     pos_xy_std=params0.pos_xy_std * scale)
         small = self._refine(_resize_scores(scores, sh, sw), cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA),
                              params)
         return _resize_scores(small, h, w), scale
@@ -374,6 +377,7 @@ class Segmenter:
         timings["postprocess"] = timings.get("postprocess", 0.0) + (time.perf_counter() - t2) * 1e3
         t2 = time.perf_counter()
         crf_scale = 1.0
+        probs: np.ndarray | None
         if self.crf_params is not None:
             probs, crf_scale = self._crf(sc, img)
             timings["crf"] = (time.perf_counter() - t2) * 1e3
@@ -413,6 +417,7 @@ class Segmenter:
                 timings["postprocess"] = (time.perf_counter() - t2) * 1e3
                 results[i] = self._finish_on_host(sc, img, s, names[i], timings, return_probabilities, return_scores)
                 continue
+            assert self.crf_params is not None  # dev.driver exists only with the CRF
             if not dev.check_finite(crop, c * nh * nw):
                 raise _nonfinite_error(names[i], dev.download(crop, c, nh, nw))
             timings["postprocess"] = (time.perf_counter() - t2) * 1e3

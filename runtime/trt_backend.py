@@ -54,7 +54,9 @@ class TensorRTNetwork:
     name = "tensorrt"
 
     def __init__(self, plan_path: str | Path, kernels: Optional[KernelBackend] = None, cuda_graph: bool = False):
-        trt = trt_compat.load_tensorrt()
+        trt_compat.load_tensorrt()  # TensorRTUnavailable with the reason, before anything else
+        import tensorrt as trt  # the real library now (imported here so mypy checks against the stubs)
+
         path = Path(plan_path)
         if not path.is_file():
             raise FileNotFoundError(f"TensorRT plan not found: {path}")
@@ -84,7 +86,7 @@ class TensorRTNetwork:
                 raise ModelFormatError(f"{path}: TensorRT {trt_compat.full_version()} cannot deserialize it: a corrupt "
                                        "or truncated plan, or one built for another TensorRT/GPU (TensorRT's "
                                        f"message is in the log above){rebuild}")
-            self.engine = engine
+            self.engine: tensorrt.ICudaEngine = engine
             self.num_classes = self._check_io(engine, path)
             low, _, high = trt_compat.profile_shapes(engine, INPUT_NAME, 0)
             self.size_bounds = SizeBounds(low[0], low[1], low[2], high[0], high[1], high[2])
@@ -134,7 +136,8 @@ class TensorRTNetwork:
         for name, buf in ((INPUT_NAME, image), (OUTPUT_NAME, scores)):
             if not context.set_tensor_address(name, buf.ptr):
                 raise ModelFormatError(f"{path}: TensorRT refused the address of '{name}'")
-        self.context, self._image, self._scores, self._staging = context, image, scores, staging
+        self.context: tensorrt.IExecutionContext = context
+        self._image, self._scores, self._staging = image, scores, staging
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         buf, shape = self.run_into(batch)
