@@ -14,6 +14,7 @@ Two ways to run (see runtime/network.py for the interface):
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -42,6 +43,10 @@ def cuda_provider_problem() -> Optional[str]:
 
     available = ort.get_available_providers()
     if CUDA_PROVIDER in available:
+        version = tuple(int(x) for x in re.findall(r"\d+", ort.__version__)[:2])
+        if version < (1, 17):  # the Python API takes user_compute_stream from 1.17 on
+            return (f"onnxruntime-gpu {ort.__version__} cannot run on the CRF's stream (the provider option "
+                    "user_compute_stream needs onnxruntime-gpu 1.17 or newer)")
         return None
     return (f"ONNX Runtime's {CUDA_PROVIDER} is not in this onnxruntime build (providers: {', '.join(available)}); "
             "install onnxruntime-gpu instead of onnxruntime")
