@@ -64,6 +64,11 @@ class BackendUnavailable(RuntimeError):
     """This backend cannot run here; the message says why and how to fix it."""
 
 
+class OutOfDeviceMemory(MemoryError):
+    """An allocation the backend's memory cannot hold (GPU memory, pinned host memory); nothing was
+    allocated by the failed call, so the caller may free something and try again."""
+
+
 class Buffer:
     """A block of backend memory: ``ptr`` is its address (host or device)."""
 
@@ -91,6 +96,23 @@ class KernelBackend:
 
     def download(self, buf: Buffer, shape, dtype) -> np.ndarray:
         raise NotImplementedError
+
+    def alloc_host(self, shape, dtype) -> np.ndarray:
+        """A host array the backend copies to and from fastest (pinned memory on the GPU), for
+        buffers that are made once and reused (network input batches, label maps)."""
+        return np.empty(shape, dtype)
+
+    def upload_async(self, buf: Buffer, array: np.ndarray) -> None:
+        """Copy a C-contiguous host array into ``buf``, ordered on the backend's stream, without
+        waiting: ``array`` (from alloc_host) must stay unchanged until the stream has passed the
+        copy (a synchronize, or a download, which synchronises). The CPU copies at once."""
+        self.upload(buf, array)
+
+    def download_into(self, buf: Buffer, out: np.ndarray) -> np.ndarray:
+        """Copy ``out.nbytes`` bytes from ``buf`` into the C-contiguous host array ``out`` (pinned
+        on the GPU: a direct DMA), ordered on the stream, and wait for it. Returns ``out``."""
+        out[...] = self.download(buf, out.shape, out.dtype)
+        return out
 
     def prepare(self, kernel: str, n_threads: int, *args) -> Callable[[], None]:
         """A launch of ``kernel`` over n_threads with these arguments (Buffers, None = NULL,
@@ -526,6 +548,7 @@ class GPUKernels(KernelBackend):
         except Exception as e:  # no device, no driver, driver too old
             raise BackendUnavailable(f"no usable CUDA device: {e}") from e
         self.cuda = cuda
+        self.device = device
         with self.active():
             self.stream = stream or cuda.Stream()
             if GPUKernels._module is None:
@@ -549,8 +572,37 @@ class GPUKernels(KernelBackend):
 
     def alloc(self, nbytes: int) -> Buffer:
         with self.active():
-            mem = self.cuda.mem_alloc(max(int(nbytes), 4))
+            try:
+                mem = self.cuda.mem_alloc(max(int(nbytes), 4))
+            except self.cuda.MemoryError as e:
+                raise OutOfDeviceMemory(f"out of GPU memory allocating {int(nbytes):,} bytes: {e}") from e
         return Buffer(int(nbytes), int(mem), mem)
+
+    def alloc_host(self, shape, dtype) -> np.ndarray:
+        """Page-locked (pinned) host memory: copies to and from it are direct DMA and truly
+        asynchronous on the stream."""
+        with self.active():
+            try:
+                return self.cuda.pagelocked_empty(shape, dtype)
+            except self.cuda.Error as e:  # pycuda's MemoryError, or the driver's own refusal
+                n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                raise OutOfDeviceMemory(f"cannot pin {n:,} bytes of host memory: {e}") from e
+
+    def upload_async(self, buf: Buffer, array: np.ndarray) -> None:
+        if array.nbytes > buf.nbytes:
+            raise ValueError(f"upload of {array.nbytes} bytes into a {buf.nbytes}-byte buffer")
+        if not array.flags.c_contiguous:
+            raise ValueError("upload_async copies C-contiguous (pinned) host arrays only")
+        with self.active():
+            self.cuda.memcpy_htod_async(buf.ptr, array, self.stream)
+
+    def download_into(self, buf: Buffer, out: np.ndarray) -> np.ndarray:
+        if not out.flags.c_contiguous:
+            raise ValueError("download_into writes C-contiguous host arrays only")
+        with self.active():
+            self.cuda.memcpy_dtoh_async(out, buf.ptr, self.stream)
+            self.stream.synchronize()
+        return out
 
     def upload(self, buf: Buffer, array: np.ndarray) -> None:
         a = np.ascontiguousarray(array)

@@ -325,20 +325,22 @@ class DenseCRFDriver:
     # -- inference ------------------------------------------------------------------------------
     def run(self, scores: np.ndarray | Buffer, image: np.ndarray | Buffer, h: int, w: int, c: int,
             params: CRFParams, is_logits: bool = True, marginals: bool = True, labels: bool = False,
-            check_finite: bool = True):
+            check_finite: bool = True, labels_out: np.ndarray | None = None):
         """Mean field for one image.
 
         scores: (C, H, W) float32 planar logits (is_logits) or unary energies, as a host array or a
         Buffer already on the backend (e.g. a TensorRT output). image: H x W x 3 uint8, host or Buffer.
         Returns (marginals (C, H, W) float32 or None, labels (H, W) uint8 or None).
         check_finite=False skips the device-side NaN/inf check for callers that checked already.
+        labels_out: an H x W uint8 host array (e.g. KernelBackend.alloc_host's pinned memory) the
+        labels are written into and returned as, instead of a new array.
         """
         if labels and c > 256:
             raise CRFInputError(f"{c} labels: label ids are written as uint8 (at most 256 labels); "
                                 "ask for marginals instead")
         self.check_limits(h, w, c, params)
         with self.k.active():  # the GPU: the primary context, current in whichever thread calls
-            return self._run(scores, image, h, w, c, params, is_logits, marginals, labels, check_finite)
+            return self._run(scores, image, h, w, c, params, is_logits, marginals, labels, check_finite, labels_out)
 
     def check_limits(self, h: int, w: int, c: int, params: CRFParams) -> None:
         """Refuse, before anything runs, an image whose lattice coordinates would not fit the int16
@@ -359,7 +361,7 @@ class DenseCRFDriver:
                     f"a {h}x{w} image with {c} labels needs {count:,} {what}, beyond the CRF kernels' 32-bit "
                     f"indexing (at most {INT32_MAX:,}): downscale the image for the CRF or use fewer labels")
 
-    def _run(self, scores, image, h, w, c, params, is_logits, marginals, labels, check_finite):
+    def _run(self, scores, image, h, w, c, params, is_logits, marginals, labels, check_finite, labels_out=None):
         k = self.k
         n = h * w
         clock = _PhaseClock(k, self.phase_times)
@@ -439,7 +441,12 @@ class DenseCRFDriver:
         if labels:
             lb = self._buf("labels", n)
             k.launch("crf_argmax", n, q, I32(n), I32(c), I32(s), lb)
-            out_l = k.download(lb, (h, w), np.uint8)
+            if labels_out is None:
+                out_l = k.download(lb, (h, w), np.uint8)
+            else:
+                if labels_out.shape != (h, w) or labels_out.dtype != np.uint8:
+                    raise ValueError(f"labels_out must be {h}x{w} uint8, got {labels_out.shape} {labels_out.dtype}")
+                out_l = k.download_into(lb, labels_out)
         k.synchronize()
         clock.lap("output")
         return out_m, out_l

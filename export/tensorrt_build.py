@@ -135,19 +135,6 @@ def _attach_timing_cache(config: tensorrt.IBuilderConfig, path: Path | None) -> 
     return cache
 
 
-def _engine_io(engine: tensorrt.ICudaEngine) -> list[dict[str, Any]]:
-    """The plan's I/O tensors through the name-based API (8.5+)."""
-    import tensorrt as trt
-
-    io = []
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
-        io.append({"name": name, "mode": mode, "dtype": trt_compat.dtype_name(engine.get_tensor_dtype(name)),
-                   "shape": trt_compat.dims_list(engine.get_tensor_shape(name))})
-    return io
-
-
 def _network_io(network: tensorrt.INetworkDefinition) -> list[dict[str, Any]]:
     tensors = [("input", network.get_input(i)) for i in range(network.num_inputs)]
     tensors += [("output", network.get_output(i)) for i in range(network.num_outputs)]
@@ -234,7 +221,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: ShapeP
         tensorrt_version=trt_version, gpu_name=gpu_name, compute_capability=cc, precision=precision,
         profile=shapes, hardware_compatible=options.hardware_compatible,
         version_compatible=options.version_compatible, dla_core=options.dla_core, onnx_sha256=onnx_sha256,
-        plan_sha256=hashlib.sha256(plan_bytes).hexdigest(), io=_engine_io(engine),
+        plan_sha256=hashlib.sha256(plan_bytes).hexdigest(), io=trt_compat.engine_io(engine),
         class_names=_json_list(metadata, "class_names"), palette=_json_list(metadata, "palette"),
         onnx_path=str(onnx_path), weights_path=str(weights_path) if weights_path else None, engine_path=str(out))
     engine_meta.atomic_write(out, plan_bytes)

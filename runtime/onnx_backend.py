@@ -1,10 +1,26 @@
-"""The ONNX Runtime network backend: runs an exported DeepLab graph on the CPU (or CUDA EP)."""
+"""The ONNX Runtime network backend: runs an exported DeepLab graph on the CPU or with the CUDA
+execution provider (onnxruntime-gpu).
+
+Two ways to run (see runtime/network.py for the interface):
+- ``__call__(batch)``: ``session.run``, scores returned as a numpy array (the host path);
+- ``run_into(batch)``, with ``kernels`` (the CRF's KernelBackend): an I/O-binding run that writes
+  the scores into a Buffer of ``kernels``. With CUDA (``cuda=True``), the batch is copied from a
+  pinned staging array into a device buffer and the CUDA provider runs on the kernels' stream
+  (provider options ``user_compute_stream``, ``do_copy_in_default_stream``), so upload, network
+  and the CRF after it are ordered on that one stream. On the CPU (``kernels=CPUKernels()``) the
+  same binding code binds the batch and a host buffer of the CPU kernels ('cpu' device type):
+  that is how the device pipeline runs, and is tested, without a GPU.
+"""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+
+from crf.backend import BackendUnavailable, Buffer, KernelBackend, OutOfDeviceMemory
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "scores"
@@ -18,12 +34,43 @@ class NetworkOutputError(ValueError):
     """Scores from the network that cannot be segmented (NaN/inf), naming the image."""
 
 
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def cuda_provider_problem() -> Optional[str]:
+    """Why ONNX Runtime's CUDA provider cannot be asked for here (None when it is in this build)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if CUDA_PROVIDER in available:
+        version = tuple(int(x) for x in re.findall(r"\d+", ort.__version__)[:2])
+        if version < (1, 17):  # the Python API takes user_compute_stream from 1.17 on
+            return (f"onnxruntime-gpu {ort.__version__} cannot run on the CRF's stream (the provider option "
+                    "user_compute_stream needs onnxruntime-gpu 1.17 or newer)")
+        return None
+    return (f"ONNX Runtime's {CUDA_PROVIDER} is not in this onnxruntime build (providers: {', '.join(available)}); "
+            "install onnxruntime-gpu instead of onnxruntime")
+
+
+def _out_of_memory(e: Exception) -> bool:
+    # onnxruntime reports allocation failures as its generic RuntimeException; the text is all there is
+    text = str(e)
+    return "out of memory" in text or "Failed to allocate" in text
+
+
 class OnnxRuntimeNetwork:
-    """uint8 N x H x W x 3 BGR batch -> float32 N x C x H x W upsampled class scores."""
+    """uint8 N x H x W x 3 BGR batch -> float32 N x C x H x W upsampled class scores.
+
+    cuda: run with the CUDA provider on ``kernels`` (default: a new ``GPUKernels()``) and its
+    stream; BackendUnavailable says why when the provider or pycuda cannot run. kernels (CPU
+    kernels, without cuda): enable ``run_into`` on the CPU (the I/O-binding path)."""
 
     name = "onnxruntime"
+    #: any size runs (the graph's H and W are dynamic)
+    size_bounds = None
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None,
+                 cuda: bool = False, kernels: Optional[KernelBackend] = None):
         import onnxruntime as ort
 
         p = Path(path)
@@ -33,10 +80,39 @@ class OnnxRuntimeNetwork:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        session_providers: list = providers or ["CPUExecutionProvider"]
+        self.device_id = 0
+        if cuda:
+            problem = cuda_provider_problem()
+            if problem:
+                raise BackendUnavailable(problem)
+            if kernels is None:
+                from crf.backend import GPUKernels
+
+                kernels = GPUKernels()  # BackendUnavailable naming what is missing (pycuda, GPU, nvcc)
+            if kernels.name != "gpu":
+                raise ValueError(f"the CUDA provider writes GPU memory: it needs GPU kernels, not {kernels.name!r}")
+            self.device_id = int(getattr(kernels, "device", 0))
+            cuda_options = {"device_id": str(self.device_id),
+                            # the CRF's stream: upload, network and CRF ordered on one stream
+                            "user_compute_stream": str(getattr(kernels, "stream").handle),
+                            "do_copy_in_default_stream": "1"}
+            session_providers = [(CUDA_PROVIDER, cuda_options), "CPUExecutionProvider"]
+            self.name = "onnxruntime-cuda"
+        elif kernels is not None and kernels.name != "cpu":
+            raise ValueError(f"the CPU provider writes host memory: run_into on the CPU needs CPU kernels, "
+                             f"not {kernels.name!r} (pass cuda=True for the GPU)")
+        self.kernels = kernels
+        self._device_type = "cuda" if cuda else "cpu"
+        self._buffers: Dict[str, Buffer] = {}
+        self._staging: Optional[np.ndarray] = None
         try:
-            self.session = ort.InferenceSession(str(p), opts, providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(p), opts, providers=session_providers)
         except Exception as e:  # onnxruntime raises its own exception types for invalid files
             raise ModelFormatError(f"{p} is not a loadable ONNX model: {e}") from e
+        if cuda and CUDA_PROVIDER not in self.session.get_providers():
+            raise BackendUnavailable(f"ONNX Runtime did not start its {CUDA_PROVIDER} for {p} (CUDA or cuDNN "
+                                     f"libraries missing? providers in use: {self.session.get_providers()})")
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
         if (len(ins) != 1 or ins[0].name != INPUT_NAME or ins[0].type != "tensor(uint8)"
                 or len(ins[0].shape) != 4 or ins[0].shape[3] != 3):
@@ -47,6 +123,9 @@ class OnnxRuntimeNetwork:
         if len(outs) != 1 or len(outs[0].shape) != 4:
             found = ", ".join(f"{o.name}: {o.type} {o.shape}" for o in outs)
             raise ModelFormatError(f"{p}: expected one output N x C x H x W, found {found}")
+        if kernels is not None and outs[0].type != "tensor(float)":
+            raise ModelFormatError(f"{p}: output '{outs[0].name}' is {outs[0].type}; writing scores into the CRF's "
+                                   "buffers needs float32 (tensor(float)), as tools/export.py exports")
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         c = outs[0].shape[1]
         if not isinstance(c, int):
@@ -59,4 +138,60 @@ class OnnxRuntimeNetwork:
         self.fixed_input_dims = tuple(d if isinstance(d, int) else None for d in ins[0].shape[:3])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self._device_type == "cuda":
+            assert self.kernels is not None
+            buf, shape = self.run_into(batch)
+            return self.kernels.download(buf, shape, np.float32)
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+    def _buffer(self, role: str, nbytes: int) -> Buffer:
+        """A kernels buffer of at least nbytes, kept and reused (grown when a batch is larger)."""
+        assert self.kernels is not None
+        b = self._buffers.get(role)
+        if b is None or b.nbytes < nbytes:
+            self._buffers.pop(role, None)  # the smaller one is freed before the larger is made
+            b = self._buffers[role] = self.kernels.alloc(nbytes)
+        return b
+
+    def _stage(self, batch: np.ndarray) -> np.ndarray:
+        """The batch copied into pinned host memory (kept and reused), the source of an async upload."""
+        assert self.kernels is not None
+        if self._staging is None or self._staging.nbytes < batch.nbytes:
+            self._staging = None
+            self._staging = self.kernels.alloc_host((batch.nbytes,), np.uint8)
+        # the previous call's upload from this memory must be over before it is rewritten
+        self.kernels.synchronize()
+        view = self._staging[:batch.nbytes].reshape(batch.shape)
+        view[...] = batch
+        return view
+
+    def run_into(self, batch: np.ndarray) -> Tuple[Buffer, Tuple[int, int, int, int]]:
+        """Scores of a uint8 N x H x W x 3 batch written into a Buffer of ``kernels`` (see
+        runtime/network.py); the Buffer is reused by the next call. Out of memory raises
+        OutOfDeviceMemory; the network stays usable."""
+        if self.kernels is None:
+            raise RuntimeError("run_into needs the CRF's kernels: OnnxRuntimeNetwork(path, kernels=...) "
+                               "or cuda=True")
+        batch = np.ascontiguousarray(batch, np.uint8)
+        n, h, w = (int(d) for d in batch.shape[:3])
+        shape = (n, self.num_classes, h, w)
+        try:
+            with self.kernels.active():
+                out = self._buffer("scores", n * self.num_classes * h * w * 4)
+                if self._device_type == "cuda":
+                    src = self._buffer("image", batch.nbytes)
+                    self.kernels.upload_async(src, self._stage(batch))
+                    ptr = src.ptr
+                else:
+                    ptr = batch.ctypes.data  # ONNX Runtime reads the caller's batch in place
+                binding: Any = self.session.io_binding()
+                binding.bind_input(INPUT_NAME, self._device_type, self.device_id, np.uint8, list(batch.shape), ptr)
+                binding.bind_output(OUTPUT_NAME, self._device_type, self.device_id, np.float32, list(shape), out.ptr)
+                self.session.run_with_iobinding(binding)
+        except OutOfDeviceMemory:
+            raise
+        except Exception as e:  # onnxruntime's own exception types
+            if _out_of_memory(e):
+                raise OutOfDeviceMemory(f"{self.name}: out of memory running a {n}x{h}x{w} batch: {e}") from e
+            raise
+        return out, shape

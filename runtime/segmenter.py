@@ -5,12 +5,21 @@
     result = seg("samples/scene_0.png")       # or a BGR uint8 array, or a list of them
     cv2.imwrite("overlay.png", seg.overlay(result))
     print(result.labels.shape, result.timings)
+
+Two pipelines, the same labels. The host pipeline (a host network backend: ONNX Runtime on the
+CPU): the scores come back as a numpy array, are cropped, checked and refined by crf.refine. The
+device pipeline (a device backend: TensorRT, ONNX Runtime's CUDA provider, or ONNX Runtime on the
+CPU made with CPU kernels — runtime/network.py — with the CRF on the same kind of kernels): the
+scores stay where the network wrote them, are cropped, checked and refined there on one stream,
+and only the labels come back (runtime/device_pipeline.py lists what remains a host step).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +28,17 @@ from typing import Sequence
 import numpy as np
 
 from crf import CRFParams, refine, resolve_backend
+from crf.backend import OutOfDeviceMemory
 from crf.features import unary_from_scores
 
-from .contract import (DEFAULT_MAX_SIZE, ImageError, ImageLike, aligned_size, as_bgr_uint8, fit_scale,
-                       load_image, pad_image)
+from .backend_choice import open_network
+from .contract import DEFAULT_MAX_SIZE, ImageError, ImageLike, as_bgr_uint8, load_image, pad_image
+from .device_pipeline import DevicePipeline
+from .network import check_input_size, is_device_network, network_size
 from .onnx_backend import ModelFormatError, NetworkOutputError
 from .palette import VOC_CLASSES, blend, check_palette, colour_mask, voc_palette
+
+log = logging.getLogger("deeplab")
 
 _DEFAULT = object()
 #: Side of the padded image the network is tried on when a model is loaded (8k+1, tiny).
@@ -79,6 +93,12 @@ def _resize_scores(scores: np.ndarray, h: int, w: int) -> np.ndarray:
     return out
 
 
+def _nonfinite_error(name: str, scores: np.ndarray) -> NetworkOutputError:
+    bad = int(scores.size - np.count_nonzero(np.isfinite(scores)))
+    return NetworkOutputError(f"{name}: the network's scores contain {bad} NaN/inf values (of {scores.size}); "
+                              "no labels can be drawn from them")
+
+
 def _shape_problems(shape: tuple, n: int, c: int, h: int, w: int) -> list[str]:
     """What is off in a network output of ``shape`` for n images of h x w with c classes."""
     if len(shape) != 4:
@@ -100,6 +120,10 @@ def check_network_output(network, source: str) -> None:
     metadata, or which gives NaN/inf there (raises ModelFormatError naming what is off)."""
     fixed_n, fixed_h, fixed_w = network.fixed_input_dims
     n, h, w = fixed_n or 1, fixed_h or PROBE_SIZE, fixed_w or PROBE_SIZE
+    bounds = getattr(network, "size_bounds", None)
+    if bounds is not None:  # a TensorRT profile: probe at its smallest size from PROBE_SIZE up
+        h = fixed_h or min(max(PROBE_SIZE, bounds.min_h), bounds.max_h)
+        w = fixed_w or min(max(PROBE_SIZE, bounds.min_w), bounds.max_w)
     image = np.full((max(1, h - 4), max(1, w - 6), 3), 128, np.uint8)
     batch = np.stack([pad_image(image, h, w)] * n)
     try:
@@ -129,14 +153,23 @@ def check_network_output(network, source: str) -> None:
 class Segmenter:
     """DeepLab v1 segmentation with the dense CRF, for embedded apps.
 
-    model_path: an .onnx exported by tools/export.py. crf: CRFParams (default: DeepLab-LargeFOV's)
-    or None to skip the CRF. backend: "auto" or "onnxruntime" for the network. crf_backend: "auto"
-    (GPU kernels, else the same kernels compiled for the CPU, else numpy), "gpu", "cpu" or "numpy";
-    ``seg.crf_backend`` says which one runs. class_names /
+    model_path: an .onnx exported by tools/export.py, or a TensorRT plan (.engine / .plan) built by
+    tools/export.py --engine. crf: CRFParams (default: DeepLab-LargeFOV's) or None to skip the CRF.
+    backend: "auto" (TensorRT for a plan, else ONNX Runtime's CUDA provider where onnxruntime-gpu
+    and pycuda work, else ONNX Runtime on the CPU), "tensorrt", "onnxruntime-cuda" or "onnxruntime"
+    (runtime/backend_choice.py); ``seg.backend`` says which one runs. crf_backend: "auto" (the
+    network's own kernels when it runs on them — the GPU for TensorRT and ONNX Runtime CUDA —,
+    else GPU kernels, else the same kernels compiled for the CPU, else numpy), "gpu", "cpu" or
+    "numpy"; ``seg.crf_backend`` says which one runs. ``seg.pipeline`` is "device" when the
+    scores stay in the network's memory for the CRF, else "host". One INFO line on the "deeplab"
+    logger says what was chosen. network: a network backend object (runtime/network.py) to use
+    instead of opening model_path (which then only names it in messages). class_names /
     palette (RGB rows): override the model's (from its metadata) or VOC's. max_size: images with a
     side above it are shrunk for the network and the scores resized back (see runtime.contract).
     input_size: (H, W) to pad every image to a fixed network size instead of the next 8k+1.
-    max_batch: the most images of one padded size sent to the network at once.
+    max_batch: the most images of one padded size sent to the network at once. A TensorRT plan's
+    optimisation profile bounds the network input: larger images are shrunk to its maximum (as
+    max_size does), smaller ones padded up to its minimum, max_batch capped at its batch.
     crf_max_pixels: images with more pixels run the CRF on a copy shrunk to fit (default: what
     keeps the CRF's buffers under ~1.5 GB for the model's class count, ~2.8 M pixels with 21
     classes). A deviation from DeepLab, which always ran it at full size: the image is shrunk
@@ -147,29 +180,37 @@ class Segmenter:
     The network is tried once at load on a small padded image: scores not at the input's size,
     a class count that disagrees with the metadata, or NaN/inf there raise ModelFormatError.
     NaN/inf scores for an image raise NetworkOutputError naming it (with the CRF or without).
+    Out of device memory raises crf.backend.OutOfDeviceMemory (a MemoryError); the Segmenter stays
+    usable. Calls from several threads are fine; on the device pipeline they take turns.
     """
 
     def __init__(self, model_path: str | Path, crf: CRFParams | None = _DEFAULT, backend: str = "auto",  # type: ignore[assignment]
                  class_names: Sequence[str] | None = None, palette=None, max_size: int = DEFAULT_MAX_SIZE,
                  input_size: tuple[int, int] | None = None, crf_backend: str = "auto", threads: int | None = None,
-                 max_batch: int = 8, crf_max_pixels: int | None = None):
+                 max_batch: int = 8, crf_max_pixels: int | None = None, network=None):
         path = Path(model_path)
-        if backend not in ("auto", "onnxruntime"):
-            raise ValueError(f"unknown backend {backend!r}: choose 'auto' or 'onnxruntime'")
-        if path.suffix in (".engine", ".plan", ".trt"):
-            raise ValueError(f"{path}: TensorRT engines are not run by this release of the runtime; "
-                             "pass the .onnx (ONNX Runtime backend)")
-        from .onnx_backend import OnnxRuntimeNetwork
-
-        self.network = OnnxRuntimeNetwork(path, threads=threads)
-        self.model_path = path
-        check_network_output(self.network, str(path))
-        self.backend = self.network.name
         self.crf_params = CRFParams() if crf is _DEFAULT else crf
         if self.crf_params is not None and not isinstance(self.crf_params, CRFParams):
             raise TypeError(f"crf must be CRFParams or None, got {type(crf).__name__}")
+        self.network = open_network(path, backend, threads) if network is None else network
+        self.model_path = path
+        check_network_output(self.network, str(path))
+        self.backend = self.network.name
+        self.size_bounds = getattr(self.network, "size_bounds", None)
+        on_device = is_device_network(self.network)
+        kernels_name = self.network.kernels.name if on_device else None
         # Resolved (and the CPU kernels built) now, not inside the first timed call.
-        self.crf_backend = resolve_backend(crf_backend) if self.crf_params is not None else None
+        if self.crf_params is None:
+            self.crf_backend = None
+        elif on_device and crf_backend == "auto":
+            self.crf_backend = kernels_name  # the CRF on the kernels the network writes for
+        else:
+            self.crf_backend = resolve_backend(crf_backend)
+        self._device: DevicePipeline | None = None
+        if on_device:
+            self._device = DevicePipeline(self.network.kernels, crf=self.crf_backend == kernels_name)
+        self._device_lock = threading.Lock()
+        self.pipeline = "device" if self._device is not None else "host"
         if max_size < 9:
             raise ValueError(f"max_size must be >= 9, got {max_size}")
         self.max_size = int(max_size)
@@ -177,10 +218,11 @@ class Segmenter:
             input_size = (int(input_size[0]), int(input_size[1]))
             if min(input_size) < 1:
                 raise ValueError(f"input_size must be positive, got {input_size}")
+            check_input_size(input_size, self.size_bounds, str(path))
         self.input_size = input_size
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.max_batch = int(max_batch)
+        self.max_batch = int(max_batch) if self.size_bounds is None else min(int(max_batch), self.size_bounds.max_batch)
         meta = self.network.metadata
         n = self.network.num_classes
         if n > 256:
@@ -198,6 +240,10 @@ class Segmenter:
         if palette is None:
             palette = json.loads(meta["palette"]) if "palette" in meta else voc_palette(n)
         self.palette = check_palette(palette, n)
+        crf_where = "off" if self.crf_backend is None else (
+            f"{self.crf_backend}, on the network's scores in place" if self._device is not None and
+            self._device.driver is not None else f"{self.crf_backend}, scores from the host")
+        log.info("%s: network %s, CRF %s, %s pipeline", path, self.backend, crf_where, self.pipeline)
 
     # -- segNet-style accessors ---------------------------------------------------------------
     def class_name(self, i: int) -> str:
@@ -225,39 +271,43 @@ class Segmenter:
             return self._seg_batch(list(images), return_probabilities, return_scores)
         return self._seg_batch([images], return_probabilities, return_scores)[0]
 
-    def _prepare(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray, float]:
+    def _prepare(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray, float, tuple[int, int]]:
+        """(image, what the network sees before padding, its scale, the padded network size)."""
         import cv2
 
         img = load_image(image) if isinstance(image, (str, Path)) else as_bgr_uint8(image)
         h, w = img.shape[:2]
-        s = fit_scale(h, w, self.max_size)
+        size = network_size(h, w, self.max_size, self.size_bounds, self.input_size)
         net_img = img
-        if s < 1.0:
-            net_img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-        return img, net_img, s
+        if size.scale < 1.0:
+            nh, nw = size.resized
+            net_img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+        return img, net_img, size.scale, size.padded
+
+    def _refine(self, scores: np.ndarray, image: np.ndarray, params: CRFParams) -> np.ndarray:
+        """crf.refine, or, on the device pipeline, the same CRF on the network's kernels."""
+        if self._device is not None and self._device.driver is not None:
+            return self._device.refine(scores, image, params)
+        assert self.crf_backend is not None, "the CRF is off"
+        return refine(scores, image, params, backend=self.crf_backend)
 
     def _crf(self, scores: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, float]:
         """CRF marginals at the image's size, and the factor the CRF ran at (see crf_max_pixels)."""
         import cv2
 
+        params0 = self.crf_params
+        assert params0 is not None, "the CRF is off"
         h, w = image.shape[:2]
         if h * w <= self.crf_max_pixels:
-            return refine(scores, image, self.crf_params, backend=self.crf_backend), 1.0
+            return self._refine(scores, image, params0), 1.0
         f = math.sqrt(self.crf_max_pixels / (h * w))
         sh, sw = max(1, int(h * f)), max(1, int(w * f))  # rounded down: within the budget
         scale = math.sqrt(sh * sw / (h * w))
-        params = dataclasses.replace(self.crf_params, bi_xy_std=self.crf_params.bi_xy_std * scale,
-                                     pos_xy_std=self.crf_params.pos_xy_std * scale)
-        small = refine(_resize_scores(scores, sh, sw), cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA),
-                       params, backend=self.crf_backend)
+        params = dataclasses.replace(params0, bi_xy_std=params0.bi_xy_std * scale,
+                                     pos_xy_std=params0.pos_xy_std * scale)
+        small = self._refine(_resize_scores(scores, sh, sw), cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA),
+                             params)
         return _resize_scores(small, h, w), scale
-
-    def _padded_size(self, h: int, w: int) -> tuple[int, int]:
-        if self.input_size is not None:
-            if h > self.input_size[0] or w > self.input_size[1]:
-                raise ImageError(f"image {h}x{w} (after max_size shrinking) exceeds input_size {self.input_size}")
-            return self.input_size
-        return aligned_size(h), aligned_size(w)
 
     def _seg_batch(self, images: list, return_probabilities: bool, return_scores: bool = False) -> list[Segmentation]:
         if not images:
@@ -274,8 +324,8 @@ class Segmenter:
         t_pre = (time.perf_counter() - t0) * 1e3 / len(images)
         # Images that pad to the same network size run together, max_batch at a time.
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, (_, net_img, _) in enumerate(prepared):
-            groups.setdefault(self._padded_size(*net_img.shape[:2]), []).append(i)
+        for i, (_, _, _, padded) in enumerate(prepared):
+            groups.setdefault(padded, []).append(i)
         runs = [(size, idx[k:k + self.max_batch]) for size, idx in groups.items()
                 for k in range(0, len(idx), self.max_batch)]
         results: list[Segmentation | None] = [None] * len(images)
@@ -283,41 +333,97 @@ class Segmenter:
             t1 = time.perf_counter()
             batch = np.stack([pad_image(prepared[i][1], ph, pw) for i in idx])
             t_pad = (time.perf_counter() - t1) * 1e3 / len(idx)
-            t1 = time.perf_counter()
-            scores = self.network(batch)
-            t_net = (time.perf_counter() - t1) * 1e3 / len(idx)
-            problems = _shape_problems(scores.shape, len(idx), self.num_classes, ph, pw)
-            if problems:
-                raise ModelFormatError(f"{self.model_path}: " + "; ".join(problems))
-            for j, i in enumerate(idx):
-                img, net_img, s = prepared[i]
-                timings = {"preprocess": t_pre + t_pad, "network": t_net}
-                t2 = time.perf_counter()
-                nh, nw = net_img.shape[:2]
-                sc = scores[j, :, :nh, :nw]  # crop top-left
-                if s < 1.0:
-                    sc = _resize_scores(sc, *img.shape[:2])
-                with np.errstate(over="ignore"):
-                    sc = np.ascontiguousarray(sc, np.float32)
-                # After the cast: a float64 graph output can overflow there. The float64
-                # sum is non-finite exactly when an element is (float32 values cannot overflow it).
-                if not np.isfinite(sc.sum(dtype=np.float64)):
-                    bad = int(sc.size - np.count_nonzero(np.isfinite(sc)))
-                    raise NetworkOutputError(f"{names[i]}: the network's scores contain {bad} NaN/inf "
-                                             f"values (of {sc.size}); no labels can be drawn from them")
-                timings["postprocess"] = (time.perf_counter() - t2) * 1e3
-                t2 = time.perf_counter()
-                crf_scale = 1.0
-                if self.crf_params is not None:
-                    probs, crf_scale = self._crf(sc, img)
-                    timings["crf"] = (time.perf_counter() - t2) * 1e3
-                else:
-                    probs = _softmax(sc) if return_probabilities else None
-                    timings["crf"] = 0.0
-                t2 = time.perf_counter()
-                labels = (probs if probs is not None else sc).argmax(axis=0).astype(np.uint8)
-                timings["postprocess"] += (time.perf_counter() - t2) * 1e3
-                timings["total"] = sum(timings.values())
-                results[i] = Segmentation(labels, probs if return_probabilities else None, timings, img,
-                                          sc if return_scores else None, crf_scale)
+            args = (prepared, names, idx, batch, t_pre + t_pad, return_probabilities, return_scores, results)
+            if self._device is not None:
+                with self._device_lock:
+                    try:
+                        self._run_on_device(*args)
+                    except OutOfDeviceMemory as e:
+                        raise OutOfDeviceMemory(f"{self.model_path}: {e} (a batch of {len(idx)} at {ph}x{pw}); the "
+                                                "Segmenter is still usable: try fewer or smaller images "
+                                                "(max_batch, max_size)") from e
+            else:
+                self._run_on_host(*args)
         return results  # type: ignore[return-value]
+
+    def _run_on_host(self, prepared, names, idx, batch, t_pre, return_probabilities, return_scores, results) -> None:
+        t1 = time.perf_counter()
+        scores = self.network(batch)
+        t_net = (time.perf_counter() - t1) * 1e3 / len(idx)
+        problems = _shape_problems(scores.shape, len(idx), self.num_classes, *batch.shape[1:3])
+        if problems:
+            raise ModelFormatError(f"{self.model_path}: " + "; ".join(problems))
+        for j, i in enumerate(idx):
+            img, net_img, s, _ = prepared[i]
+            timings = {"preprocess": t_pre, "network": t_net}
+            t2 = time.perf_counter()
+            nh, nw = net_img.shape[:2]
+            sc = scores[j, :, :nh, :nw]  # crop top-left
+            timings["postprocess"] = (time.perf_counter() - t2) * 1e3
+            results[i] = self._finish_on_host(sc, img, s, names[i], timings, return_probabilities, return_scores)
+
+    def _finish_on_host(self, sc: np.ndarray, img: np.ndarray, s: float, name: str, timings: dict,
+                        return_probabilities: bool, return_scores: bool) -> Segmentation:
+        """From one image's cropped network scores (host) to its Segmentation."""
+        t2 = time.perf_counter()
+        if s < 1.0:
+            sc = _resize_scores(sc, *img.shape[:2])
+        with np.errstate(over="ignore"):
+            sc = np.ascontiguousarray(sc, np.float32)
+        # After the cast: a float64 graph output can overflow there. The float64
+        # sum is non-finite exactly when an element is (float32 values cannot overflow it).
+        if not np.isfinite(sc.sum(dtype=np.float64)):
+            raise _nonfinite_error(name, sc)
+        timings["postprocess"] = timings.get("postprocess", 0.0) + (time.perf_counter() - t2) * 1e3
+        t2 = time.perf_counter()
+        crf_scale = 1.0
+        probs: np.ndarray | None
+        if self.crf_params is not None:
+            probs, crf_scale = self._crf(sc, img)
+            timings["crf"] = (time.perf_counter() - t2) * 1e3
+        else:
+            probs = _softmax(sc) if return_probabilities else None
+            timings["crf"] = 0.0
+        t2 = time.perf_counter()
+        labels = (probs if probs is not None else sc).argmax(axis=0).astype(np.uint8)
+        timings["postprocess"] += (time.perf_counter() - t2) * 1e3
+        timings["total"] = sum(timings.values())
+        return Segmentation(labels, probs if return_probabilities else None, timings, img,
+                            sc if return_scores else None, crf_scale)
+
+    def _run_on_device(self, prepared, names, idx, batch, t_pre, return_probabilities, return_scores, results) -> None:
+        """The scores stay where the network wrote them; per image: crop (device), then the CRF on
+        the device when it runs at the image's full size, else the host steps from the downloaded crop."""
+        dev = self._device
+        assert dev is not None
+        k = self.network.kernels
+        t1 = time.perf_counter()
+        buf, shape = self.network.run_into(batch)
+        k.synchronize()  # once per batch, so that "network" times the network, not a later stage
+        t_net = (time.perf_counter() - t1) * 1e3 / len(idx)
+        problems = _shape_problems(shape, len(idx), self.num_classes, *batch.shape[1:3])
+        if problems:
+            raise ModelFormatError(f"{self.model_path}: " + "; ".join(problems))
+        c = self.num_classes
+        for j, i in enumerate(idx):
+            img, net_img, s, _ = prepared[i]
+            timings = {"preprocess": t_pre, "network": t_net}
+            t2 = time.perf_counter()
+            nh, nw = net_img.shape[:2]
+            crop = dev.crop(buf, shape, j, nh, nw)
+            on_device = (dev.driver is not None and s == 1.0 and nh * nw <= self.crf_max_pixels)
+            if not on_device:  # a host step follows: the crop comes back
+                sc = dev.download(crop, c, nh, nw)
+                timings["postprocess"] = (time.perf_counter() - t2) * 1e3
+                results[i] = self._finish_on_host(sc, img, s, names[i], timings, return_probabilities, return_scores)
+                continue
+            assert self.crf_params is not None  # dev.driver exists only with the CRF
+            if not dev.check_finite(crop, c * nh * nw):
+                raise _nonfinite_error(names[i], dev.download(crop, c, nh, nw))
+            timings["postprocess"] = (time.perf_counter() - t2) * 1e3
+            t2 = time.perf_counter()
+            labels, probs = dev.labels(crop, img, c, self.crf_params, return_probabilities)
+            timings["crf"] = (time.perf_counter() - t2) * 1e3
+            scores = dev.download(crop, c, nh, nw) if return_scores else None
+            timings["total"] = sum(timings.values())
+            results[i] = Segmentation(labels, probs, timings, img, scores, 1.0)

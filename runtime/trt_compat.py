@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from types import ModuleType
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     import tensorrt
@@ -144,6 +144,37 @@ def dtype_name(dtype: tensorrt.DataType) -> str:
 
 def dims_list(dims: tensorrt.Dims) -> list[int]:
     return [int(dims[i]) for i in range(len(dims))]
+
+
+def engine_io(engine: tensorrt.ICudaEngine) -> list[dict[str, Any]]:
+    """The plan's I/O tensors (name, mode, dtype, shape with -1 for dynamic axes) through the
+    name-based API: num_io_tensors, get_tensor_name/mode/dtype/shape, the same from 8.5 to 11.x."""
+    import tensorrt as trt
+
+    io = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+        io.append({"name": name, "mode": mode, "dtype": dtype_name(engine.get_tensor_dtype(name)),
+                   "shape": dims_list(engine.get_tensor_shape(name))})
+    return io
+
+
+def profile_shapes(engine: tensorrt.ICudaEngine, name: str, profile: int = 0) -> tuple[list[int], list[int], list[int]]:
+    """(min, opt, max) shapes of input ``name`` in optimisation profile ``profile``.
+    ``get_tensor_profile_shape(name, profile_index)`` is in the bindings from 8.5.1 to 11.x alike
+    (the binding-index ``get_profile_shape`` was removed in 10.x)."""
+    shapes = engine.get_tensor_profile_shape(name, profile)
+    low, opt, high = (dims_list(d) for d in shapes)
+    return low, opt, high
+
+
+def is_linear(engine: tensorrt.ICudaEngine, name: str) -> bool:
+    """Whether tensor ``name`` is laid out row-major (TensorFormat.LINEAR; 8.5+): the Segmenter pads and
+    the CRF reads plain N x H x W x 3 and N x C x H x W arrays."""
+    import tensorrt as trt
+
+    return engine.get_tensor_format(name) == trt.TensorFormat.LINEAR
 
 
 # --- version arithmetic, no TensorRT needed -------------------------------------------------------

@@ -284,7 +284,8 @@ def test_nvcc_compiles_the_kernels(tmp_path, arch):
     assert res.returncode == 0, res.stderr
     cubin = out.read_bytes()
     assert cubin[:4] == b"\x7fELF"
-    for kernel in ("crf_embed", "crf_hash_insert", "crf_splat", "crf_blur", "crf_update", "crf_argmax"):
+    for kernel in ("crf_embed", "crf_hash_insert", "crf_splat", "crf_blur", "crf_update", "crf_argmax",
+                   "crf_crop_scores"):
         assert kernel.encode() in cubin
 
 

@@ -107,8 +107,8 @@ def test_bad_segmenter_options(bundled_onnx, tmp_path):
         Segmenter(bundled_onnx, max_batch=0)
     with pytest.raises(ValueError, match="crf backend|CRF backend"):
         Segmenter(bundled_onnx, crf_backend="fpga")
-    with pytest.raises(ValueError, match="TensorRT engines are not run"):
-        Segmenter(tmp_path / "m.engine")
+    with pytest.raises(ValueError, match="is a TensorRT plan: backend 'onnxruntime' runs .onnx"):
+        Segmenter(tmp_path / "m.engine", backend="onnxruntime")
 
 
 def test_more_than_256_classes_is_refused(tmp_path):

@@ -607,6 +607,17 @@ extern "C" __global__ void crf_argmax(const float* Q, int N, int C, int S, unsig
     labels[i] = (unsigned char)best;
 }
 
+// The top-left C x H x W of image b's padded scores (a network's N x C x Hp x Wp output, src
+// pointing at image b) into dense planar C x H x W (what crf_unary reads): one thread per element.
+extern "C" __global__ void crf_crop_scores(const float* src, int C, int Hp, int Wp, int H, int W, float* dst)
+{
+    const int k = crf_tid();
+    if (k >= C * H * W) return;
+    const int c = k / (H * W), r = k - c * (H * W);
+    const int y = r / W, x = r - y * W;
+    dst[k] = src[((long long)c * Hp + y) * Wp + x];
+}
+
 extern "C" __global__ void crf_fill_int(int* x, int n, int value)
 {
     const int k = crf_tid();

@@ -1,0 +1,99 @@
+"""The Segmenter's steps after a device backend's network: the scores stay where it wrote them.
+
+Per image of a batch whose scores a device backend left in a Buffer (runtime/network.py):
+``crop`` copies the image's top-left C x H x W out of the padded N x C x Hp x Wp scores into a
+dense planar buffer (kernel crf_crop_scores), ``check_finite`` looks for NaN/inf there
+(crf_check_finite), ``labels`` uploads the image once and runs the CRF (DenseCRFDriver) on the
+cropped scores, the argmax kernel writing the labels into pinned host memory: only the H x W uint8
+labels come back (and the marginals when asked). ``download`` brings the cropped scores to the
+host, for what stays a host step: the score resize of a shrunk image, the CRF on a shrunken copy
+of an image above crf_max_pixels, the argmax without a CRF (crf_argmax reads label rows of a
+pixel, not planar scores, so planar scores are downloaded and argmax'd by numpy), return_scores.
+
+All of it on the network's KernelBackend and its one stream, inside ``kernels.active()``. Not
+thread-safe: the Segmenter holds a lock around a batch.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from crf import CRFParams
+from crf.backend import I32, Buffer, KernelBackend
+from crf.driver import DenseCRFDriver
+
+
+class DevicePipeline:
+    """kernels: the network's KernelBackend. crf: whether the CRF runs here (a driver on these
+    kernels, its buffers pooled and reused across calls)."""
+
+    def __init__(self, kernels: KernelBackend, crf: bool):
+        self.k = kernels
+        self.driver: Optional[DenseCRFDriver] = DenseCRFDriver(kernels) if crf else None
+        self._buffers: Dict[str, Buffer] = {}
+        self._host: Dict[str, np.ndarray] = {}
+
+    def _buffer(self, role: str, nbytes: int) -> Buffer:
+        b = self._buffers.get(role)
+        if b is None or b.nbytes < nbytes:
+            self._buffers.pop(role, None)
+            b = self._buffers[role] = self.k.alloc(nbytes)
+        return b
+
+    def _pinned(self, role: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
+        """A reused host array of the backend's fastest kind (pinned on the GPU), viewed as shape."""
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        a = self._host.get(role)
+        if a is None or a.nbytes < n:
+            self._host.pop(role, None)
+            a = self._host[role] = self.k.alloc_host((n,), np.uint8)
+        return a[:n].view(dtype).reshape(shape)
+
+    def crop(self, scores: Buffer, shape: Tuple[int, int, int, int], j: int, h: int, w: int) -> Buffer:
+        """Image j's top-left C x h x w of the N x C x Hp x Wp scores, dense (a reused buffer)."""
+        _, c, hp, wp = shape
+        plane = c * hp * wp * 4
+        src = Buffer(plane, scores.ptr + j * plane, scores.owner)
+        dst = self._buffer("scores", c * h * w * 4)
+        with self.k.active():
+            self.k.launch("crf_crop_scores", c * h * w, src, I32(c), I32(hp), I32(wp), I32(h), I32(w), dst)
+        return dst
+
+    def check_finite(self, scores: Buffer, n: int) -> bool:
+        """Whether the first n floats of ``scores`` are all finite (checked on the device)."""
+        flag = self._buffer("flag", 4)
+        with self.k.active():
+            self.k.launch("crf_fill_int", 1, flag, I32(1), I32(0))
+            self.k.launch("crf_check_finite", n, scores, I32(n), flag)
+            return not int(self.k.download(flag, (1,), np.int32)[0])
+
+    def download(self, scores: Buffer, c: int, h: int, w: int) -> np.ndarray:
+        """Cropped scores to the host (a new C x h x w float32 array)."""
+        return self.k.download(scores, (c, h, w), np.float32)
+
+    def labels(self, scores: Buffer, image: np.ndarray, c: int, params: CRFParams,
+               marginals: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """CRF on the cropped planar scores (checked finite already) against the H x W x 3 image:
+        (labels H x W uint8, marginals C x H x W float32 or None)."""
+        assert self.driver is not None, "DevicePipeline made without the CRF"
+        h, w = image.shape[:2]
+        with self.k.active():
+            img = self.k.host_view(image)  # the CPU kernels read the image in place
+            if img is None:
+                staged = self._pinned("image", image.shape, np.uint8)
+                self.k.synchronize()  # the previous image's upload from this memory is over
+                staged[...] = image
+                img = self._buffer("image", image.nbytes)
+                self.k.upload_async(img, staged)
+            out = self._pinned("labels", (h, w), np.uint8)
+            probs, labels = self.driver.run(scores, img, h, w, c, params, marginals=marginals, labels=True,
+                                            check_finite=False, labels_out=out)
+        return labels.copy(), probs  # the pinned label map is reused by the next image
+
+    def refine(self, scores: np.ndarray, image: np.ndarray, params: CRFParams) -> np.ndarray:
+        """crf.refine's marginals, on this pipeline's driver (host arrays in and out)."""
+        assert self.driver is not None, "DevicePipeline made without the CRF"
+        c, h, w = scores.shape
+        marginals, _ = self.driver.run(scores, image, h, w, c, params, check_finite=False)
+        return marginals
