@@ -76,6 +76,12 @@ class Buffer:
         self.nbytes, self.ptr, self.owner = nbytes, ptr, owner
 
 
+def _check_download_size(buf: Buffer, out: np.ndarray) -> None:
+    """download_into copies out.nbytes bytes: more than buf holds would read past its end."""
+    if out.nbytes > buf.nbytes:
+        raise ValueError(f"download of {out.nbytes} bytes from a {buf.nbytes}-byte buffer")
+
+
 class KernelBackend:
     name = "abstract"
     #: when a dict, every launch adds its time (ms) under the kernel's name (see kernel_times())
@@ -111,6 +117,7 @@ class KernelBackend:
     def download_into(self, buf: Buffer, out: np.ndarray) -> np.ndarray:
         """Copy ``out.nbytes`` bytes from ``buf`` into the C-contiguous host array ``out`` (pinned
         on the GPU: a direct DMA), ordered on the stream, and wait for it. Returns ``out``."""
+        _check_download_size(buf, out)
         out[...] = self.download(buf, out.shape, out.dtype)
         return out
 
@@ -599,6 +606,7 @@ class GPUKernels(KernelBackend):
     def download_into(self, buf: Buffer, out: np.ndarray) -> np.ndarray:
         if not out.flags.c_contiguous:
             raise ValueError("download_into writes C-contiguous host arrays only")
+        _check_download_size(buf, out)
         with self.active():
             self.cuda.memcpy_dtoh_async(out, buf.ptr, self.stream)
             self.stream.synchronize()

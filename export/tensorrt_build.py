@@ -139,7 +139,7 @@ def _network_io(network: tensorrt.INetworkDefinition) -> list[dict[str, Any]]:
     tensors = [("input", network.get_input(i)) for i in range(network.num_inputs)]
     tensors += [("output", network.get_output(i)) for i in range(network.num_outputs)]
     return [{"name": t.name, "mode": mode, "dtype": trt_compat.dtype_name(t.dtype),
-             "shape": trt_compat.dims_list(t.shape)} for mode, t in tensors]
+             "shape": trt_compat.dims_list(t.shape, t.name)} for mode, t in tensors]
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: ShapeProfile = ShapeProfile(),

@@ -40,11 +40,13 @@ def open_network(path: str | Path, backend: str = "auto", threads: Optional[int]
     if backend == "tensorrt":
         raise ValueError(f"{path}: backend 'tensorrt' runs TensorRT plans (.engine / .plan): build one with "
                          f"tools/export.py ... --engine out/model.engine, or use backend='onnxruntime'")
-    from .onnx_backend import OnnxRuntimeNetwork, cuda_provider_problem
+    from .onnx_backend import OnnxRuntimeNetwork, cuda_provider_missing
 
     if backend == "onnxruntime-cuda":
         return OnnxRuntimeNetwork(path, threads=threads, cuda=True)
-    if backend == "auto" and cuda_provider_problem() is None:
+    # A build without the provider is silent (it is what was installed); anything else that stops
+    # the provider (onnxruntime-gpu too old, no GPU, pycuda missing) is said once.
+    if backend == "auto" and cuda_provider_missing() is None:
         try:
             return OnnxRuntimeNetwork(path, threads=threads, cuda=True)
         except BackendUnavailable as e:

@@ -35,10 +35,14 @@ class DevicePipeline:
         self._host: Dict[str, np.ndarray] = {}
 
     def _buffer(self, role: str, nbytes: int) -> Buffer:
+        """A reused buffer of at least nbytes, grown when a larger one is needed."""
         b = self._buffers.get(role)
         if b is None or b.nbytes < nbytes:
-            self._buffers.pop(role, None)
-            b = self._buffers[role] = self.k.alloc(nbytes)
+            # Inside active(): dropping the smaller one frees it, and pycuda frees device memory
+            # only with its context current in the freeing thread (else it warns and leaks it).
+            with self.k.active():
+                self._buffers.pop(role, None)
+                b = self._buffers[role] = self.k.alloc(nbytes)
         return b
 
     def _pinned(self, role: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
@@ -46,8 +50,9 @@ class DevicePipeline:
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         a = self._host.get(role)
         if a is None or a.nbytes < n:
-            self._host.pop(role, None)
-            a = self._host[role] = self.k.alloc_host((n,), np.uint8)
+            with self.k.active():  # pinned memory, too, is freed with the context current
+                self._host.pop(role, None)
+                a = self._host[role] = self.k.alloc_host((n,), np.uint8)
         return a[:n].view(dtype).reshape(shape)
 
     def crop(self, scores: Buffer, shape: Tuple[int, int, int, int], j: int, h: int, w: int) -> Buffer:

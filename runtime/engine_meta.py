@@ -196,25 +196,52 @@ def check_compatible(meta: EngineMeta, trt_version: str, gpu_name: Optional[str]
     """Raise EngineMismatch when this TensorRT (``trt_version``) or this GPU cannot run the plan,
     naming both sides and the command that rebuilds it. A version-compatible plan accepts a newer
     TensorRT of a supported major version; a hardware-compatible one any Ampere or newer GPU.
-    Returns warnings for what could not be checked (a GPU unknown on either side)."""
+    Returns warnings for what could not be checked (a GPU unknown on either side) and for another
+    GPU model of the same compute capability (TensorRT runs the plan then, and warns too: its
+    tactics were timed on the build GPU)."""
     problems, notes = [], []
     if trt_version != meta.tensorrt_version and not (
             meta.version_compatible and trt_compat.runs_version_compatible_plan(meta.tensorrt_version, trt_version)):
         why = " (version-compatible plans run on the same or a newer TensorRT only)" if meta.version_compatible else ""
         problems.append(f"it was built by TensorRT {meta.tensorrt_version}, this is TensorRT {trt_version}{why}")
-    if meta.gpu_name is None or gpu_name is None:
+    if meta.gpu_name is None or gpu_name is None or meta.compute_capability is None or cc is None:
         notes.append(f"GPU not checked: the plan was built on {_gpu_text(meta.gpu_name, meta.compute_capability)}, "
                      f"this is {_gpu_text(gpu_name, cc)} (pycuda tells the GPU)")
-    elif (gpu_name, cc) != (meta.gpu_name, meta.compute_capability):
-        if not (meta.hardware_compatible and cc and trt_compat.runs_hardware_compatible_plan(cc)):
+    elif cc != meta.compute_capability:
+        if not (meta.hardware_compatible and trt_compat.runs_hardware_compatible_plan(cc)):
             why = " (hardware-compatible plans need compute capability 8.0 or newer)" if meta.hardware_compatible else ""
             problems.append(f"it was built for {_gpu_text(meta.gpu_name, meta.compute_capability)}, this GPU is "
                             f"{_gpu_text(gpu_name, cc)}{why}")
+    elif gpu_name != meta.gpu_name and not meta.hardware_compatible:
+        notes.append(f"built on {_gpu_text(meta.gpu_name, meta.compute_capability)}, running on {gpu_name}: the same "
+                     "compute capability, so TensorRT runs it, but its kernels were chosen on the other model; "
+                     f"rebuild for the best speed: {rebuild_command(meta, plan_path or meta.engine_path)}")
     if problems:
         plan = plan_path or meta.engine_path
         raise EngineMismatch(f"TensorRT plan {plan} cannot run here: {'; '.join(problems)}. Rebuild it on this "
                              f"machine: {rebuild_command(meta, plan)}")
     return notes
+
+
+def check_dla_core(meta: EngineMeta, num_dla_cores: int, plan_path: str | Path | None = None) -> None:
+    """Raise EngineMismatch when the plan was built for a DLA core this machine does not have."""
+    if meta.dla_core is not None and meta.dla_core >= num_dla_cores:
+        plan = plan_path or meta.engine_path
+        raise EngineMismatch(f"TensorRT plan {plan} runs on DLA core {meta.dla_core}, this machine has "
+                             f"{num_dla_cores} DLA core(s). Rebuild it without --dla-core or for an existing "
+                             f"core: {rebuild_command(meta, plan)}")
+
+
+def undeserializable_message(meta: Optional[EngineMeta], trt_version: str, plan_path: str | Path) -> str:
+    """What to say when TensorRT cannot deserialize a plan (its own reason is in its log)."""
+    text = (f"{plan_path}: TensorRT {trt_version} cannot deserialize it: a corrupt or truncated plan, or one built "
+            "for another TensorRT/GPU (TensorRT's message is in the log above)")
+    if meta is not None:
+        return f"{text}; rebuild it: {rebuild_command(meta, plan_path)}"
+    # Without the sidecar the loader cannot tell what the plan needs from the runtime.
+    return (f"{text}. A version-compatible plan also needs its sidecar ({sidecar_path(plan_path).name}) so that "
+            "its embedded runtime may be loaded, and a DLA plan so that its core is set; rebuild it with "
+            "tools/export.py ... --engine")
 
 
 def up_to_date(plan_path: str | Path, key: Dict[str, Any]) -> bool:

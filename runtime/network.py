@@ -87,6 +87,14 @@ def check_input_size(input_size: Tuple[int, int], bounds: Optional[SizeBounds], 
         raise ValueError(f"input_size {h}x{w} is outside what {source} runs ({bounds.describe()})")
 
 
+def batch_dims(batch: Any) -> Tuple[int, int, int]:
+    """(N, H, W) of a network input batch, refused unless it is N x H x W x 3 with N >= 1."""
+    if batch.ndim != 4 or batch.shape[3] != 3 or batch.shape[0] < 1:
+        raise ValueError(f"expected an N x H x W x 3 uint8 batch of at least one image, got shape {batch.shape}")
+    n, h, w = (int(d) for d in batch.shape[:3])
+    return n, h, w
+
+
 def is_device_network(network: Any) -> bool:
     """Whether ``network`` leaves its scores in the CRF kernels' memory (has run_into and kernels)."""
     return getattr(network, "kernels", None) is not None and hasattr(network, "run_into")

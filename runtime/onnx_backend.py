@@ -6,7 +6,7 @@ Two ways to run (see runtime/network.py for the interface):
 - ``run_into(batch)``, with ``kernels`` (the CRF's KernelBackend): an I/O-binding run that writes
   the scores into a Buffer of ``kernels``. With CUDA (``cuda=True``), the batch is copied from a
   pinned staging array into a device buffer and the CUDA provider runs on the kernels' stream
-  (provider options ``user_compute_stream``, ``do_copy_in_default_stream``), so upload, network
+  (provider option ``user_compute_stream``, onnxruntime-gpu 1.18 or newer), so upload, network
   and the CRF after it are ordered on that one stream. On the CPU (``kernels=CPUKernels()``) the
   same binding code binds the batch and a host buffer of the CPU kernels ('cpu' device type):
   that is how the device pipeline runs, and is tested, without a GPU.
@@ -22,6 +22,8 @@ import numpy as np
 
 from crf.backend import BackendUnavailable, Buffer, KernelBackend, OutOfDeviceMemory
 
+from .network import batch_dims
+
 INPUT_NAME = "image"
 OUTPUT_NAME = "scores"
 
@@ -35,21 +37,49 @@ class NetworkOutputError(ValueError):
 
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
+# The CUDA provider's option parser knows user_compute_stream from 1.18 on; 1.17 refuses the
+# session, and onnxruntime's Python fallback then retries without any options, on its own stream.
+MIN_CUDA_STREAM_VERSION = (1, 18)
 
 
-def cuda_provider_problem() -> Optional[str]:
-    """Why ONNX Runtime's CUDA provider cannot be asked for here (None when it is in this build)."""
+def cuda_provider_missing() -> Optional[str]:
+    """Why this onnxruntime build has no CUDA provider at all (None when it has one): a CPU-only
+    onnxruntime is what was installed, not something that failed."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if CUDA_PROVIDER in available:
-        version = tuple(int(x) for x in re.findall(r"\d+", ort.__version__)[:2])
-        if version < (1, 17):  # the Python API takes user_compute_stream from 1.17 on
-            return (f"onnxruntime-gpu {ort.__version__} cannot run on the CRF's stream (the provider option "
-                    "user_compute_stream needs onnxruntime-gpu 1.17 or newer)")
         return None
     return (f"ONNX Runtime's {CUDA_PROVIDER} is not in this onnxruntime build (providers: {', '.join(available)}); "
             "install onnxruntime-gpu instead of onnxruntime")
+
+
+def cuda_provider_too_old(version: str) -> Optional[str]:
+    """Why onnxruntime-gpu ``version`` cannot run on the CRF's stream (None when it can)."""
+    if tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < MIN_CUDA_STREAM_VERSION:
+        return (f"onnxruntime-gpu {version} cannot run on the CRF's stream (the provider option "
+                "user_compute_stream needs onnxruntime-gpu 1.18 or newer)")
+    return None
+
+
+def cuda_provider_problem() -> Optional[str]:
+    """Why ONNX Runtime's CUDA provider cannot be asked for here (None when it is in this build
+    and new enough to run on the CRF's stream)."""
+    import onnxruntime as ort
+
+    return cuda_provider_missing() or cuda_provider_too_old(ort.__version__)
+
+
+def check_user_stream_taken(provider_options: Dict[str, Dict[str, str]], path: object) -> None:
+    """Refuse a session whose CUDA provider does not run on the stream it was given: the upload
+    queued on that stream could still be in flight when the provider reads the input. onnxruntime
+    drops all provider options silently when a first attempt fails (its Python fallback)."""
+    taken = provider_options.get(CUDA_PROVIDER, {}).get("has_user_compute_stream")
+    if taken != "1":
+        raise BackendUnavailable(
+            f"ONNX Runtime ignored the CUDA provider options (user_compute_stream) for {path}: it would not "
+            f"run on the CRF's stream (has_user_compute_stream={taken!r}; onnxruntime-gpu 1.18 or newer "
+            "takes the option, and its log above says why the first attempt failed)")
 
 
 def _out_of_memory(e: Exception) -> bool:
@@ -61,9 +91,11 @@ def _out_of_memory(e: Exception) -> bool:
 class OnnxRuntimeNetwork:
     """uint8 N x H x W x 3 BGR batch -> float32 N x C x H x W upsampled class scores.
 
-    cuda: run with the CUDA provider on ``kernels`` (default: a new ``GPUKernels()``) and its
-    stream; BackendUnavailable says why when the provider or pycuda cannot run. kernels (CPU
-    kernels, without cuda): enable ``run_into`` on the CPU (the I/O-binding path)."""
+    cuda: run with the CUDA provider (onnxruntime-gpu 1.18 or newer) on ``kernels`` (default: a
+    new ``GPUKernels()``) and its stream; BackendUnavailable says why when the provider or pycuda
+    cannot run. kernels (CPU kernels, without cuda): enable ``run_into`` on the CPU (the
+    I/O-binding path). providers: ONNX Runtime's provider list for the host path (default: the
+    CPU); not with cuda, which sets its own."""
 
     name = "onnxruntime"
     #: any size runs (the graph's H and W are dynamic)
@@ -80,6 +112,9 @@ class OnnxRuntimeNetwork:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        if cuda and providers:
+            raise ValueError(f"cuda=True runs the {CUDA_PROVIDER} on the CRF's stream with its own provider "
+                             f"list; leave providers out (got {providers})")
         session_providers: list = providers or ["CPUExecutionProvider"]
         self.device_id = 0
         if cuda:
@@ -93,10 +128,9 @@ class OnnxRuntimeNetwork:
             if kernels.name != "gpu":
                 raise ValueError(f"the CUDA provider writes GPU memory: it needs GPU kernels, not {kernels.name!r}")
             self.device_id = int(getattr(kernels, "device", 0))
+            # the CRF's stream: upload, network and CRF ordered on one stream
             cuda_options = {"device_id": str(self.device_id),
-                            # the CRF's stream: upload, network and CRF ordered on one stream
-                            "user_compute_stream": str(getattr(kernels, "stream").handle),
-                            "do_copy_in_default_stream": "1"}
+                            "user_compute_stream": str(getattr(kernels, "stream").handle)}
             session_providers = [(CUDA_PROVIDER, cuda_options), "CPUExecutionProvider"]
             self.name = "onnxruntime-cuda"
         elif kernels is not None and kernels.name != "cpu":
@@ -113,6 +147,8 @@ class OnnxRuntimeNetwork:
         if cuda and CUDA_PROVIDER not in self.session.get_providers():
             raise BackendUnavailable(f"ONNX Runtime did not start its {CUDA_PROVIDER} for {p} (CUDA or cuDNN "
                                      f"libraries missing? providers in use: {self.session.get_providers()})")
+        if cuda:
+            check_user_stream_taken(self.session.get_provider_options(), p)
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
         if (len(ins) != 1 or ins[0].name != INPUT_NAME or ins[0].type != "tensor(uint8)"
                 or len(ins[0].shape) != 4 or ins[0].shape[3] != 3):
@@ -173,7 +209,7 @@ class OnnxRuntimeNetwork:
             raise RuntimeError("run_into needs the CRF's kernels: OnnxRuntimeNetwork(path, kernels=...) "
                                "or cuda=True")
         batch = np.ascontiguousarray(batch, np.uint8)
-        n, h, w = (int(d) for d in batch.shape[:3])
+        n, h, w = batch_dims(batch)
         shape = (n, self.num_classes, h, w)
         try:
             with self.kernels.active():

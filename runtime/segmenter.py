@@ -335,13 +335,19 @@ class Segmenter:
             t_pad = (time.perf_counter() - t1) * 1e3 / len(idx)
             args = (prepared, names, idx, batch, t_pre + t_pad, return_probabilities, return_scores, results)
             if self._device is not None:
-                with self._device_lock:
+                # The batch runs with the device's context current: buffers it lets go of (a crop
+                # outgrown by the next image's) are freed there, where pycuda can free them. Out of
+                # memory is raised after the failed batch's frames (and what they hold) are gone.
+                out_of_memory = None
+                with self._device_lock, self.network.kernels.active():
                     try:
                         self._run_on_device(*args)
                     except OutOfDeviceMemory as e:
-                        raise OutOfDeviceMemory(f"{self.model_path}: {e} (a batch of {len(idx)} at {ph}x{pw}); the "
-                                                "Segmenter is still usable: try fewer or smaller images "
-                                                "(max_batch, max_size)") from e
+                        out_of_memory = str(e)
+                if out_of_memory is not None:
+                    raise OutOfDeviceMemory(f"{self.model_path}: {out_of_memory} (a batch of {len(idx)} at {ph}x{pw}); "
+                                            "the Segmenter is still usable: try fewer or smaller images "
+                                            "(max_batch, max_size)")
             else:
                 self._run_on_host(*args)
         return results  # type: ignore[return-value]

@@ -21,14 +21,14 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
 from crf.backend import Buffer, GPUKernels, KernelBackend, OutOfDeviceMemory, gpu_identity
 
 from . import engine_meta, trt_compat
-from .network import SizeBounds, model_metadata
+from .network import SizeBounds, batch_dims, model_metadata
 from .onnx_backend import ModelFormatError
 
 if TYPE_CHECKING:
@@ -37,6 +37,25 @@ if TYPE_CHECKING:
 INPUT_NAME = engine_meta.INPUT_NAME
 OUTPUT_NAME = engine_meta.OUTPUT_NAME
 log = logging.getLogger("deeplab")
+
+
+def allocate_all(makers: List[Callable[[], Any]], message: Callable[[str], str]) -> List[Any]:
+    """What each of ``makers`` makes, in order. When one runs out of memory, what the earlier ones
+    made is released before OutOfDeviceMemory(message(reason)) is raised, so a caller may free
+    something and retry while it still holds the error."""
+    made: List[Any] = []
+    reason = None
+    try:
+        for make in makers:
+            made.append(make())
+    except OutOfDeviceMemory as e:
+        reason = str(e)
+    if reason is not None:
+        # Raised here, not in the except block: the caught error's traceback holds this frame, and
+        # with it whatever its locals still reference.
+        made.clear()
+        raise OutOfDeviceMemory(message(reason))
+    return made
 
 
 class TensorRTNetwork:
@@ -48,7 +67,7 @@ class TensorRTNetwork:
 
     ``size_bounds`` is the plan's optimisation profile: the Segmenter shrinks larger images and
     pads smaller ones to fit it. Raises TensorRTUnavailable (no TensorRT: checked first, before the
-    file is read), EngineMismatch (a plan for another TensorRT or GPU, from its sidecar),
+    file is read), EngineMismatch (a plan for another TensorRT, GPU or DLA core, from its sidecar),
     ModelFormatError (a plan that does not deserialise or is not our graph), OutOfDeviceMemory."""
 
     name = "tensorrt"
@@ -79,18 +98,18 @@ class TensorRTNetwork:
             self._runtime = trt.Runtime(self._logger)
             if meta is not None and meta.version_compatible:
                 trt_compat.allow_plan_host_code(self._runtime)
+            if meta is not None and meta.dla_core is not None:
+                # The runtime's DLA core defaults to -1: a DLA plan gets its core before it is loaded.
+                engine_meta.check_dla_core(meta, self._runtime.num_DLA_cores, path)
+                self._runtime.DLA_core = meta.dla_core
             engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
-                rebuild = (f"; rebuild it: {engine_meta.rebuild_command(meta, path)}" if meta is not None
-                           else "; rebuild it with tools/export.py ... --engine")
-                raise ModelFormatError(f"{path}: TensorRT {trt_compat.full_version()} cannot deserialize it: a corrupt "
-                                       "or truncated plan, or one built for another TensorRT/GPU (TensorRT's "
-                                       f"message is in the log above){rebuild}")
+                raise ModelFormatError(engine_meta.undeserializable_message(meta, trt_compat.full_version(), path))
             self.engine: tensorrt.ICudaEngine = engine
             self.num_classes = self._check_io(engine, path)
             low, _, high = trt_compat.profile_shapes(engine, INPUT_NAME, 0)
             self.size_bounds = SizeBounds(low[0], low[1], low[2], high[0], high[1], high[2])
-            dims = trt_compat.dims_list(engine.get_tensor_shape(INPUT_NAME))
+            dims = trt_compat.dims_list(engine.get_tensor_shape(INPUT_NAME), INPUT_NAME)
             #: (N, H, W) where the plan fixes them, else None per axis
             self.fixed_input_dims = tuple(d if d >= 0 else None for d in dims[:3])
             self._allocate(engine, path)
@@ -119,19 +138,23 @@ class TensorRTNetwork:
 
     def _allocate(self, engine: tensorrt.ICudaEngine, path: Path) -> None:
         """The execution context and the buffers for the profile's largest batch, made once. Out of
-        memory leaves nothing half-made: the error is raised before anything is kept."""
+        memory leaves nothing half-made: what was allocated is released before the error is raised."""
         b = self.size_bounds
-        try:
-            context = engine.create_execution_context()
-            if context is None:  # TensorRT logs why; its activation memory is the usual cause
+
+        def new_context() -> Any:
+            made = engine.create_execution_context()
+            if made is None:  # TensorRT logs why; its activation memory is the usual cause
                 raise OutOfDeviceMemory(f"{path}: TensorRT could not create an execution context (out of GPU "
                                         "memory? its activations are allocated here; see TensorRT's log)")
-            image = self.kernels.alloc(b.max_batch * b.max_h * b.max_w * 3)
-            scores = self.kernels.alloc(b.max_batch * self.num_classes * b.max_h * b.max_w * 4)
-            staging = self.kernels.alloc_host((b.max_batch * b.max_h * b.max_w * 3,), np.uint8)
-        except OutOfDeviceMemory as e:
-            raise OutOfDeviceMemory(f"{path}: not enough memory for the plan's profile maximum "
-                                    f"({b.describe()}): {e}; rebuild with a smaller --max-size/--max-batch") from e
+            return made
+
+        context, image, scores, staging = allocate_all(
+            [new_context,
+             lambda: self.kernels.alloc(b.max_batch * b.max_h * b.max_w * 3),
+             lambda: self.kernels.alloc(b.max_batch * self.num_classes * b.max_h * b.max_w * 4),
+             lambda: self.kernels.alloc_host((b.max_batch * b.max_h * b.max_w * 3,), np.uint8)],
+            lambda reason: (f"{path}: not enough memory for the plan's profile maximum ({b.describe()}): "
+                            f"{reason}; rebuild with a smaller --max-size/--max-batch"))
         # Addresses never change: set once (the context keeps them between calls).
         for name, buf in ((INPUT_NAME, image), (OUTPUT_NAME, scores)):
             if not context.set_tensor_address(name, buf.ptr):
@@ -148,10 +171,8 @@ class TensorRTNetwork:
         work queued on the kernels' stream and not waited for. A batch smaller than the profile's
         minimum is filled up with copies of its last image (their scores are ignored)."""
         batch = np.ascontiguousarray(batch, np.uint8)
-        n, h, w = (int(d) for d in batch.shape[:3])
+        n, h, w = batch_dims(batch)
         b = self.size_bounds
-        if batch.ndim != 4 or batch.shape[3] != 3:
-            raise ValueError(f"expected an N x H x W x 3 uint8 batch, got {batch.shape}")
         if not (n <= b.max_batch and b.min_h <= h <= b.max_h and b.min_w <= w <= b.max_w):
             raise ValueError(f"a {n} x {h}x{w} batch is outside the plan's profile ({b.describe()})")
         run_n = max(n, b.min_batch)
@@ -164,7 +185,7 @@ class TensorRTNetwork:
             self.kernels.upload_async(self._image, staged)
             if not self.context.set_input_shape(INPUT_NAME, (run_n, h, w, 3)):
                 raise ValueError(f"TensorRT refused the input shape {run_n}x{h}x{w}x3 ({b.describe()})")
-            out = trt_compat.dims_list(self.context.get_tensor_shape(OUTPUT_NAME))
+            out = trt_compat.dims_list(self.context.get_tensor_shape(OUTPUT_NAME), OUTPUT_NAME)
             if out != [run_n, self.num_classes, h, w]:
                 raise ModelFormatError(f"{self.plan_path}: scores of shape {out} for a {run_n}x{h}x{w}x3 input "
                                        f"(expected {[run_n, self.num_classes, h, w]})")

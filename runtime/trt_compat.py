@@ -12,6 +12,8 @@ import re
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .onnx_backend import ModelFormatError
+
 if TYPE_CHECKING:
     import tensorrt
 
@@ -109,7 +111,7 @@ def allow_plan_host_code(runtime: tensorrt.Runtime) -> None:
 
 def use_dla(config: tensorrt.IBuilderConfig, core: int) -> None:
     """Run on DLA core ``core`` (Jetson Orin), layers DLA cannot run going to the GPU. The same
-    properties exist from 8.5 to 11.x (DLA itself returned in 11.4 after being dropped in 11.0)."""
+    properties exist from 8.5 to 11.x."""
     import tensorrt as trt
 
     config.default_device_type = trt.DeviceType.DLA
@@ -118,8 +120,8 @@ def use_dla(config: tensorrt.IBuilderConfig, core: int) -> None:
 
 
 def describe_parser_error(error: tensorrt.ParserError, nodes: Sequence[tuple[str, str]] = ()) -> str:
-    """One parser error naming the ONNX node: node_name()/node_operator() exist from 9.x on; on 8.x
-    the node index is looked up in ``nodes`` ((name, op_type) in graph order, the parser's index)."""
+    """One parser error naming the ONNX node: node_name()/node_operator() exist from 9.1 on; before
+    that the node index is looked up in ``nodes`` ((name, op_type) in graph order, the parser's index)."""
     index = error.node()  # -1 when the error is not about one node
     name = op = ""
     if hasattr(error, "node_name"):
@@ -132,7 +134,7 @@ def describe_parser_error(error: tensorrt.ParserError, nodes: Sequence[tuple[str
 
 
 # TensorRT DataType member names -> numpy-style names (the plan's metadata speaks numpy); trt.nptype
-# is not used because 8.5's builds its table with np.bool, which numpy >= 1.24 no longer has.
+# is not used because 8.5.1-8.5.2 build its table with np.bool, which numpy >= 1.24 no longer has.
 _DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
                 "INT32": "int32", "INT64": "int64", "BOOL": "bool", "FP8": "float8", "INT4": "int4"}
 
@@ -142,8 +144,18 @@ def dtype_name(dtype: tensorrt.DataType) -> str:
     return _DTYPE_NAMES.get(name, name.lower())
 
 
-def dims_list(dims: tensorrt.Dims) -> list[int]:
-    return [int(dims[i]) for i in range(len(dims))]
+def dims_list(dims: tensorrt.Dims, name: str) -> list[int]:
+    """The extents of tensor ``name``'s ``dims`` (-1 for a dynamic axis). TensorRT answers a shape
+    query for a name it does not know with an invalid Dims (nbDims -1); the bindings expose nbDims
+    only as ``len()``, which Python refuses for a negative length (ValueError)."""
+    try:
+        n = len(dims)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ModelFormatError(f"TensorRT has no shape for tensor {name!r} (invalid dimensions): the plan has "
+                               "no such tensor")
+    return [int(dims[i]) for i in range(n)]
 
 
 def engine_io(engine: tensorrt.ICudaEngine) -> list[dict[str, Any]]:
@@ -156,7 +168,7 @@ def engine_io(engine: tensorrt.ICudaEngine) -> list[dict[str, Any]]:
         name = engine.get_tensor_name(i)
         mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
         io.append({"name": name, "mode": mode, "dtype": dtype_name(engine.get_tensor_dtype(name)),
-                   "shape": dims_list(engine.get_tensor_shape(name))})
+                   "shape": dims_list(engine.get_tensor_shape(name), name)})
     return io
 
 
@@ -165,7 +177,7 @@ def profile_shapes(engine: tensorrt.ICudaEngine, name: str, profile: int = 0) ->
     ``get_tensor_profile_shape(name, profile_index)`` is in the bindings from 8.5.1 to 11.x alike
     (the binding-index ``get_profile_shape`` was removed in 10.x)."""
     shapes = engine.get_tensor_profile_shape(name, profile)
-    low, opt, high = (dims_list(d) for d in shapes)
+    low, opt, high = (dims_list(d, name) for d in shapes)
     return low, opt, high
 
 

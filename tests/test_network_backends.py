@@ -5,8 +5,12 @@ TensorRT. TensorRT itself cannot run on this project's machines (docs/tensorrt.m
 (marked gpu) need onnxruntime-gpu, pycuda and a GPU."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import threading
+import warnings
+import weakref
 
 import cv2
 import numpy as np
@@ -19,7 +23,8 @@ from runtime import NetworkOutputError, Segmenter
 from runtime.backend_choice import open_network
 from runtime.contract import ImageError, aligned_size, fit_scale
 from runtime.network import SizeBounds, check_input_size, is_device_network, network_size
-from runtime.onnx_backend import OnnxRuntimeNetwork, cuda_provider_problem
+from runtime.onnx_backend import (OnnxRuntimeNetwork, check_user_stream_taken, cuda_provider_missing,
+                                  cuda_provider_problem, cuda_provider_too_old)
 from runtime.trt_compat import TensorRTUnavailable
 
 MODEL = ROOT / "models" / "deeplab_shapes.onnx"
@@ -64,12 +69,52 @@ def test_run_into_needs_kernels_and_the_cuda_provider_needs_onnxruntime_gpu(kern
     with pytest.raises(RuntimeError, match="run_into needs the CRF's kernels"):
         OnnxRuntimeNetwork(MODEL).run_into(np.zeros((1, 9, 9, 3), np.uint8))
     if cuda_provider_problem() is not None:
-        with pytest.raises(BackendUnavailable, match="CUDAExecutionProvider is not in this onnxruntime build.*"
-                                                     "install onnxruntime-gpu"):
+        with pytest.raises(BackendUnavailable, match="(CUDAExecutionProvider is not in this onnxruntime build.*"
+                                                     "install onnxruntime-gpu|needs onnxruntime-gpu 1.18 or newer)"):
             OnnxRuntimeNetwork(MODEL, cuda=True)
     else:
         with pytest.raises(ValueError, match="needs GPU kernels, not 'cpu'"):
             OnnxRuntimeNetwork(MODEL, cuda=True, kernels=kernels)
+
+
+def test_cuda_provider_needs_onnxruntime_gpu_1_18_for_the_shared_stream():
+    for old in ("1.16.3", "1.17.0", "1.17.1"):
+        assert f"onnxruntime-gpu {old} cannot run on the CRF's stream" in cuda_provider_too_old(old)
+        assert "needs onnxruntime-gpu 1.18 or newer" in cuda_provider_too_old(old)
+    for new in ("1.18.0", "1.18.1", "1.20.1", "1.32.0", "2.0.0"):
+        assert cuda_provider_too_old(new) is None
+
+
+def test_a_session_that_dropped_the_stream_option_is_refused():
+    """onnxruntime's Python fallback recreates a failed session without provider options: the
+    provider options a session reports must say that it took the stream."""
+    cpu_session = OnnxRuntimeNetwork(MODEL).session  # no CUDA provider options at all
+    for reported in (cpu_session.get_provider_options(),
+                     {"CUDAExecutionProvider": {"device_id": "0", "has_user_compute_stream": "0"}}):
+        with pytest.raises(BackendUnavailable, match="ONNX Runtime ignored the CUDA provider options "
+                                                     r"\(user_compute_stream\) for .*deeplab_shapes.onnx"):
+            check_user_stream_taken(reported, MODEL)
+    check_user_stream_taken({"CUDAExecutionProvider": {"has_user_compute_stream": "1"}}, MODEL)
+
+
+def test_providers_are_refused_with_cuda():
+    with pytest.raises(ValueError, match="cuda=True runs the CUDAExecutionProvider .* leave providers out"):
+        OnnxRuntimeNetwork(MODEL, providers=["CPUExecutionProvider"], cuda=True)
+
+
+@pytest.mark.parametrize("shape", [(9, 9, 3), (1, 9, 9), (1, 9, 9, 1), (0, 9, 9, 3), (1, 1, 9, 9, 3)])
+def test_run_into_refuses_a_batch_that_is_not_n_h_w_3(binding_net, shape):
+    with pytest.raises(ValueError, match=r"expected an N x H x W x 3 uint8 batch of at least one image, got "
+                                         rf"shape \({', '.join(map(str, shape))}\)"):
+        binding_net.run_into(np.zeros(shape, np.uint8))
+
+
+def test_download_into_refuses_an_array_larger_than_the_buffer(kernels):
+    buf = kernels.alloc(8)
+    kernels.upload(buf, np.array([1.5, -2.0], np.float32))
+    with pytest.raises(ValueError, match="download of 12 bytes from a 8-byte buffer"):
+        kernels.download_into(buf, np.empty(3, np.float32))
+    assert kernels.download_into(buf, np.empty(2, np.float32)).tolist() == [1.5, -2.0]
 
 
 # -- the crop kernel -----------------------------------------------------------------------------
@@ -169,6 +214,153 @@ def test_out_of_memory_is_reported_and_the_segmenter_stays_usable(samples):
     assert seg(samples[2]).labels.shape == samples[2].shape[:2]
 
 
+class ContextCheckingCPUKernels(CPUKernels):
+    """The CPU kernels with pycuda's rule for freeing memory: device and pinned memory are freed
+    with the context current in the freeing thread (``active()``); pycuda warns about any other
+    free and leaks the memory. Frees outside ``active()`` are recorded (a warning raised by a
+    finaliser would only be printed)."""
+
+    def __init__(self):
+        super().__init__()
+        self._depth = threading.local()
+        self.stray_frees: list = []
+
+    @contextlib.contextmanager
+    def active(self):
+        depth = getattr(self._depth, "n", 0)
+        self._depth.n = depth + 1
+        try:
+            yield self
+        finally:
+            self._depth.n = depth
+
+    def _tracked(self, owner, nbytes, kind):
+        weakref.finalize(owner, self._freed, nbytes, kind)
+        return owner
+
+    def _freed(self, nbytes, kind):
+        if not getattr(self._depth, "n", 0):
+            self.stray_frees.append(f"{kind} of {nbytes} bytes freed in {threading.current_thread().name} "
+                                    "without the context current")
+
+    def alloc(self, nbytes):
+        buf = super().alloc(nbytes)
+        self._tracked(buf.owner, nbytes, "device memory")
+        return buf
+
+    def alloc_host(self, shape, dtype):
+        return self._tracked(super().alloc_host(shape, dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize,
+                             "pinned memory")
+
+
+def _in_worker_thread(fn):
+    """fn() run in a new thread with warnings as errors; its exception re-raised here."""
+    errors: list = []
+
+    def run():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                fn()
+        except BaseException as e:  # re-raised in the calling thread
+            errors.append(e)
+
+    t = threading.Thread(target=run, name="worker")
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+
+
+def test_device_pipeline_frees_grown_buffers_with_the_context_current(samples):
+    """The crop, flag, image and label buffers grow from a worker thread: the smaller ones are
+    freed inside active(), where pycuda can free them."""
+    from runtime.device_pipeline import DevicePipeline
+
+    k = ContextCheckingCPUKernels()
+    pipe = DevicePipeline(k, crf=True)
+    rng = np.random.default_rng(1)
+    scores = rng.standard_normal((1, 5, 65, 73)).astype(np.float32)
+    src = k.alloc(scores.nbytes)
+    k.upload(src, scores)
+    params = CRFParams(iterations=1)
+
+    def grow():
+        for h, w in [(9, 9), (30, 41), (65, 73)]:  # each larger than the last
+            crop = pipe.crop(src, scores.shape, 0, h, w)
+            assert np.array_equal(pipe.download(crop, 5, h, w), scores[0, :, :h, :w])
+            assert pipe.check_finite(crop, 5 * h * w)
+            labels, _ = pipe.labels(crop, np.ascontiguousarray(samples[0][:h, :w]), 5, params, marginals=False)
+            assert labels.shape == (h, w)
+            del crop  # the pipeline keeps its buffer; the caller's reference goes
+
+    _in_worker_thread(grow)
+    assert k.stray_frees == []
+
+
+def test_segmenter_frees_grown_buffers_with_the_context_current(samples):
+    """One batch whose images crop to growing sizes, run from a worker thread: the Segmenter's own
+    reference to the previous crop is dropped with the context current too."""
+    k = ContextCheckingCPUKernels()
+    seg = Segmenter(MODEL, crf=CRFParams(iterations=1), network=OnnxRuntimeNetwork(MODEL, kernels=k))
+    # 60x70 and 64x72 pad to the same 65x73 batch; the second crop is larger than the first
+    images = [np.ascontiguousarray(samples[1][:60, :70]), np.ascontiguousarray(samples[2][:64, :72])]
+    expected = [r.labels for r in Segmenter(MODEL, crf=CRFParams(iterations=1), crf_backend="cpu")(images)]
+    out: list = []
+    _in_worker_thread(lambda: out.extend(seg(images)))
+    assert [r.labels.shape for r in out] == [(60, 70), (64, 72)]
+    assert all(np.array_equal(r.labels, e) for r, e in zip(out, expected))
+    assert k.stray_frees == []
+
+
+def test_out_of_memory_on_a_grown_crop_frees_the_old_one_with_the_context_current(samples):
+    """The second image's larger crop cannot be allocated: the first one's, which the failed batch
+    still referenced, is freed inside active() too, not when the caller drops the error."""
+
+    class RefusingKernels(ContextCheckingCPUKernels):
+        refuse = -1
+
+        def alloc(self, nbytes):
+            if nbytes == self.refuse:
+                raise OutOfDeviceMemory(f"out of GPU memory allocating {nbytes:,} bytes")
+            return super().alloc(nbytes)
+
+    k = RefusingKernels()
+    seg = Segmenter(MODEL, crf=None, network=OnnxRuntimeNetwork(MODEL, kernels=k))
+    images = [np.ascontiguousarray(samples[1][:60, :70]), np.ascontiguousarray(samples[2][:64, :72])]
+    k.refuse = 5 * 64 * 72 * 4  # the second image's crop
+    with pytest.raises(OutOfDeviceMemory, match="allocating 92,160 bytes .*the Segmenter is still usable"):
+        _in_worker_thread(lambda: seg(images))
+    gc.collect()  # the error and whatever it still referenced are gone now
+    assert k.stray_frees == []
+    k.refuse = -1
+    assert [r.labels.shape for r in seg(images)] == [(60, 70), (64, 72)]
+
+
+def test_allocate_all_releases_what_it_made_before_raising():
+    """Out of memory part-way: the earlier allocations are gone while the caller still holds the
+    error (a traceback keeps its frames' locals alive), so a retry finds the memory free."""
+    from runtime.trt_backend import allocate_all
+
+    k = CappedCPUKernels()
+    k.cap = 1000
+    made: list = []
+
+    def tracked(nbytes):
+        buf = k.alloc(nbytes)
+        made.append(weakref.ref(buf.owner))
+        return buf
+
+    with pytest.raises(OutOfDeviceMemory, match="plan maximum: out of GPU memory allocating 4,000 bytes; rebuild") \
+            as info:
+        allocate_all([lambda: tracked(100), lambda: tracked(200), lambda: tracked(4000)],
+                     lambda reason: f"plan maximum: {reason}; rebuild")
+    assert info.value.__context__ is None and info.value.__cause__ is None
+    assert len(made) == 2 and all(ref() is None for ref in made)
+    bufs = allocate_all([lambda: k.alloc(100), lambda: k.alloc(200)], str)
+    assert [b.nbytes for b in bufs] == [100, 200]
+
+
 # -- backend selection -----------------------------------------------------------------------------
 
 def test_auto_picks_what_runs_here_and_says_so(caplog):
@@ -177,11 +369,15 @@ def test_auto_picks_what_runs_here_and_says_so(caplog):
     lines = [r for r in caplog.records if r.name == "deeplab"]
     if cuda_provider_problem() is None and gpu_available():
         assert seg.backend == "onnxruntime-cuda" and seg.pipeline == "device"
-    else:
+        return
+    assert (seg.backend, seg.pipeline, seg.crf_backend) == ("onnxruntime", "host", None)
+    chosen = ("INFO", f"{MODEL}: network onnxruntime, CRF off, host pipeline")
+    if cuda_provider_missing() is not None:
         # a CPU-only onnxruntime is what was installed, not a fallback: no warning
-        assert (seg.backend, seg.pipeline, seg.crf_backend) == ("onnxruntime", "host", None)
-        assert [(r.levelname, r.message) for r in lines] == [
-            ("INFO", f"{MODEL}: network onnxruntime, CRF off, host pipeline")]
+        assert [(r.levelname, r.message) for r in lines] == [chosen]
+    else:  # the provider is there but cannot run (too old, no GPU): one warning says why
+        assert [r.levelname for r in lines] == ["WARNING", "INFO"] and lines[1].message == chosen[1]
+        assert "ONNX Runtime's CUDA provider cannot run here, using the CPU" in lines[0].message
 
 
 def test_forced_backends_that_cannot_run_say_why(tmp_path):
@@ -193,7 +389,7 @@ def test_forced_backends_that_cannot_run_say_why(tmp_path):
     with pytest.raises(ValueError, match="is a TensorRT plan: backend 'onnxruntime-cuda' runs .onnx models"):
         Segmenter(tmp_path / "m.plan", backend="onnxruntime-cuda")
     if cuda_provider_problem() is not None:
-        with pytest.raises(BackendUnavailable, match="install onnxruntime-gpu"):
+        with pytest.raises(BackendUnavailable, match="(install onnxruntime-gpu|needs onnxruntime-gpu 1.18 or newer)"):
             Segmenter(MODEL, backend="onnxruntime-cuda")
     assert open_network(MODEL, "onnxruntime").name == "onnxruntime"
 

@@ -20,6 +20,7 @@ from conftest import BUNDLED, ROOT
 from export.tensorrt_build import BuildOptions, ShapeProfile, _json_list, _onnx_nodes_and_metadata, check_options
 from runtime import engine_meta, trt_compat
 from runtime.engine_meta import EngineMeta, EngineMismatch, SidecarError
+from runtime.onnx_backend import ModelFormatError
 
 OUR_IO = [{"name": "image", "mode": "input", "dtype": "uint8", "shape": [-1, -1, -1, 3]},
           {"name": "scores", "mode": "output", "dtype": "float32", "shape": [-1, 5, -1, -1]}]
@@ -142,6 +143,55 @@ def test_gpu_mismatch_names_both(meta):
                                              r"NVIDIA A100-SXM4-80GB \(compute capability 8.0\)") as e:
         engine_meta.check_compatible(meta, "10.3.0.30", "NVIDIA A100-SXM4-80GB", "8.0")
     assert "TensorRT 10.3" not in str(e.value)
+
+
+def test_another_gpu_model_of_the_same_compute_capability_is_a_warning(meta):
+    """TensorRT refuses a plan only on another compute capability; another model of the same one
+    (A100 40GB and 80GB) runs it, with TensorRT's own warning: so a note here, not an error."""
+    a100 = replace(meta, gpu_name="NVIDIA A100-SXM4-40GB", compute_capability="8.0", dla_core=None)
+    notes = engine_meta.check_compatible(a100, "10.3.0.30", "NVIDIA A100-SXM4-80GB", "8.0")
+    assert len(notes) == 1
+    assert notes[0].startswith("built on NVIDIA A100-SXM4-40GB (compute capability 8.0), running on "
+                               "NVIDIA A100-SXM4-80GB: the same compute capability, so TensorRT runs it")
+    assert "--engine " + a100.engine_path in notes[0]
+    # a hardware-compatible plan is meant for other models: nothing to say
+    assert engine_meta.check_compatible(replace(a100, hardware_compatible=True), "10.3.0.30",
+                                        "NVIDIA A100-SXM4-80GB", "8.0") == []
+    # the same name with another compute capability is still refused
+    with pytest.raises(EngineMismatch, match=r"this GPU is NVIDIA A100-SXM4-40GB \(compute capability 8.6\)"):
+        engine_meta.check_compatible(a100, "10.3.0.30", "NVIDIA A100-SXM4-40GB", "8.6")
+
+
+def test_a_dla_plan_needs_its_core_on_this_machine(meta):
+    engine_meta.check_dla_core(meta, 2)  # core 0 of 2
+    for dla_core, cores in ((0, 0), (1, 1)):
+        with pytest.raises(EngineMismatch, match=rf"runs on DLA core {dla_core}, this machine has {cores} DLA "
+                                                 r"core\(s\)\. Rebuild it .*--dla-core"):
+            engine_meta.check_dla_core(replace(meta, dla_core=dla_core), cores)
+    engine_meta.check_dla_core(replace(meta, dla_core=None), 0)  # a GPU plan needs no DLA
+
+
+def test_a_plan_that_does_not_deserialize_is_explained(meta):
+    with_sidecar = engine_meta.undeserializable_message(meta, "10.3.0.30", meta.engine_path)
+    assert with_sidecar.startswith(f"{meta.engine_path}: TensorRT 10.3.0.30 cannot deserialize it: a corrupt")
+    assert "; rebuild it: python tools/export.py" in with_sidecar and "sidecar" not in with_sidecar
+    without = engine_meta.undeserializable_message(None, "10.3.0.30", "/models/vc.engine")
+    assert ("A version-compatible plan also needs its sidecar (vc.engine.json) so that its embedded runtime may "
+            "be loaded") in without
+    assert "a DLA plan so that its core is set" in without
+
+
+def test_dims_list_refuses_the_invalid_dims_of_an_unknown_tensor():
+    class InvalidDims:
+        """What the bindings' Dims is for nbDims -1: __len__ returns nbDims."""
+
+        def __len__(self):
+            return -1
+
+    assert trt_compat.dims_list((-1, 5, 65, 65), "scores") == [-1, 5, 65, 65]
+    assert trt_compat.dims_list((), "scalar") == []
+    with pytest.raises(ModelFormatError, match="TensorRT has no shape for tensor 'labels' .*no such tensor"):
+        trt_compat.dims_list(InvalidDims(), "labels")  # type: ignore[arg-type]
 
 
 def test_both_mismatches_are_reported_together(meta):
