@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The runtime and CRF tests once more on numpy 1.x, as a Jetson runs them: JetPack 6 pairs Python 3.10
 # with numpy 1.26. A second virtualenv, no torch: numpy 1.26.4, the newest OpenCV wheel that still
-# accepts numpy 1.x (4.12 and later require numpy 2 on Python >= 3.9), ONNX Runtime 1.20 (built against
-# numpy 2, run here on numpy 1) and onnx 1.17 (IR version 10, the newest that ONNX Runtime 1.20
-# reads; the tests write small ONNX models with it). The floor itself, numpy 1.21, has no wheels for the
+# accepts numpy 1.x (4.12 and later require numpy 2 on Python >= 3.9), ONNX Runtime 1.20.1 and onnx 1.17
+# (IR version 10, the newest that ONNX Runtime 1.20 reads; the tests write small ONNX models with it). The floor itself, numpy 1.21, has no wheels for the
 # Python 3.11 CI runs on; where Python 3.8 exists: PYTHON=python3.8 NUMPY=1.21.6 ORT=1.19.2 bash tests/numpy_floor.sh
 # Tests that need torch or pydensecrf skip here; nvcc's compile checks and the REQUIRE_GPU switch do not
 # depend on numpy and are left to the main run.
