@@ -30,8 +30,8 @@ weights = [1e-38, 1e-9, 1e-3, 1.0, 1e3, 1e6, 1e12, 1e20, 1e30, 3.4e38]
 cases = [{name: v} for name in ("pos_xy_std", "bi_xy_std", "bi_rgb_std") for v in bands]
 cases += [{name: v} for name in ("pos_w", "bi_w") for v in weights]
 for _ in range(25):
-    cases.append({k: float(10 ** rng.uniform(-9, 9)) for k in ("pos_xy_std", "bi_xy_std", "bi_rgb_std")}
-                 | {k: float(10 ** rng.uniform(-38, 6)) for k in ("pos_w", "bi_w")})
+    cases.append({**{k: float(10 ** rng.uniform(-9, 9)) for k in ("pos_xy_std", "bi_xy_std", "bi_rgb_std")},
+                  **{k: float(10 ** rng.uniform(-38, 6)) for k in ("pos_w", "bi_w")}})  # no dict | on 3.8
 for case in cases:
     try:
         q = refine(scores, img, CRFParams(iterations=3, **case), backend=backend)
