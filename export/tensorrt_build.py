@@ -186,7 +186,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: ShapeP
     config = builder.create_builder_config()
     trt_compat.set_workspace(config, options.workspace_bytes)
     if options.fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
+        trt_compat.set_fp16(config)
     if options.hardware_compatible:
         trt_compat.set_hardware_compatible(config)
     if options.version_compatible:

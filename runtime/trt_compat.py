@@ -76,6 +76,16 @@ def precision_name(fp16: bool) -> str:
     return "fp32" if supports_precision_flags() else "onnx"
 
 
+def set_fp16(config: tensorrt.IBuilderConfig) -> None:
+    """Let the builder choose FP16 kernels (BuilderFlag.FP16, 8.5-10.x; 11.x removed the flag)."""
+    if not supports_precision_flags():
+        raise TensorRTUnavailable(f"TensorRT {full_version()} has no FP16 builder flag: from 11.0 on the "
+                                  "ONNX model's own tensor types decide the precision")
+    import tensorrt as trt
+
+    config.set_flag(trt.BuilderFlag.FP16)
+
+
 def set_workspace(config: tensorrt.IBuilderConfig, nbytes: int) -> None:
     """Workspace limit: set_memory_pool_limit exists from 8.4 on (max_workspace_size is gone in 10)."""
     import tensorrt as trt
@@ -89,8 +99,14 @@ def supports_portable_plans() -> bool:
     return version() >= (8, 6)
 
 
+def _no_portable_plans(what: str) -> TensorRTUnavailable:
+    return TensorRTUnavailable(f"{what} need TensorRT 8.6 or newer; this is TensorRT {full_version()}")
+
+
 def set_hardware_compatible(config: tensorrt.IBuilderConfig) -> None:
     """A plan that runs on every Ampere or newer GPU (8.6+; slower: fewer tactics, no cuDNN/cuBLAS)."""
+    if not supports_portable_plans():
+        raise _no_portable_plans("hardware-compatible plans")
     import tensorrt as trt
 
     config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
@@ -99,6 +115,8 @@ def set_hardware_compatible(config: tensorrt.IBuilderConfig) -> None:
 def set_version_compatible(config: tensorrt.IBuilderConfig) -> None:
     """A plan that newer TensorRT runtimes load (8.6+); it embeds a lean runtime, so the loader must
     allow host code (allow_plan_host_code)."""
+    if not supports_portable_plans():
+        raise _no_portable_plans("version-compatible plans")
     import tensorrt as trt
 
     config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
@@ -106,6 +124,8 @@ def set_version_compatible(config: tensorrt.IBuilderConfig) -> None:
 
 def allow_plan_host_code(runtime: tensorrt.Runtime) -> None:
     """Needed to deserialize a version-compatible plan (IRuntime::setEngineHostCodeAllowed, 8.6+)."""
+    if not supports_portable_plans():
+        raise _no_portable_plans("version-compatible plans")
     runtime.engine_host_code_allowed = True
 
 
@@ -124,7 +144,7 @@ def describe_parser_error(error: tensorrt.ParserError, nodes: Sequence[tuple[str
     that the node index is looked up in ``nodes`` ((name, op_type) in graph order, the parser's index)."""
     index = error.node()  # -1 when the error is not about one node
     name = op = ""
-    if hasattr(error, "node_name"):
+    if hasattr(error, "node_name") and hasattr(error, "node_operator"):
         name, op = error.node_name(), error.node_operator()
     if not name and 0 <= index < len(nodes):
         name, op = nodes[index]
