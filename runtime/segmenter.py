@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -41,6 +41,10 @@ from .palette import VOC_CLASSES, blend, check_palette, colour_mask, voc_palette
 log = logging.getLogger("deeplab")
 
 _DEFAULT = object()
+
+
+def _no_progress(stage: str) -> None:
+    pass
 #: Side of the padded image the network is tried on when a model is loaded (8k+1, tiny).
 PROBE_SIZE = 17
 #: Bytes the CRF may take by default before it runs on a shrunken copy (see crf_max_pixels).
@@ -261,15 +265,20 @@ class Segmenter:
         return blend(result.image, result.labels, self.palette, alpha, skip_background)
 
     # -- segmentation ---------------------------------------------------------------------------
-    def __call__(self, images, return_probabilities: bool = False, return_scores: bool = False):
-        return self.seg(images, return_probabilities, return_scores)
+    def __call__(self, images, return_probabilities: bool = False, return_scores: bool = False,
+                 progress: Callable[[str], None] | None = None):
+        return self.seg(images, return_probabilities, return_scores, progress)
 
-    def seg(self, images, return_probabilities: bool = False, return_scores: bool = False):
+    def seg(self, images, return_probabilities: bool = False, return_scores: bool = False,
+            progress: Callable[[str], None] | None = None):
         """Segment one image (path or BGR uint8 array) -> Segmentation, or a list -> list.
-        return_scores keeps the network's logits (e.g. to try other CRF parameters with crf.refine)."""
+        return_scores keeps the network's logits (e.g. to try other CRF parameters with crf.refine).
+        progress: called with "preprocess", "network" and "crf" as each image passes each stage (a
+        progress bar that moves while a large image is in the CRF)."""
+        tick = progress or _no_progress
         if isinstance(images, (list, tuple)):
-            return self._seg_batch(list(images), return_probabilities, return_scores)
-        return self._seg_batch([images], return_probabilities, return_scores)[0]
+            return self._seg_batch(list(images), return_probabilities, return_scores, tick)
+        return self._seg_batch([images], return_probabilities, return_scores, tick)[0]
 
     def _prepare(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray, float, tuple[int, int]]:
         """(image, what the network sees before padding, its scale, the padded network size)."""
@@ -309,7 +318,8 @@ class Segmenter:
                              params)
         return _resize_scores(small, h, w), scale
 
-    def _seg_batch(self, images: list, return_probabilities: bool, return_scores: bool = False) -> list[Segmentation]:
+    def _seg_batch(self, images: list, return_probabilities: bool, return_scores: bool = False,
+                   tick: Callable[[str], None] = _no_progress) -> list[Segmentation]:
         if not images:
             return []
         t0 = time.perf_counter()
@@ -319,6 +329,7 @@ class Segmenter:
         for k, im in enumerate(images):
             try:
                 prepared.append(self._prepare(im))
+                tick("preprocess")
             except ImageError as e:
                 raise ImageError(f"image {k} of the batch: {e}" if len(images) > 1 else str(e)) from e
         t_pre = (time.perf_counter() - t0) * 1e3 / len(images)
@@ -333,7 +344,7 @@ class Segmenter:
             t1 = time.perf_counter()
             batch = np.stack([pad_image(prepared[i][1], ph, pw) for i in idx])
             t_pad = (time.perf_counter() - t1) * 1e3 / len(idx)
-            args = (prepared, names, idx, batch, t_pre + t_pad, return_probabilities, return_scores, results)
+            args = (prepared, names, idx, batch, t_pre + t_pad, return_probabilities, return_scores, results, tick)
             if self._device is not None:
                 # The batch runs with the device's context current: buffers it lets go of (a crop
                 # outgrown by the next image's) are freed there, where pycuda can free them. Out of
@@ -352,10 +363,13 @@ class Segmenter:
                 self._run_on_host(*args)
         return results  # type: ignore[return-value]
 
-    def _run_on_host(self, prepared, names, idx, batch, t_pre, return_probabilities, return_scores, results) -> None:
+    def _run_on_host(self, prepared, names, idx, batch, t_pre, return_probabilities, return_scores, results,
+                     tick) -> None:
         t1 = time.perf_counter()
         scores = self.network(batch)
         t_net = (time.perf_counter() - t1) * 1e3 / len(idx)
+        for _ in idx:
+            tick("network")
         problems = _shape_problems(scores.shape, len(idx), self.num_classes, *batch.shape[1:3])
         if problems:
             raise ModelFormatError(f"{self.model_path}: " + "; ".join(problems))
@@ -367,6 +381,7 @@ class Segmenter:
             sc = scores[j, :, :nh, :nw]  # crop top-left
             timings["postprocess"] = (time.perf_counter() - t2) * 1e3
             results[i] = self._finish_on_host(sc, img, s, names[i], timings, return_probabilities, return_scores)
+            tick("crf")
 
     def _finish_on_host(self, sc: np.ndarray, img: np.ndarray, s: float, name: str, timings: dict,
                         return_probabilities: bool, return_scores: bool) -> Segmentation:
@@ -397,7 +412,8 @@ class Segmenter:
         return Segmentation(labels, probs if return_probabilities else None, timings, img,
                             sc if return_scores else None, crf_scale)
 
-    def _run_on_device(self, prepared, names, idx, batch, t_pre, return_probabilities, return_scores, results) -> None:
+    def _run_on_device(self, prepared, names, idx, batch, t_pre, return_probabilities, return_scores, results,
+                       tick) -> None:
         """The scores stay where the network wrote them; per image: crop (device), then the CRF on
         the device when it runs at the image's full size, else the host steps from the downloaded crop."""
         dev = self._device
@@ -407,6 +423,8 @@ class Segmenter:
         buf, shape = self.network.run_into(batch)
         k.synchronize()  # once per batch, so that "network" times the network, not a later stage
         t_net = (time.perf_counter() - t1) * 1e3 / len(idx)
+        for _ in idx:
+            tick("network")
         problems = _shape_problems(shape, len(idx), self.num_classes, *batch.shape[1:3])
         if problems:
             raise ModelFormatError(f"{self.model_path}: " + "; ".join(problems))
@@ -422,6 +440,7 @@ class Segmenter:
                 sc = dev.download(crop, c, nh, nw)
                 timings["postprocess"] = (time.perf_counter() - t2) * 1e3
                 results[i] = self._finish_on_host(sc, img, s, names[i], timings, return_probabilities, return_scores)
+                tick("crf")
                 continue
             assert self.crf_params is not None  # dev.driver exists only with the CRF
             if not dev.check_finite(crop, c * nh * nw):
@@ -433,3 +452,4 @@ class Segmenter:
             scores = dev.download(crop, c, nh, nw) if return_scores else None
             timings["total"] = sum(timings.values())
             results[i] = Segmentation(labels, probs, timings, img, scores, 1.0)
+            tick("crf")

@@ -248,3 +248,15 @@ def test_crf_memory_budget_shrinks_large_images(bundled_onnx, seg):
     assert (r.labels == full.labels).mean() > 0.95
     with pytest.raises(ValueError, match="crf_max_pixels must be >= 1"):
         Segmenter(bundled_onnx, crf_max_pixels=0)
+
+
+def test_progress_is_reported_per_stage(seg, seg_nocrf):
+    """A progress callback hears every image pass every stage, so a bar can move while a large
+    image is in the CRF (tools/segment.py draws one)."""
+    image, _ = held_out_scene(5)
+    stages: list = []
+    seg(image, progress=stages.append)
+    assert stages == ["preprocess", "network", "crf"]
+    stages.clear()
+    seg_nocrf([image, image[:100, :120]], progress=stages.append)
+    assert sorted(stages) == sorted(["preprocess", "network", "crf"] * 2) and stages[:2] == ["preprocess"] * 2

@@ -95,6 +95,9 @@ def non_negative_int(s: str) -> int:
     return v
 
 
+NEXT_STEP = {"preprocess": "network", "network": "crf", "crf": "write"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
@@ -143,9 +146,18 @@ def main(argv=None) -> int:
     stages = ("preprocess", "network", "crf", "postprocess", "total")
     seen: dict[str, list[float]] = {st: [] for st in stages}
     print(f"{'image':32s} " + " ".join(f"{s:>11s}" for s in stages) + "   (ms)")
-    for f, (mask_path, overlay_path) in tqdm(list(zip(files, targets)), desc="segment", unit="img", file=sys.stderr):
+    # Four steps per image (load, network, CRF, write): the bar moves while a large image is in the CRF.
+    bar = tqdm(total=4 * len(files), desc="segment", unit="step", file=sys.stderr)
+    for k, (f, (mask_path, overlay_path)) in enumerate(zip(files, targets)):
+        bar.n = 4 * k
+        bar.set_postfix_str(f"{Path(f).name}: load", refresh=True)
+
+        def tick(stage: str) -> None:  # the stage just done: show the one now running
+            bar.set_postfix_str(f"{Path(f).name}: {NEXT_STEP[stage]}", refresh=False)
+            bar.update(1)
+
         try:
-            r = seg(f)
+            r = seg(f, progress=tick)
             ok, jpg = cv2.imencode(".jpg", seg.overlay(r, args.alpha))
             if not ok:
                 raise ValueError("cannot encode the overlay")
@@ -158,9 +170,12 @@ def main(argv=None) -> int:
             tqdm.write("failed: " + (reason if str(f) in reason else f"{f}: {reason}"), file=sys.stderr)
             failed += 1
             continue
+        bar.update(1)
         tqdm.write(f"{str(f)[-32:]:32s} " + " ".join(f"{r.timings[s]:11.1f}" for s in stages))
         for st in stages:
             seen[st].append(r.timings[st])
+    bar.n = bar.total
+    bar.close()
     if len(seen["total"]) > 1:
         for name, q in (("median", 50), ("p90", 90), ("p99", 99)):
             print(f"{name:32s} " + " ".join(f"{np.percentile(seen[st], q):11.1f}" for st in stages))
