@@ -192,13 +192,23 @@ void launch_blocks(BlockRange body, const void* job, unsigned grid)
 
 }  // namespace
 
-// The kernel is a template argument, so its body can be inlined into the thread loop and the
-// thread-local index variables are resolved once per block rather than once per thread.
-template <auto Kernel, typename F = decltype(Kernel)>
+// The kernel is a template argument, inlined (flatten) into the loop over the threads of a block:
+// the thread-local index variables and the arguments are read once per block, not per thread.
+//
+// Kernels that loop over a row of S labels (a launch argument) are compiled again for the common
+// row widths with S, and the labels per thread when they equal S (the CPU's choice), as constants:
+// those loops become straight-line vector code with no trip-count arithmetic. RowArg / ChunkArg
+// are the positions of S and of the labels per thread in the kernel's arguments (-1: none). The
+// arithmetic is the same, operation for operation: the results are bit-identical.
+template <int... W>
+struct Widths {};
+using RowWidths = Widths<8, 16, 24, 32, 40, 48, 64>;  // S: C rounded up to 8 (crf/driver.py label_stride)
+
+template <auto Kernel, int RowArg = -1, int ChunkArg = -1, typename F = decltype(Kernel)>
 struct Launcher;
 
-template <auto Kernel, typename... A>
-struct Launcher<Kernel, void (*)(A...)> {
+template <auto Kernel, int RowArg, int ChunkArg, typename... A>
+struct Launcher<Kernel, RowArg, ChunkArg, void (*)(A...)> {
     struct Job {
         std::tuple<A...> args;
         unsigned grid, block;
@@ -207,7 +217,7 @@ struct Launcher<Kernel, void (*)(A...)> {
     static void run(unsigned int grid, unsigned int block, void** params)
     {
         const Job job{read(params, std::index_sequence_for<A...>{}), grid, block};  // arguments read once
-        launch_blocks(&blocks, &job, grid);
+        launch_blocks(pick(job, RowWidths{}), &job, grid);
     }
 
     template <std::size_t... I>
@@ -216,14 +226,40 @@ struct Launcher<Kernel, void (*)(A...)> {
         return std::tuple<A...>(*static_cast<A*>(params[I])...);
     }
 
-    // Blocks [first, end) on this thread, the threads of each block in order.
-    static void blocks(const void* p, unsigned first, unsigned end)
+    // The block loop for this launch: one compiled for its row width, else the general one.
+    template <int... W>
+    static BlockRange pick(const Job& job, Widths<W...>)
     {
-        blocks(*static_cast<const Job*>(p), first, end, std::index_sequence_for<A...>{});
+        if constexpr (RowArg >= 0) {
+            const int s = std::get<RowArg>(job.args);
+            if constexpr (ChunkArg >= 0)
+                if (std::get<ChunkArg>(job.args) != s) return &blocks<0>;
+            BlockRange found = &blocks<0>;
+            ((s == W ? (found = &blocks<W>, 0) : 0), ...);
+            return found;
+        }
+        return &blocks<0>;
     }
 
-    template <std::size_t... I>
-    static void blocks(const Job& job, unsigned first, unsigned end, std::index_sequence<I...>)
+    // Argument I of the kernel call: the constant S where the loop is compiled for one.
+    template <int S, std::size_t I>
+    static auto arg(const Job& job)
+    {
+        if constexpr (S > 0 && ((int)I == RowArg || (int)I == ChunkArg))
+            return (int)S;
+        else
+            return std::get<I>(job.args);
+    }
+
+    // Blocks [first, end) on this thread, the threads of each block in order.
+    template <int S>
+    static void blocks(const void* p, unsigned first, unsigned end)
+    {
+        blocks<S>(*static_cast<const Job*>(p), first, end, std::index_sequence_for<A...>{});
+    }
+
+    template <int S, std::size_t... I>
+    __attribute__((flatten)) static void blocks(const Job& job, unsigned first, unsigned end, std::index_sequence<I...>)
     {
         blockDim.x = job.block;
         gridDim.x = job.grid;
@@ -231,17 +267,18 @@ struct Launcher<Kernel, void (*)(A...)> {
             blockIdx.x = b;
             for (unsigned t = 0; t < job.block; t++) {
                 threadIdx.x = t;
-                Kernel(std::get<I>(job.args)...);
+                Kernel(arg<S, I>(job)...);
             }
         }
     }
 };
 
-#define CRF_CPU_LAUNCHER(name) \
+#define CRF_CPU_LAUNCHER_ROWS(name, row_arg, chunk_arg) \
     extern "C" __attribute__((visibility("default"))) void launch_##name(unsigned int grid, unsigned int block, void** params) \
     {                                                                                   \
-        Launcher<name>::run(grid, block, params);                                       \
+        Launcher<name, row_arg, chunk_arg>::run(grid, block, params);                   \
     }
+#define CRF_CPU_LAUNCHER(name) CRF_CPU_LAUNCHER_ROWS(name, -1, -1)
 
 CRF_CPU_LAUNCHER(crf_embed)
 CRF_CPU_LAUNCHER(crf_hash_insert)
@@ -258,12 +295,12 @@ CRF_CPU_LAUNCHER(crf_sort_lists)
 CRF_CPU_LAUNCHER(crf_list_payload)
 CRF_CPU_LAUNCHER(crf_splat)
 CRF_CPU_LAUNCHER(crf_splat_fixed)
-CRF_CPU_LAUNCHER(crf_blur)
+CRF_CPU_LAUNCHER_ROWS(crf_blur, 5, 6)
 CRF_CPU_LAUNCHER(crf_blur_fixed)
 CRF_CPU_LAUNCHER(crf_slice)
 CRF_CPU_LAUNCHER(crf_normaliser)
 CRF_CPU_LAUNCHER(crf_coefficients)
-CRF_CPU_LAUNCHER(crf_update)
+CRF_CPU_LAUNCHER_ROWS(crf_update, 3, -1)
 CRF_CPU_LAUNCHER(crf_unary)
 CRF_CPU_LAUNCHER(crf_check_finite)
 CRF_CPU_LAUNCHER(crf_marginals)
