@@ -2,6 +2,9 @@
 """Dense CRF benchmark: this toolkit's backends vs pydensecrf2, same image and parameters, one run.
 
     python benchmarks/crf_bench.py --json benchmarks/results/crf_cpu.json
+    python benchmarks/crf_bench.py --threads 1        # the CPU build on one thread
+    python benchmarks/crf_bench.py --contention 2     # with two busy processes on the same cores
+    python benchmarks/crf_bench.py --regime hard      # colour bandwidth 3, 40 labels, spatial bandwidth 1
 
 Sizes 500x375 and 1024x768 (scikit-image photographs resized), 21 labels, 10 iterations,
 DeepLab-LargeFOV parameters with normalisation "after" (pydensecrf2 given the same). Reports the
@@ -18,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,16 +42,51 @@ def timed(fn, runs):
     return out, times
 
 
+# "hard": many lattice vertices (a small colour bandwidth splits the bilateral lattice, a 1-pixel
+# spatial bandwidth the spatial one) and wide label rows
+REGIMES = {"default": ({}, 21), "hard": ({"bi_rgb_std": 3.0, "pos_xy_std": 1.0}, 40)}
+
+
+def start_contenders(n: int) -> list:
+    """n CPU-bound processes (pure busy loops) that share the cores with the benchmark."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def stop_contenders(procs: list) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["500x375", "1024x768"], choices=list(SIZES),
                     help="2048x2048 (the largest size the kernels are specified for) is left out by default: ~2.3 GB")
     ap.add_argument("--backends", nargs="+", default=["cpu", "gpu"], choices=["cpu", "gpu", "numpy"])
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--labels", type=int, default=21)
+    ap.add_argument("--labels", type=int, help="default: 21, 40 in the hard regime")
+    ap.add_argument("--regime", choices=list(REGIMES), default="default",
+                    help="hard: colour bandwidth 3, spatial bandwidth 1, 40 labels")
+    ap.add_argument("--threads", type=int, help="threads of the CPU build (1: single-threaded; default: all CPUs)")
+    ap.add_argument("--contention", type=int, default=0, metavar="N",
+                    help="run N busy CPU-bound processes for the duration of the measurement")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
+    if args.contention < 0:
+        ap.error("--contention must be 0 or more")
+    if args.threads is not None and not 1 <= args.threads <= 256:
+        ap.error("--threads must be from 1 to 256")
+    overrides, default_labels = REGIMES[args.regime]
+    args.labels = args.labels or default_labels
+    contenders = start_contenders(args.contention)
+    try:
+        return run(args, overrides)
+    finally:
+        stop_contenders(contenders)
 
+
+def run(args, overrides: dict) -> int:
     from crf import CRFParams, _driver, refine_unary
     from crf.backend import gpu_available
     from crf.features import unary_from_scores
@@ -56,9 +95,14 @@ def main(argv=None) -> int:
     backends = [b for b in args.backends if b != "gpu" or gpu_available()]
     if "gpu" in args.backends and "gpu" not in backends:
         print("no GPU here (pycuda + CUDA device + nvcc): GPU numbers not measured")
-    p = CRFParams()
+    p = CRFParams(**overrides)
+    if "cpu" in backends and args.threads is not None:
+        _driver("cpu").k.threads = args.threads
     result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-              "cpu_count": os.cpu_count(), "params": p.__dict__, "labels": args.labels, "sizes": {}}
+              "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(), "regime": args.regime,
+              "contention_processes": args.contention, "params": p.__dict__, "labels": args.labels, "sizes": {}}
+    if "cpu" in backends:
+        result["cpu_threads"] = _driver("cpu").k.threads
     if "gpu" in backends:
         import pycuda.driver as cuda
 

@@ -5,7 +5,7 @@
     labels = marginals.argmax(0)
 
 Backends (``backend=``): "gpu" (the CUDA kernels through pycuda), "cpu" (the same kernel source
-compiled by g++, OpenMP), "numpy" (portable, slow). "auto" takes the first that works here and
+compiled by g++, multi-threaded), "numpy" (portable, slow). "auto" takes the first that works here and
 falls back to numpy with a one-line warning when no C++ compiler exists. ``resolve_backend()``
 says which one "auto" picks. Never imports torch.
 """

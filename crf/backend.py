@@ -156,7 +156,7 @@ class KernelBackend:
 # ------------------------------------------------------------------------------------------------
 # CPU: the kernels compiled by g++
 
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared",
+CXX_FLAGS = ["-O3", "-std=c++17", "-pthread", "-fPIC", "-shared",
              # kernels not exported, so they inline into the launchers' thread loops
              "-fvisibility=hidden",
              # the library is built on the machine that runs it (and cached per CPU), so use its SIMD width
@@ -422,11 +422,30 @@ def load_cpu_library() -> ctypes.CDLL:
 
 
 class CPUKernels(KernelBackend):
+    """threads: how many threads a launch uses, the caller's included (1: every launch on the
+    calling thread); None keeps the process's setting (by default OMP_NUM_THREADS, else the CPUs
+    this process may run on). The threads are one pool per process, shared by every CPUKernels."""
+
     name = "cpu"
 
-    def __init__(self, library: Path | None = None):
+    def __init__(self, library: Path | None = None, threads: int | None = None):
         self.lib = load_cpu_library() if library is None else ctypes.CDLL(str(library))
         self._launchers: dict[str, Any] = {}  # ctypes function pointers
+        self.lib.crf_cpu_set_threads.argtypes = [ctypes.c_uint]
+        self.lib.crf_cpu_set_threads.restype = None
+        self.lib.crf_cpu_threads.restype = ctypes.c_uint
+        if threads is not None:
+            self.threads = threads
+
+    @property
+    def threads(self) -> int:
+        return int(self.lib.crf_cpu_threads())
+
+    @threads.setter
+    def threads(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= int(n) <= 256:
+            raise ValueError(f"CPU CRF threads must be an integer from 1 to 256, got {n!r}")
+        self.lib.crf_cpu_set_threads(int(n))
 
     def alloc(self, nbytes: int) -> Buffer:
         arr = np.empty(max(int(nbytes), 4), np.uint8)

@@ -3,7 +3,7 @@
 // ONE source for both targets:
 //   - nvcc / pycuda compile it for the GPU (crf/backend.py, GPUKernels);
 //   - g++ compiles the same file for the CPU through cpu_shim.h (crf/backend.py, CPUKernels), which emulates
-//     threadIdx/blockIdx and the atomics, running the blocks of a launch in parallel (OpenMP) and
+//     threadIdx/blockIdx and the atomics, running the blocks of a launch in parallel (a thread pool) and
 //     the threads of a block one after another.
 // To stay inside what that emulation runs faithfully, kernels use only the .x index variables and
 // the atomics atomicAdd (int, unsigned long long), atomicCAS and atomicMin (int): no __syncthreads,
