@@ -191,7 +191,7 @@ def test_results_are_deterministic_and_buffers_are_reused():
     pooled = _driver("cpu").pooled_bytes()
     for _ in range(3):
         b = refine(s, img, backend="cpu")
-        assert np.array_equal(a, b)  # bit for bit, whatever order the OpenMP threads ran in
+        assert np.array_equal(a, b)  # bit for bit, whatever order the pool threads ran in
     assert _driver("cpu").pooled_bytes() == pooled  # same size: nothing new allocated
 
 
