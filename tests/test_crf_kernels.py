@@ -37,7 +37,7 @@ def test_kernels_equal_the_numpy_crf(name, width, normalization):
 
 
 def test_256_labels_and_their_uint8_ids():
-    """The issue's upper label count: every label row and the uint8 argmax up to id 255."""
+    """The largest label count supported: every label row and the uint8 argmax up to id 255."""
     from crf import _driver
 
     img = photo("coffee", 48)
