@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""FP32 vs INT8 vs FP16 exports of DeepLab-LargeFOV on ONNX Runtime (CPU), same input and threads.
+
+    python benchmarks/precision_bench.py --size 513 --runs 6 --json benchmarks/results/precision_513.json
+
+Full-width LargeFOV, He-initialised (timings do not depend on the values), exported at each
+precision by export/precision.py exactly as `tools/export.py --precision` does; INT8 calibrated on
+a few generated scenes of the benchmark size. The precisions run in blocks (A B C A B C ...), one
+warm-up per block; the load average before and after is recorded, since the machine is shared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRECISIONS = ("fp32", "int8", "fp16")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=513)
+    ap.add_argument("--runs", type=int, default=6, help="timed runs per precision")
+    ap.add_argument("--rounds", type=int, default=3, help="blocks per precision the runs are split into")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calibration-images", type=int, default=4)
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args(argv)
+
+    import onnxruntime as ort
+    import torch
+
+    from benchmarks.onnx_vs_pytorch import he_initialised_largefov, stats
+    from export.precision import calibration_from_arrays, export_onnx_with_precision
+    from runtime.output_files import write_bytes_atomically
+    from tools.scenes import make_scene
+
+    torch.set_num_threads(args.threads)
+    net = he_initialised_largefov()
+    calibration = calibration_from_arrays(
+        [(f"scene_{i}", make_scene(2_000_000 + i, args.size, args.size)[0]) for i in range(args.calibration_images)],
+        source="generated scenes")
+    x = np.random.default_rng(0).integers(0, 256, (1, args.size, args.size, 3), dtype=np.uint8)
+    sessions, sizes = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in PRECISIONS:
+            path = Path(tmp) / f"largefov_{p}.onnx"
+            with torch.no_grad():
+                export_onnx_with_precision(net, path, p, calibration if p == "int8" else None, progress=False)
+            sizes[p] = path.stat().st_size
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = args.threads
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            sessions[p] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    load_before = os.getloadavg()
+    times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    for r in range(args.rounds):
+        for p, sess in sessions.items():
+            sess.run(None, {"image": x})  # warm-up: the block starts with caches and threads settled
+            for _ in range(args.runs // args.rounds + (r < args.runs % args.rounds)):
+                t = time.perf_counter()
+                sess.run(None, {"image": x})
+                times[p].append((time.perf_counter() - t) * 1e3)
+    load_after = os.getloadavg()
+
+    result = {
+        "what": f"DeepLab-LargeFOV (He-initialised) ONNX exports, {args.size}x{args.size}, batch 1, ONNX Runtime CPU",
+        "threads": args.threads, "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "load_average_before": load_before, "load_average_after": load_after,
+        "model_bytes": sizes, "latency_ms": {p: stats(v) for p, v in times.items()},
+    }
+    fp32 = result["latency_ms"]["fp32"]["median"]
+    result["speedup_over_fp32"] = {p: fp32 / result["latency_ms"][p]["median"] for p in PRECISIONS}
+    print(f"{result['what']}, {args.threads} threads, {args.runs} runs each; load average before "
+          f"{load_before[0]:.2f}, after {load_after[0]:.2f}")
+    print(f"{'precision':10s} {'min':>8s} {'median':>8s} {'mean':>8s} {'max':>8s}  (ms)  speed-up   MB")
+    for p, s in result["latency_ms"].items():
+        print(f"{p:10s} " + " ".join(f"{s[f]:8.1f}" for f in ("min", "median", "mean", "max"))
+              + f"  {result['speedup_over_fp32'][p]:8.2f}x {sizes[p] / 1e6:5.1f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomically(args.json, json.dumps(result, indent=2).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
