@@ -5,8 +5,11 @@
 
 Full-width LargeFOV, He-initialised (timings do not depend on the values), exported at each
 precision by export/precision.py exactly as `tools/export.py --precision` does; INT8 calibrated on
-a few generated scenes of the benchmark size. The precisions run in blocks (A B C A B C ...), one
-warm-up per block; the load average before and after is recorded, since the machine is shared.
+a few generated scenes of the benchmark size ("int8": symmetric activations, the default;
+"int8_asymmetric": --int8-activations asymmetric). "int8_conv_only" is the plain recipe for comparison:
+quantize_static's defaults (QDQ, per-channel, asymmetric activations) on the convolutions alone.
+The variants run in blocks (A B C A B C ...), one warm-up per block; the load average before
+and after is recorded, since the machine is shared.
 """
 from __future__ import annotations
 
@@ -23,7 +26,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PRECISIONS = ("fp32", "int8", "fp16")
+VARIANTS = ("fp32", "int8", "int8_asymmetric", "int8_conv_only", "fp16")
+
+
+def plain_conv_only_int8(fp32_path: Path, out_path: Path, calibration) -> None:
+    """quantize_static with its defaults, per-channel QDQ on the convolutions only."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from export.precision import calibration_reader
+
+    quantize_static(str(fp32_path), str(out_path), calibration_reader(calibration, "image", False),
+                    quant_format=QuantFormat.QDQ, per_channel=True, op_types_to_quantize=["Conv"])
 
 
 def main(argv=None) -> int:
@@ -52,10 +65,15 @@ def main(argv=None) -> int:
     x = np.random.default_rng(0).integers(0, 256, (1, args.size, args.size, 3), dtype=np.uint8)
     sessions, sizes = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for p in PRECISIONS:
+        for p in VARIANTS:
             path = Path(tmp) / f"largefov_{p}.onnx"
-            with torch.no_grad():
-                export_onnx_with_precision(net, path, p, calibration if p == "int8" else None, progress=False)
+            if p == "int8_conv_only":
+                plain_conv_only_int8(Path(tmp) / "largefov_fp32.onnx", path, calibration)
+            else:
+                precision, _, activations = p.partition("_")
+                with torch.no_grad():
+                    export_onnx_with_precision(net, path, precision, calibration if precision == "int8" else None,
+                                               progress=False, int8_activations=activations or "symmetric")
             sizes[p] = path.stat().st_size
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = args.threads
@@ -63,7 +81,7 @@ def main(argv=None) -> int:
             sessions[p] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
     load_before = os.getloadavg()
-    times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    times: dict[str, list[float]] = {p: [] for p in VARIANTS}
     for r in range(args.rounds):
         for p, sess in sessions.items():
             sess.run(None, {"image": x})  # warm-up: the block starts with caches and threads settled
@@ -81,12 +99,12 @@ def main(argv=None) -> int:
         "model_bytes": sizes, "latency_ms": {p: stats(v) for p, v in times.items()},
     }
     fp32 = result["latency_ms"]["fp32"]["median"]
-    result["speedup_over_fp32"] = {p: fp32 / result["latency_ms"][p]["median"] for p in PRECISIONS}
+    result["speedup_over_fp32"] = {p: fp32 / result["latency_ms"][p]["median"] for p in VARIANTS}
     print(f"{result['what']}, {args.threads} threads, {args.runs} runs each; load average before "
           f"{load_before[0]:.2f}, after {load_after[0]:.2f}")
-    print(f"{'precision':10s} {'min':>8s} {'median':>8s} {'mean':>8s} {'max':>8s}  (ms)  speed-up   MB")
+    print(f"{'variant':14s} {'min':>8s} {'median':>8s} {'mean':>8s} {'max':>8s}  (ms)  speed-up   MB")
     for p, s in result["latency_ms"].items():
-        print(f"{p:10s} " + " ".join(f"{s[f]:8.1f}" for f in ("min", "median", "mean", "max"))
+        print(f"{p:14s} " + " ".join(f"{s[f]:8.1f}" for f in ("min", "median", "mean", "max"))
               + f"  {result['speedup_over_fp32'][p]:8.2f}x {sizes[p] / 1e6:5.1f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,13 @@ Both keep the graph's contract: input ``image`` uint8 N x H x W x 3, output ``sc
   float32 between casts it inserts.
 - INT8: explicit QuantizeLinear/DequantizeLinear pairs (onnxruntime.quantization.quantize_static,
   QDQ format) on the convolutions, ReLUs and pools, calibrated on images padded exactly as the
-  runtime pads them. Weights symmetric, per output channel; activations symmetric int8 with
-  zero-point 0 and biases left float, because TensorRT accepts only that (it rejects non-zero
-  zero-points and int32 DequantizeLinear inputs). The last convolution (fc8, the logits) and the
-  Resize stay float: the scores are not quantised.
+  runtime pads them. Weights symmetric, per output channel, biases left float. Activations are
+  symmetric int8 with zero-point 0 by default, the only form TensorRT takes (it rejects non-zero
+  zero-points and int32 DequantizeLinear inputs); ``activations="asymmetric"`` is for ONNX
+  Runtime alone: more accurate (the range after a ReLU starts at 0, so no code is spent on
+  negatives) and faster on its CPU (a ReLU before an asymmetric Q is dropped; with zero-point 0
+  it has to run in float between a DequantizeLinear and a QuantizeLinear). The last convolution
+  (fc8, the logits) and the Resize stay float: the scores are not quantised.
 
 The model's metadata gains ``precision`` and, for INT8, ``calibration_sha256`` (over the sorted
 image names and their bytes), ``calibration_images`` and ``quantization`` (the settings, JSON).
@@ -46,6 +49,7 @@ FP16_OPS = frozenset({"Conv", "Relu", "MaxPool", "AveragePool"})
 # INT8: op types given Q/DQ pairs. ReLU and the pools quantised too keep the whole trunk in int8
 # between convolutions (ONNX Runtime runs the pools on int8 and TensorRT fuses them).
 INT8_OP_TYPES = ("Conv", "Relu", "MaxPool", "AveragePool")
+INT8_ACTIVATIONS = ("symmetric", "asymmetric")
 
 
 class CalibrationError(ValueError):
@@ -203,7 +207,7 @@ def float_nodes(model) -> list[str]:
     return keep
 
 
-def _image_reader(calibration: CalibrationSet, input_name: str, progress: bool):
+def calibration_reader(calibration: CalibrationSet, input_name: str, progress: bool):
     """onnxruntime's CalibrationDataReader over a calibration set, with a progress bar."""
     from onnxruntime.quantization import CalibrationDataReader
     from tqdm import tqdm
@@ -241,7 +245,7 @@ def _quiet_preprocessing_advice() -> Iterator[None]:
 
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: CalibrationSet,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, activations: str = "symmetric") -> dict:
     """Write an INT8 Q/DQ copy of the FP32 graph at ``fp32_path`` to ``out_path``; return the
     settings used (stored in the metadata)."""
     import onnx
@@ -249,20 +253,22 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: Cali
 
     model = onnx.load(str(fp32_path))
     exclude = float_nodes(model)
-    settings = {"format": "QDQ", "weights": "int8 symmetric per-channel", "activations": "int8 symmetric",
+    settings = {"format": "QDQ", "weights": "int8 symmetric per-channel", "activations": f"int8 {activations}",
                 "bias": "float", "calibration": "MinMax", "op_types": list(INT8_OP_TYPES), "float_nodes": exclude}
-    reader = _image_reader(calibration, model.graph.input[0].name, progress)
+    reader = calibration_reader(calibration, model.graph.input[0].name, progress)
     with _quiet_preprocessing_advice():
         quantize_static(
             str(fp32_path), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
             op_types_to_quantize=list(INT8_OP_TYPES), nodes_to_exclude=exclude,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
+            extra_options={"ActivationSymmetric": activations == "symmetric", "WeightSymmetric": True,
+                           "QuantizeBias": False})
     return settings
 
 
 def convert_precision(fp32_path: str | Path, out_path: str | Path, precision: str,
-                      calibration: CalibrationSet | None = None, progress: bool = True) -> Path:
+                      calibration: CalibrationSet | None = None, progress: bool = True,
+                      int8_activations: str = "symmetric") -> Path:
     """Write the ``precision`` copy of the FP32 export at ``fp32_path`` to ``out_path`` (whole or
     not at all; checked with export.onnx_export.check_graph before it takes the name)."""
     import onnx
@@ -273,6 +279,8 @@ def convert_precision(fp32_path: str | Path, out_path: str | Path, precision: st
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if int8_activations not in INT8_ACTIVATIONS:
+        raise ValueError(f"int8 activations must be one of {', '.join(INT8_ACTIVATIONS)}, got {int8_activations!r}")
     out_path = Path(out_path)
     if precision == "int8" and calibration is None:
         raise CalibrationError("INT8 needs calibration images")
@@ -281,7 +289,7 @@ def convert_precision(fp32_path: str | Path, out_path: str | Path, precision: st
     with replacing(out_path) as tmp:
         if precision == "int8":
             assert calibration is not None
-            settings = quantize_int8(fp32_path, tmp, calibration, progress)
+            settings = quantize_int8(fp32_path, tmp, calibration, progress, int8_activations)
             model = onnx.load(str(tmp))
             meta.update(calibration_sha256=calibration.sha256, calibration_images=str(len(calibration)),
                         quantization=json.dumps(settings))
@@ -298,7 +306,8 @@ def convert_precision(fp32_path: str | Path, out_path: str | Path, precision: st
 
 
 def export_onnx_with_precision(net, path: str | Path, precision: str = "fp32",
-                               calibration: CalibrationSet | None = None, progress: bool = True, **export_kw) -> Path:
+                               calibration: CalibrationSet | None = None, progress: bool = True,
+                               int8_activations: str = "symmetric", **export_kw) -> Path:
     """export.onnx_export.export_onnx at ``precision``: FP32 exported beside ``path`` first, then
     converted; ``path`` only ever holds a complete, checked model of that precision."""
     from .onnx_export import export_onnx
@@ -311,4 +320,4 @@ def export_onnx_with_precision(net, path: str | Path, precision: str = "fp32",
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
         fp32 = export_onnx(net, Path(tmp) / "fp32.onnx", **export_kw)
-        return convert_precision(fp32, path, precision, calibration, progress)
+        return convert_precision(fp32, path, precision, calibration, progress, int8_activations)
