@@ -6,19 +6,20 @@ Both keep the graph's contract: input ``image`` uint8 N x H x W x 3, output ``sc
 - FP16: the trunk (convolutions, ReLUs, pools) and its weights in float16, between one Cast in
   and one Cast out. The input stage (uint8 -> float Cast, Transpose, mean subtraction) and the
   Resize stay float32, so the mean is subtracted exactly and the upsampled scores the CRF reads
-  are float32. (onnxconverter-common's converter, tried first, casts the Resize's output through
-  float16 when the Resize is blocked and appends its casts out of topological order.) ONNX
-  Runtime runs it on the CPU: where it has no float16 kernel for an op, it computes that op in
-  float32 between casts it inserts.
+  are float32. (onnxconverter-common's converter, tried first in the copy onnxruntime ships, casts
+  the Resize's output through float16 when the Resize is blocked and appends its casts out of
+  topological order.) ONNX Runtime runs it on the CPU: where it has no float16 kernel for an op,
+  it computes that op in float32 between casts it inserts.
 - INT8: explicit QuantizeLinear/DequantizeLinear pairs (onnxruntime.quantization.quantize_static,
-  QDQ format) on the convolutions, ReLUs and pools, calibrated on images padded exactly as the
-  runtime pads them. Weights symmetric, per output channel, biases left float. Activations are
-  symmetric int8 with zero-point 0 by default, the only form TensorRT takes (it rejects non-zero
-  zero-points and int32 DequantizeLinear inputs); ``activations="asymmetric"`` is for ONNX
-  Runtime alone: more accurate (the range after a ReLU starts at 0, so no code is spent on
-  negatives) and faster on its CPU (a ReLU before an asymmetric Q is dropped; with zero-point 0
-  it has to run in float between a DequantizeLinear and a QuantizeLinear). The last convolution
-  (fc8, the logits) and the Resize stay float: the scores are not quantised.
+  QDQ format) on the convolutions, ReLUs and pools, calibrated (MinMax: the only method of its
+  calibrators that takes images of different sizes) on images padded exactly as the runtime pads
+  them. Weights symmetric, per output channel, biases left float. Activations are symmetric int8
+  with zero-point 0 by default, the only form TensorRT takes (it rejects non-zero zero-points and
+  int32 DequantizeLinear inputs); ``int8_activations="asymmetric"`` (``--int8-activations
+  asymmetric``) is for ONNX Runtime alone: more accurate (the range after a ReLU starts at 0, so
+  no code is spent on negatives) and faster on its CPU (a ReLU before an asymmetric Q is dropped;
+  with zero-point 0 it has to run in float between a DequantizeLinear and a QuantizeLinear). The
+  last convolution (fc8, the logits) and the Resize stay float: the scores are not quantised.
 
 The model's metadata gains ``precision`` and, for INT8, ``calibration_sha256`` (over the sorted
 image names and their bytes), ``calibration_images`` and ``quantization`` (the settings, JSON).
@@ -46,8 +47,9 @@ DEFAULT_CALIBRATION_IMAGES = 100
 # FP16: the network trunk, from the first convolution to the logits; the input stage (uint8 -> float
 # Cast, NHWC -> NCHW Transpose, mean Sub), the shape arithmetic and the Resize stay float32.
 FP16_OPS = frozenset({"Conv", "Relu", "MaxPool", "AveragePool"})
-# INT8: op types given Q/DQ pairs. ReLU and the pools quantised too keep the whole trunk in int8
-# between convolutions (ONNX Runtime runs the pools on int8 and TensorRT fuses them).
+# INT8: op types given Q/DQ pairs. With the ReLUs and pools quantised too, no float tensor is left
+# between the convolutions (ONNX Runtime runs the pools on int8 and, with asymmetric activations,
+# drops the ReLUs; TensorRT fuses them).
 INT8_OP_TYPES = ("Conv", "Relu", "MaxPool", "AveragePool")
 INT8_ACTIVATIONS = ("symmetric", "asymmetric")
 
