@@ -24,11 +24,12 @@ OPSET = 17  # the highest opset TensorRT 8.5 (JetPack 5) parses
 PRODUCER = "deeplab-v1-toolkit"
 
 # Ops the graph may use: each is marked supported in the TensorRT ONNX parser's operator matrix
-# for TensorRT 8.5 (onnx-tensorrt docs/operators.md), the oldest version we target.
+# for TensorRT 8.5 (onnx-tensorrt docs/operators.md), the oldest version we target. The Q/DQ pair
+# is the INT8 export's (export/precision.py).
 TRT_SUPPORTED_OPS = frozenset("""
-    Add ArgMax AveragePool Cast Ceil Clip Concat Constant ConstantOfShape Conv Div Dropout Equal Exp
-    Expand Flatten Floor Gather Identity Log MaxPool Mul Pad Range ReduceMax Relu Reshape Resize
-    Shape Slice Softmax Squeeze Sub TopK Transpose Unsqueeze Where
+    Add ArgMax AveragePool Cast Ceil Clip Concat Constant ConstantOfShape Conv DequantizeLinear Div
+    Dropout Equal Exp Expand Flatten Floor Gather Identity Log MaxPool Mul Pad QuantizeLinear Range
+    ReduceMax Relu Reshape Resize Shape Slice Softmax Squeeze Sub TopK Transpose Unsqueeze Where
 """.split())
 
 

@@ -30,6 +30,8 @@ PAD_PIXEL_BGR = tuple(int(round(m)) for m in MEAN_BGR)
 OUTPUT_STRIDE = 8
 #: Default largest side the network is run at; larger images are shrunk first (see module doc).
 DEFAULT_MAX_SIZE = 1025
+#: File name suffixes taken as images where a folder is read (segmenting, INT8 calibration).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 ImageLike = Union[np.ndarray, str, Path]
 

@@ -5,6 +5,7 @@
     python tools/export.py train2_iter_8000.caffemodel --num-classes 21 --out out/largefov.onnx
     python tools/export.py vgg16.pth --from-vgg16 --num-classes 21 --out out/init.onnx
     python tools/export.py ckpt.pth --out out/m.onnx --engine out/m.engine --fp16
+    python tools/export.py ckpt.pth --out out/m_int8.onnx --precision int8 --calibration images/
 
 Weights: our .safetensors (carries its config and class names), PyTorch .pt/.pth state dicts
 (config inferred from shapes unless given), released Caffe .caffemodel files, or a torchvision
@@ -52,6 +53,29 @@ def int_at_least(low: int):
     return parse
 
 
+CALIBRATION_SCENE_SEED = 2_000_000  # apart from training (0..) and evaluation (1,000,000..) scenes
+
+
+def calibration_set(spec: str, count: int):
+    """--calibration: a folder (its first ``count`` images by name), or scenes:N, N generated
+    scenes (seeds 2,000,000 + i, sides 193..385 drawn from the seed, as the held-out scenes)."""
+    import numpy as np
+
+    from export.precision import calibration_from_arrays, calibration_from_folder
+
+    if not spec.startswith("scenes:"):
+        return calibration_from_folder(spec, count)
+    if __package__:  # imported: deeplab_tools.export when installed
+        from .scenes import make_scene
+    else:
+        from tools.scenes import make_scene
+    scenes = []
+    for seed in range(CALIBRATION_SCENE_SEED, CALIBRATION_SCENE_SEED + int_at_least(1)(spec[len("scenes:"):])):
+        h, w = (int(v) for v in np.random.default_rng(seed).integers(193, 386, size=2))
+        scenes.append((f"scene_{seed}_{h}x{w}", make_scene(seed, h, w)[0]))
+    return calibration_from_arrays(scenes, spec)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("weights", help=".safetensors, .pt/.pth, .caffemodel, or a VGG-16 state dict with --from-vgg16")
@@ -61,6 +85,15 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=float, help="width multiplier (default: from the weights)")
     ap.add_argument("--from-vgg16", action="store_true", help="weights are a torchvision ImageNet VGG-16 state dict")
     ap.add_argument("--class-names", type=parse_class_names, help="comma-separated class names to store in the model")
+    ap.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                    help="fp16: an FP16 graph; int8: explicit Q/DQ, calibrated on --calibration (default fp32)")
+    ap.add_argument("--calibration", metavar="DIR|scenes:N",
+                    help="int8: a folder of images like the ones to segment, or scenes:N (N generated scenes)")
+    ap.add_argument("--calibration-images", type=int_at_least(1), default=100, metavar="N",
+                    help="int8: use the first N images of the folder by name (100)")
+    ap.add_argument("--int8-activations", choices=["symmetric", "asymmetric"],
+                    help="int8: symmetric (default; what TensorRT takes) or asymmetric (ONNX Runtime only: "
+                    "more accurate, faster on the CPU)")
     trt = ap.add_argument_group("TensorRT engine (needs TensorRT; the plan gets a .json metadata sidecar)")
     trt.add_argument("--engine", metavar="PATH", help="also build a TensorRT engine at this path; skipped when the plan there "
                      "was built from the same ONNX, TensorRT, GPU and options")
@@ -90,12 +123,28 @@ def main(argv=None) -> int:
         ap.error(f"--num-classes must be >= 1, got {args.num_classes}")
     if args.class_names and args.num_classes and len(args.class_names) != args.num_classes:
         ap.error(f"--class-names has {len(args.class_names)} names for --num-classes {args.num_classes}")
+    if (args.precision == "int8") != bool(args.calibration):
+        ap.error("--precision int8 needs --calibration DIR (or scenes:N)" if args.calibration is None
+                 else "--calibration applies to --precision int8")
+    if args.int8_activations and args.precision != "int8":
+        ap.error("--int8-activations applies to --precision int8")
+    if args.int8_activations == "asymmetric" and args.engine:
+        ap.error("TensorRT takes symmetric int8 only (zero-point 0): leave out --int8-activations asymmetric")
+    calibration = None
+    if args.calibration:
+        from export.precision import CalibrationError
+
+        try:
+            calibration = calibration_set(args.calibration, args.calibration_images)
+        except (CalibrationError, argparse.ArgumentTypeError) as e:
+            ap.error(f"--calibration {args.calibration}: {e}")
 
     import torch
 
     from export.caffe import CaffeModelError
     from export.model import DeepLabV1, ModelConfig
-    from export.onnx_export import check_labels, export_onnx
+    from export.onnx_export import check_labels
+    from export.precision import export_onnx_with_precision
     from export.weights import WeightsError, infer_config, load_into, load_model, read_checkpoint, vgg16_to_deeplab
 
     t0 = time.perf_counter()
@@ -134,13 +183,15 @@ def main(argv=None) -> int:
             return 2
     try:
         with torch.no_grad():
-            export_onnx(model, out, class_names=names, palette=meta.get("palette"))
+            export_onnx_with_precision(model, out, args.precision, calibration, class_names=names,
+                                       palette=meta.get("palette"),
+                                       int8_activations=args.int8_activations or "symmetric")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_params = sum(p.numel() for p in model.parameters())
     print(f"exported {out} ({model.config.variant}, width {model.config.width}, "
-          f"{model.config.num_classes} classes, {n_params / 1e6:.2f} M params) in {time.perf_counter() - t0:.1f} s")
+          f"{model.config.num_classes} classes, {n_params / 1e6:.2f} M params, {args.precision}) in {time.perf_counter() - t0:.1f} s")
 
     if args.engine:
         from export.tensorrt_build import EngineBuildError, build_engine

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+from runtime.contract import IMAGE_SUFFIXES  # noqa: E402
 
 
 def expand(inputs: list[str]) -> list[tuple[Path, Path]]:
