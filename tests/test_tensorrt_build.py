@@ -357,3 +357,25 @@ def test_static_dla_profile_is_accepted():
     with pytest.raises(ValueError, match="DLA runs static shapes only"):
         check_options(ShapeProfile((513, 513), (513, 513), (513, 769), 1), BuildOptions(fp16=True, dla_core=1))
     check_options(ShapeProfile(), BuildOptions(hardware_compatible=True, version_compatible=True))
+
+
+def test_engine_from_an_onnx_needs_no_torch(tmp_path):
+    """A Jetson builds its plan from an ONNX exported elsewhere: tools/export.py takes the .onnx
+    with --engine and never imports torch (here torch is blocked; TensorRT is absent, so the build
+    stops with its reason, exit 1); without --engine, or with export options, it says why (exit 2)."""
+    onnx_model = ROOT / "models" / "deeplab_shapes.onnx"
+    code = ("import sys, runpy\nsys.modules['torch'] = None  # as on a Jetson without PyTorch\n"
+            "sys.argv = ['export.py'] + sys.argv[1:]\nrunpy.run_path('tools/export.py', run_name='__main__')\n")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True)
+
+    out = run(str(onnx_model), "--engine", str(tmp_path / "m.engine"))
+    assert out.returncode == 1, out.stderr
+    assert "no TensorRT engine built" in out.stderr and "torch" not in out.stderr.lower()
+    out = run(str(onnx_model))
+    assert out.returncode == 2 and "give --engine PATH" in out.stderr
+    out = run(str(onnx_model), "--engine", str(tmp_path / "m.engine"), "--precision", "fp16")
+    assert out.returncode == 2 and "--precision apply to exporting weights" in out.stderr
+    out = run(str(tmp_path / "absent.onnx"), "--engine", str(tmp_path / "m.engine"))
+    assert out.returncode == 2 and "no such file" in out.stderr

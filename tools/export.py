@@ -78,7 +78,8 @@ def calibration_set(spec: str, count: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("weights", help=".safetensors, .pt/.pth, .caffemodel, or a VGG-16 state dict with --from-vgg16")
+    ap.add_argument("weights", help=".safetensors, .pt/.pth, .caffemodel, or a VGG-16 state dict with --from-vgg16; "
+                    "or an .onnx from this tool with --engine (builds only the engine: no torch needed)")
     ap.add_argument("--out", help="ONNX path (default: next to the weights, .onnx)")
     ap.add_argument("--num-classes", type=int, help="classes (default: from the weights)")
     ap.add_argument("--variant", choices=["largefov", "7x7", "4x4"], help="head (default: from the weights)")
@@ -115,6 +116,8 @@ def main(argv=None) -> int:
     from runtime.output_files import output_file_problem
 
     src = Path(args.weights)
+    if src.suffix == ".onnx":
+        return engine_from_onnx(ap, args, src, engine_profile, engine_options)
     out = Path(args.out) if args.out else src.with_suffix(".onnx")
     problem = output_file_problem(out)
     if problem:
@@ -194,19 +197,44 @@ def main(argv=None) -> int:
           f"{model.config.num_classes} classes, {n_params / 1e6:.2f} M params, {args.precision}) in {time.perf_counter() - t0:.1f} s")
 
     if args.engine:
-        from export.tensorrt_build import EngineBuildError, build_engine
-        from runtime.trt_compat import TensorRTUnavailable
+        return build_engine_step(args, out, src, engine_profile, engine_options)
+    return 0
 
-        try:
-            res = build_engine(out, args.engine, engine_profile, engine_options, timing_cache=args.timing_cache,
-                               weights_path=src, force=args.force)
-        except (TensorRTUnavailable, EngineBuildError) as e:
-            print(f"error: no TensorRT engine built: {e}", file=sys.stderr)
-            return 1
-        if res.built:
-            print(f"built TensorRT engine {res.path} (metadata: {res.path}.json)")
-        else:
-            print(f"engine up to date: {res.path}")
+
+def engine_from_onnx(ap: argparse.ArgumentParser, args: argparse.Namespace, src: Path, profile, options) -> int:
+    """An .onnx exported elsewhere (say on a PC with torch): only its engine is built here, so a
+    Jetson builds its plan without torch."""
+    export_only = [flag for flag, on in (
+        ("--num-classes", args.num_classes is not None), ("--variant", args.variant), ("--width", args.width),
+        ("--from-vgg16", args.from_vgg16), ("--class-names", args.class_names),
+        ("--precision", args.precision != "fp32"), ("--calibration", args.calibration),
+        ("--int8-activations", args.int8_activations)) if on]
+    if export_only:
+        ap.error(f"{src} is an ONNX model already: {', '.join(export_only)} apply to exporting weights")
+    if not args.engine:
+        ap.error(f"{src} is an ONNX model already: give --engine PATH to build its TensorRT engine")
+    if args.out and Path(args.out).resolve() != src.resolve():
+        ap.error(f"--out {args.out}: {src} is not exported again (leave out --out)")
+    if not src.is_file():
+        ap.error(f"{src}: no such file")
+    return build_engine_step(args, src, src, profile, options)
+
+
+def build_engine_step(args: argparse.Namespace, onnx: Path, src: Path, profile, options) -> int:
+    """The TensorRT plan of ``onnx`` (src: what the sidecar's rebuild command starts from)."""
+    from export.tensorrt_build import EngineBuildError, build_engine
+    from runtime.trt_compat import TensorRTUnavailable
+
+    try:
+        res = build_engine(onnx, args.engine, profile, options, timing_cache=args.timing_cache,
+                           weights_path=src, force=args.force)
+    except (TensorRTUnavailable, EngineBuildError) as e:
+        print(f"error: no TensorRT engine built: {e}", file=sys.stderr)
+        return 1
+    if res.built:
+        print(f"built TensorRT engine {res.path} (metadata: {res.path}.json)")
+    else:
+        print(f"engine up to date: {res.path}")
     return 0
 
 
