@@ -155,3 +155,32 @@ def test_evaluate_arguments_are_checked(tmp_path, bundled_onnx):
     assert res.returncode == 2 and "argument --images: must be >= 1" in res.stderr
     res = run("tools/evaluate.py", "--model", bundled_onnx, "--json", tmp_path, check=False)
     assert res.returncode == 2 and f"{tmp_path} is a folder" in res.stderr
+
+
+def test_segment_side_by_side(tmp_path, bundled_onnx):
+    """input | network alone | with CRF, one image: the right two panels differ where the CRF changed labels."""
+    import cv2
+
+    from runtime import Segmenter
+    from runtime.palette import colour_mask
+
+    sample = SAMPLES / "scene_0.png"
+    run("tools/segment.py", sample, "--model", bundled_onnx, "--out", tmp_path / "o", "--side-by-side")
+    image = cv2.imread(str(sample))
+    h, w = image.shape[:2]
+    side = cv2.imread(str(tmp_path / "o" / "scene_0_side_by_side.jpg")).astype(np.int16)
+    assert side.shape == (h, 3 * w, 3)
+    left, middle, right = side[:, :w], side[:, w:2 * w], side[:, 2 * w:]
+
+    seg = Segmenter(bundled_onnx, crf=None)
+    network_colours = colour_mask(seg(image).labels, seg.palette)
+    crf_colours = cv2.imread(str(tmp_path / "o" / "scene_0_mask.png"))  # the palettised mask, as BGR
+    changed = (network_colours != crf_colours).any(axis=2)
+    changed[:40] = False  # the captions
+    unchanged = ~changed
+    unchanged[:40] = False
+    assert changed.sum() > 200, "the CRF changes some labels on this sample"
+    step = np.abs(middle - right).mean(axis=2)
+    assert step[changed].mean() > 15  # a different colour blended in
+    assert step[unchanged].mean() < 6  # JPEG noise only
+    assert np.abs(left - image)[40:].mean() < 6  # the left panel is the input (JPEG noise on a noisy image)

@@ -4,7 +4,9 @@
     python tools/segment.py samples/ --model out/deeplab_shapes.onnx --out out/segmented
 
 Writes <name>_mask.png (8-bit palettised PNG, the PASCAL VOC label format) and
-<name>_overlay.jpg per image, and prints per-stage timings. <name> is the file name without its
+<name>_overlay.jpg per image (with --side-by-side also <name>_side_by_side.jpg: the input, the
+network's labels alone and the labels after the CRF, colours blended as in the overlay), and prints
+per-stage timings. <name> is the file name without its
 extension (under a glob's folders, its path from there: "photos/**/*.jpg" -> 2024/x); inputs whose
 names coincide take their paths from the folder they share (a/x.png, b/x.png -> a/x, b/x), then
 their extensions (x.png, x.jpg -> x_png, x_jpg), so no result overwrites another. An image that
@@ -98,6 +100,27 @@ def non_negative_int(s: str) -> int:
 NEXT_STEP = {"preprocess": "network", "network": "crf", "crf": "write"}
 
 
+def side_by_side(panels: list[tuple[str, "np.ndarray"]]) -> "np.ndarray":
+    """Equal-sized BGR images side by side, each captioned (top left, white on a dark band)."""
+    import cv2
+    import numpy as np
+
+    h, w = panels[0][1].shape[:2]
+    scale = max(0.4, min(w, h) / 500)  # legible on small images, not huge on large ones
+    thick = max(1, round(scale * 2))
+    out = []
+    for caption, img in panels:
+        img = img.copy()
+        (tw, th), base = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        pad = max(2, th // 3)
+        band = img[: th + base + 2 * pad, : tw + 2 * pad]
+        band[:] = (band * 0.4).astype(np.uint8)  # darkened, so white text reads on any image
+        cv2.putText(img, caption, (pad, pad + th), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick,
+                    cv2.LINE_AA)
+        out.append(img)
+    return np.hstack(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
@@ -106,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
     ap.add_argument("--crf-iterations", type=non_negative_int, default=10)
     ap.add_argument("--alpha", type=unit_interval, default=0.5, help="overlay opacity, 0..1")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="also write <name>_side_by_side.jpg: input | network alone | with CRF")
     args = ap.parse_args(argv)
 
     from runtime.output_files import output_folder_problem
@@ -121,7 +146,8 @@ def main(argv=None) -> int:
         ap.error("no images found in " + " ".join(args.inputs))
     files = [f for f, _ in found]
     names = output_names(found)
-    targets = [(out / f"{n}_mask.png", out / f"{n}_overlay.jpg") for n in names]
+    targets = [(out / f"{n}_mask.png", out / f"{n}_overlay.jpg")
+               + ((out / f"{n}_side_by_side.jpg",) if args.side_by_side else ()) for n in names]
     inputs = {os.path.abspath(f) for f in files}
     clash = next((t for pair in targets for t in pair if os.path.abspath(t) in inputs), None)
     if clash is not None:
@@ -134,7 +160,7 @@ def main(argv=None) -> int:
     from crf import CRFParams
     from runtime import ModelFormatError, Segmenter
     from runtime.output_files import write_bytes_atomically
-    from runtime.palette import write_indexed_png
+    from runtime.palette import blend, write_indexed_png
 
     try:
         seg = Segmenter(args.model, crf=None if args.no_crf else CRFParams(iterations=args.crf_iterations))
@@ -148,7 +174,7 @@ def main(argv=None) -> int:
     print(f"{'image':32s} " + " ".join(f"{s:>11s}" for s in stages) + "   (ms)")
     # Four steps per image (load, network, CRF, write): the bar moves while a large image is in the CRF.
     bar = tqdm(total=4 * len(files), desc="segment", unit="step", file=sys.stderr)
-    for k, (f, (mask_path, overlay_path)) in enumerate(zip(files, targets)):
+    for k, (f, (mask_path, overlay_path, *side_path)) in enumerate(zip(files, targets)):
         bar.n = 4 * k
         bar.set_postfix_str(f"{Path(f).name}: load", refresh=True)
 
@@ -157,13 +183,25 @@ def main(argv=None) -> int:
             bar.update(1)
 
         try:
-            r = seg(f, progress=tick)
-            ok, jpg = cv2.imencode(".jpg", seg.overlay(r, args.alpha))
+            # The scores are kept for the side-by-side: the network's own labels are their argmax,
+            # so the network runs once for both panels.
+            r = seg(f, progress=tick, return_scores=args.side_by_side)
+            overlay = seg.overlay(r, args.alpha)
+            ok, jpg = cv2.imencode(".jpg", overlay)
             if not ok:
                 raise ValueError("cannot encode the overlay")
+            if side_path:
+                network_labels = np.argmax(r.scores, axis=0).astype(np.uint8)
+                panels = [("input", r.image), ("network", blend(r.image, network_labels, seg.palette, args.alpha)),
+                          ("with CRF" if seg.crf_backend else "CRF off", overlay)]
+                ok, side_jpg = cv2.imencode(".jpg", side_by_side(panels))
+                if not ok:
+                    raise ValueError("cannot encode the side-by-side image")
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             write_indexed_png(mask_path, r.labels, seg.palette)
             write_bytes_atomically(overlay_path, jpg.tobytes())
+            if side_path:
+                write_bytes_atomically(side_path[0], side_jpg.tobytes())
         except (ValueError, OSError, RuntimeError, MemoryError) as e:
             # One line per image: its path and the reason (messages from loading already name it).
             reason = " ".join(str(e).split()) or type(e).__name__
