@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# Runs ON the GPU test machine, from the project root, with .whl/ carried (see prepare.sh).
+# Runs on a GPU machine, from the project root, with .whl/ holding pycuda's source and its dependencies' wheels.
 # Installs pycuda, built from source against that machine's CUDA toolkit and driver, into /tmp/site.
 # Exits non-zero (and says why) if pycuda cannot be imported afterwards: a GPU run must never
 # mistake a failed install for "no GPU tests to run".
 # Afterwards: export PYTHONPATH=/tmp/site:$PWD
-# The project's copy of ../shared/gpu/device-install.sh (benchmarks/gpu_session.sh runs this one).
-# What differs: the fallback search for libcuda.so.1 no longer ends the script silently under
-# `set -e` (an `ls` of a missing path returned non-zero), a driver library found outside the
-# loader's path is put on LD_LIBRARY_PATH, and the build time and pycuda's version are printed.
+# The libcuda.so.1 search never ends the script silently under `set -e` (a fallback `ls` of a
+# missing path would); a driver library outside the loader's cache is put on LD_LIBRARY_PATH (the
+# line to export is printed); the build time and pycuda's version are printed.
 set -euo pipefail
 site=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl

@@ -33,10 +33,7 @@ sys.path.insert(0, str(ROOT))
 SIZES = {"500x375": (375, 500), "1024x768": (768, 1024)}
 
 
-def pct(values: list[float]) -> dict:
-    a = np.asarray(values, np.float64)
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "min": float(a.min()), "mean": float(a.mean()), "n": len(values)}
+from benchmarks.onnx_vs_pytorch import stats as pct  # noqa: E402  (min, mean, median, p90, p99, max, runs)
 
 
 class Timer:
@@ -67,14 +64,13 @@ def versions(device: str) -> dict:
          "torch": torch.__version__, "numpy": np.__version__}
     if device == "cuda":
         import pycuda
-        import pycuda.driver as cuda
 
-        cuda.init()
-        dev = cuda.Device(0)
-        drv = cuda.get_driver_version()
-        v.update(gpu=dev.name(), compute_capability="%d.%d" % dev.compute_capability(),
-                 cuda_driver_api=f"{drv // 1000}.{drv % 1000 // 10}", pycuda=pycuda.VERSION_TEXT,
-                 gpu_memory_gb=round(dev.total_memory() / 2**30, 1))
+        from crf.backend import gpu_identity, import_pycuda
+
+        gpu = gpu_identity()
+        drv = import_pycuda().get_driver_version()
+        v.update(gpu=gpu.name if gpu else None, compute_capability=gpu.compute_capability if gpu else None,
+                 cuda_driver_api=f"{drv // 1000}.{drv % 1000 // 10}", pycuda=pycuda.VERSION_TEXT)
         try:
             smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                  capture_output=True, text=True, timeout=30).stdout.strip()
@@ -224,14 +220,14 @@ def main(argv=None) -> int:
         r = report["crf"][size] = crf_report(kernels, size, args.runs)
         ref = report["crf_cpu_build"][size] = cpu_reference(size, args.cpu_runs)
         best = r["graph"] if "graph" in r else r["launches"]
-        r["speedup_vs_cpu_build"] = ref["repeated_ms"]["p50"] / best["repeated_ms"]["p50"]
+        r["speedup_vs_cpu_build"] = ref["repeated_ms"]["median"] / best["repeated_ms"]["median"]
         print(f"crf {size}: " + ", ".join(
-            f"{mode} {r[mode]['repeated_ms']['p50']:.3f} ms (cold {r[mode]['cold_ms']['p50']:.3f}, "
+            f"{mode} {r[mode]['repeated_ms']['median']:.3f} ms (cold {r[mode]['cold_ms']['median']:.3f}, "
             f"{r[mode]['launch_calls_per_call']} launch calls, {r[mode]['graph_launches_per_call']} graph launches)"
             for mode in ("graph", "launches") if mode in r)
             + f"; build {r['phases_ms'].get('lattice_build', 0):.3f} ms, iterations {r['phases_ms'].get('iterations', 0):.3f} ms"
             + f"; host {r['host_us_per_launch']:.1f} us/launch; {r['pooled_bytes'] / 1e6:.1f} MB pooled, "
-            f"free memory -{r['device_memory_drop_bytes'] / 1e6:.1f} MB; CPU build {ref['repeated_ms']['p50']:.1f} ms "
+            f"free memory -{r['device_memory_drop_bytes'] / 1e6:.1f} MB; CPU build {ref['repeated_ms']['median']:.1f} ms "
             f"({r['speedup_vs_cpu_build']:.1f}x)", flush=True)
         save()
     try:
@@ -240,9 +236,9 @@ def main(argv=None) -> int:
         report["pipeline"] = {"error": repr(e)}
         save()
         raise
-    print("pipeline 500x375: " + ", ".join(f"{k} p50 {v['p50']:.3f} / p90 {v['p90']:.3f} / p99 {v['p99']:.3f} ms"
+    print("pipeline 500x375: " + ", ".join(f"{k} p50 {v['median']:.3f} / p90 {v['p90']:.3f} / p99 {v['p99']:.3f} ms"
                                            for k, v in p["stages_ms"].items())
-          + f"; unsynchronised total p50 {p['total_unsynchronised_ms']['p50']:.3f} ms", flush=True)
+          + f"; unsynchronised total p50 {p['total_unsynchronised_ms']['median']:.3f} ms", flush=True)
     save()
     return 0
 

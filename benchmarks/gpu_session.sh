@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# The one script the lent GPU machine runs: pycuda build, GPU tests, compute-sanitizer, GPU report.
+# The one script a GPU machine runs: pycuda build, GPU tests, compute-sanitizer, GPU report.
 usage() {
   cat <<'EOF'
 usage: bash benchmarks/gpu_session.sh [--help]
 
-Runs ON the GPU test machine, from the project root, with .whl/ carried along. On the build machine first:
-    bash ../shared/gpu/prepare.sh          # fills .whl/ with pycuda's source and its dependencies
-then one device run (carry ".whl"), with a timeout of about 560 s:
-    bash benchmarks/gpu_session.sh
+Runs on a machine with an NVIDIA GPU, the CUDA toolkit (nvcc, compute-sanitizer) and PyTorch with CUDA,
+from the project root, with .whl/ holding pycuda's source and its dependencies' wheels (see docs/gpu.md).
+Takes about 5-9 minutes.
 
 Steps, each logged under $OUT (default out/gpu):
   1. nvidia-smi                                   -> nvidia-smi.txt
