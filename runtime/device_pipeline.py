@@ -2,10 +2,10 @@
 
 Per image of a batch whose scores a device backend left in a Buffer (runtime/network.py):
 ``crop`` copies the image's top-left C x H x W out of the padded N x C x Hp x Wp scores into a
-dense planar buffer (kernel crf_crop_scores), ``check_finite`` looks for NaN/inf there
-(crf_check_finite), ``labels`` uploads the image once and runs the CRF (DenseCRFDriver) on the
-cropped scores, the argmax kernel writing the labels into pinned host memory: only the H x W uint8
-labels come back (and the marginals when asked). ``download`` brings the cropped scores to the
+dense planar buffer (kernel crf_crop_scores), ``labels`` uploads the image once and runs the CRF
+(DenseCRFDriver, whose crf_check_finite refuses NaN/inf scores: NetworkOutputError naming the image)
+on the cropped scores, the argmax kernel writing the labels into pinned host memory: only the H x W
+uint8 labels come back (and the marginals when asked). ``download`` brings the cropped scores to the
 host, for what stays a host step: the score resize of a shrunk image, the CRF on a shrunken copy
 of an image above crf_max_pixels, the argmax without a CRF (crf_argmax reads label rows of a
 pixel, not planar scores, so planar scores are downloaded and argmax'd by numpy), return_scores.
@@ -22,6 +22,9 @@ import numpy as np
 from crf import CRFParams
 from crf.backend import I32, Buffer, KernelBackend
 from crf.driver import DenseCRFDriver
+from crf.features import CRFInputError
+
+from .onnx_backend import nonfinite_scores_error
 
 
 class DevicePipeline:
@@ -65,22 +68,15 @@ class DevicePipeline:
             self.k.launch("crf_crop_scores", c * h * w, src, I32(c), I32(hp), I32(wp), I32(h), I32(w), dst)
         return dst
 
-    def check_finite(self, scores: Buffer, n: int) -> bool:
-        """Whether the first n floats of ``scores`` are all finite (checked on the device)."""
-        flag = self._buffer("flag", 4)
-        with self.k.active():
-            self.k.launch("crf_fill_int", 1, flag, I32(1), I32(0))
-            self.k.launch("crf_check_finite", n, scores, I32(n), flag)
-            return not int(self.k.download(flag, (1,), np.int32)[0])
-
     def download(self, scores: Buffer, c: int, h: int, w: int) -> np.ndarray:
         """Cropped scores to the host (a new C x h x w float32 array)."""
         return self.k.download(scores, (c, h, w), np.float32)
 
     def labels(self, scores: Buffer, image: np.ndarray, c: int, params: CRFParams,
-               marginals: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """CRF on the cropped planar scores (checked finite already) against the H x W x 3 image:
-        (labels H x W uint8, marginals C x H x W float32 or None)."""
+               marginals: bool, name: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """CRF on the cropped planar scores against the H x W x 3 image: (labels H x W uint8,
+        marginals C x H x W float32 or None). NaN/inf scores raise NetworkOutputError naming the
+        image ``name``."""
         assert self.driver is not None, "DevicePipeline made without the CRF"
         h, w = image.shape[:2]
         with self.k.active():
@@ -92,8 +88,16 @@ class DevicePipeline:
                 img = self._buffer("image", image.nbytes)
                 self.k.upload_async(img, staged)
             out = self._pinned("labels", (h, w), np.uint8)
-            probs, labels = self.driver.run(scores, img, h, w, c, params, marginals=marginals, labels=True,
-                                            check_finite=False, labels_out=out)
+            try:
+                probs, labels = self.driver.run(scores, img, h, w, c, params, marginals=marginals, labels=True,
+                                                labels_out=out)
+            except CRFInputError as e:
+                # The driver refuses more than NaN/inf (label count, lattice range): the scores,
+                # downloaded, tell which; the error names the image and counts the bad values.
+                host = self.download(scores, c, h, w)
+                if np.isfinite(host).all():
+                    raise
+                raise nonfinite_scores_error(name, host) from e
         return labels.copy(), probs  # the pinned label map is reused by the next image
 
     def refine(self, scores: np.ndarray, image: np.ndarray, params: CRFParams) -> np.ndarray:

@@ -36,6 +36,13 @@ class NetworkOutputError(ValueError):
     """Scores from the network that cannot be segmented (NaN/inf), naming the image."""
 
 
+def nonfinite_scores_error(name: str, scores: np.ndarray) -> NetworkOutputError:
+    """The NetworkOutputError for image ``name`` whose host ``scores`` hold NaN/inf values."""
+    bad = int(scores.size - np.count_nonzero(np.isfinite(scores)))
+    return NetworkOutputError(f"{name}: the network's scores contain {bad} NaN/inf values (of {scores.size}); "
+                              "no labels can be drawn from them")
+
+
 CUDA_PROVIDER = "CUDAExecutionProvider"
 # The CUDA provider's option parser knows user_compute_stream from 1.18 on; 1.17 refuses the
 # session, and onnxruntime's Python fallback then retries without any options, on its own stream.

@@ -35,7 +35,7 @@ from .backend_choice import open_network
 from .contract import DEFAULT_MAX_SIZE, ImageError, ImageLike, as_bgr_uint8, load_image, pad_image
 from .device_pipeline import DevicePipeline
 from .network import check_input_size, is_device_network, network_size
-from .onnx_backend import ModelFormatError, NetworkOutputError
+from .onnx_backend import ModelFormatError, nonfinite_scores_error
 from .palette import VOC_CLASSES, blend, check_palette, colour_mask, voc_palette
 
 log = logging.getLogger("deeplab")
@@ -95,12 +95,6 @@ def _resize_scores(scores: np.ndarray, h: int, w: int) -> np.ndarray:
         r = cv2.resize(part, (w, h), interpolation=cv2.INTER_LINEAR)
         out[c0:c0 + 512] = r.reshape(h, w, -1).transpose(2, 0, 1)
     return out
-
-
-def _nonfinite_error(name: str, scores: np.ndarray) -> NetworkOutputError:
-    bad = int(scores.size - np.count_nonzero(np.isfinite(scores)))
-    return NetworkOutputError(f"{name}: the network's scores contain {bad} NaN/inf values (of {scores.size}); "
-                              "no labels can be drawn from them")
 
 
 def _shape_problems(shape: tuple, n: int, c: int, h: int, w: int) -> list[str]:
@@ -394,7 +388,7 @@ class Segmenter:
         # After the cast: a float64 graph output can overflow there. The float64
         # sum is non-finite exactly when an element is (float32 values cannot overflow it).
         if not np.isfinite(sc.sum(dtype=np.float64)):
-            raise _nonfinite_error(name, sc)
+            raise nonfinite_scores_error(name, sc)
         timings["postprocess"] = timings.get("postprocess", 0.0) + (time.perf_counter() - t2) * 1e3
         t2 = time.perf_counter()
         crf_scale = 1.0
@@ -443,11 +437,9 @@ class Segmenter:
                 tick("crf")
                 continue
             assert self.crf_params is not None  # dev.driver exists only with the CRF
-            if not dev.check_finite(crop, c * nh * nw):
-                raise _nonfinite_error(names[i], dev.download(crop, c, nh, nw))
             timings["postprocess"] = (time.perf_counter() - t2) * 1e3
             t2 = time.perf_counter()
-            labels, probs = dev.labels(crop, img, c, self.crf_params, return_probabilities)
+            labels, probs = dev.labels(crop, img, c, self.crf_params, return_probabilities, names[i])
             timings["crf"] = (time.perf_counter() - t2) * 1e3
             scores = dev.download(crop, c, nh, nw) if return_scores else None
             timings["total"] = sum(timings.values())

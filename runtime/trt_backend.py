@@ -62,8 +62,9 @@ class TensorRTNetwork:
     """uint8 N x H x W x 3 BGR batch -> float32 N x C x H x W scores, with a TensorRT plan.
 
     kernels: the CRF's GPUKernels (default: a new one); the network runs on its stream.
-    cuda_graph: capture execute_async_v3 as a CUDA graph per input shape and replay it (falls back
-    to plain enqueue, with one warning, where capture fails). Off by default.
+    cuda_graph: capture execute_async_v3 as a CUDA graph per input shape and replay it, through the
+    kernels' capture: plain enqueue where their graphs are off, and (with one warning) where capture
+    fails. Off by default.
 
     ``size_bounds`` is the plan's optimisation profile: the Segmenter shrinks larger images and
     pads smaller ones to fit it. Raises TensorRTUnavailable (no TensorRT: checked first, before the
@@ -114,9 +115,8 @@ class TensorRTNetwork:
             self.fixed_input_dims = tuple(d if d >= 0 else None for d in dims[:3])
             self._allocate(engine, path)
         self.use_graph = cuda_graph
-        self._graph: Any = None
+        self._graph: Optional[Callable[[], None]] = None
         self._graph_shape: Optional[Tuple[int, int, int]] = None
-        self.graph_error: Optional[str] = None
 
     @staticmethod
     def _check_io(engine: tensorrt.ICudaEngine, path: Path) -> int:
@@ -199,25 +199,16 @@ class TensorRTNetwork:
                                "out of GPU memory is one cause)")
 
     def _enqueue_or_replay(self, shape: Tuple[int, int, int]) -> None:
-        if not self.use_graph or self.graph_error is not None:
+        if not self.use_graph:
             self._enqueue()
             return
         if self._graph is not None and self._graph_shape == shape:
-            self._graph.launch(getattr(self.kernels, "stream").handle)
+            self._graph()
             return
         # TensorRT updates internal state on the first enqueue after a shape change: run once
         # plainly, then capture (addresses are fixed, so only the shape triggers a recapture).
+        # The kernels' capture is None where graphs are off or a capture failed (it warns once):
+        # then every call enqueues plainly.
         self._enqueue()
-        self._graph = self._capture(self._enqueue)
+        self._graph = self.kernels.capture([self._enqueue])
         self._graph_shape = shape if self._graph is not None else None
-
-    def _capture(self, launch: Callable[[], None]) -> Any:
-        from crf.cuda_graph import CudaGraphError, capture_launches
-
-        try:
-            return capture_launches(getattr(self.kernels, "stream").handle, [launch])
-        except CudaGraphError as e:
-            self.graph_error = str(e)
-            warnings.warn(f"{self.plan_path}: CUDA graph capture of the TensorRT network failed, enqueueing "
-                          f"plainly: {e}", RuntimeWarning, stacklevel=3)
-            return None

@@ -190,6 +190,30 @@ def test_device_pipeline_names_the_image_with_nan_scores(kernels, tmp_path):
         seg([bright, dark])
 
 
+def test_device_pipeline_labels_names_the_image_only_for_nan_scores(kernels, samples):
+    """The driver's NaN/inf refusal becomes NetworkOutputError naming the image, with the count of
+    bad values; its other refusals (here a bandwidth too small for the image) pass unchanged."""
+    from crf.features import CRFInputError
+    from runtime.device_pipeline import DevicePipeline
+
+    pipe = DevicePipeline(kernels, crf=True)
+    h, w = 20, 30
+    scores = np.random.default_rng(2).standard_normal((1, 5, h, w)).astype(np.float32)
+    image = np.ascontiguousarray(samples[0][:h, :w])
+    src = kernels.alloc(scores.nbytes)
+    kernels.upload(src, scores)
+    crop = pipe.crop(src, scores.shape, 0, h, w)
+    with pytest.raises(CRFInputError, match="lattice coordinates overflow 16 bits"):
+        pipe.labels(crop, image, 5, CRFParams(iterations=1, pos_xy_std=1e-6), marginals=False, name="tiny.png")
+    scores[0, 2, 3:5, 4:7] = np.nan
+    scores[0, 4, 0, 0] = np.inf
+    kernels.upload(src, scores)
+    crop = pipe.crop(src, scores.shape, 0, h, w)
+    with pytest.raises(NetworkOutputError, match=r"^bad.png: the network's scores contain 7 NaN/inf values "
+                                                 r"\(of 3000\); no labels can be drawn from them$"):
+        pipe.labels(crop, image, 5, CRFParams(iterations=1), marginals=False, name="bad.png")
+
+
 class CappedCPUKernels(CPUKernels):
     """The CPU kernels with a memory cap: allocations beyond it fail as a full GPU's do."""
 
@@ -273,7 +297,7 @@ def _in_worker_thread(fn):
 
 
 def test_device_pipeline_frees_grown_buffers_with_the_context_current(samples):
-    """The crop, flag, image and label buffers grow from a worker thread: the smaller ones are
+    """The crop, CRF (its NaN/inf flag included), image and label buffers grow from a worker thread: the smaller ones are
     freed inside active(), where pycuda can free them."""
     from runtime.device_pipeline import DevicePipeline
 
@@ -289,8 +313,9 @@ def test_device_pipeline_frees_grown_buffers_with_the_context_current(samples):
         for h, w in [(9, 9), (30, 41), (65, 73)]:  # each larger than the last
             crop = pipe.crop(src, scores.shape, 0, h, w)
             assert np.array_equal(pipe.download(crop, 5, h, w), scores[0, :, :h, :w])
-            assert pipe.check_finite(crop, 5 * h * w)
-            labels, _ = pipe.labels(crop, np.ascontiguousarray(samples[0][:h, :w]), 5, params, marginals=False)
+            # labels runs the driver's NaN/inf check: its flag buffer, too, is made in this thread
+            labels, _ = pipe.labels(crop, np.ascontiguousarray(samples[0][:h, :w]), 5, params, marginals=False,
+                                    name="sample")
             assert labels.shape == (h, w)
             del crop  # the pipeline keeps its buffer; the caller's reference goes
 
