@@ -138,12 +138,13 @@ def main(argv=None) -> int:
     from benchmarks.onnx_vs_pytorch import he_initialised_largefov, stats
     from export.precision import calibration_from_arrays, export_onnx_with_precision
     from runtime.output_files import write_bytes_atomically
+    from tools.export import CALIBRATION_SCENE_SEED
     from tools.scenes import make_scene
 
     torch.set_num_threads(args.threads)
     net = he_initialised_largefov()
     calibration = calibration_from_arrays(
-        [(f"scene_{i}", make_scene(2_000_000 + i, args.size, args.size)[0]) for i in range(args.calibration_images)],
+        [(f"scene_{i}", make_scene(CALIBRATION_SCENE_SEED + i, args.size, args.size)[0]) for i in range(args.calibration_images)],
         source="generated scenes")
     x = np.random.default_rng(0).integers(0, 256, (1, args.size, args.size, 3), dtype=np.uint8)
     sessions, sizes = {}, {}
@@ -200,7 +201,6 @@ def main(argv=None) -> int:
         print(f"bundled model {v}: labels equal to fp32 on samples/ (no CRF): "
               + ", ".join(f"{k} {pct:.3f} %" for k, pct in per_sample.items()))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomically(args.json, json.dumps(result, indent=2).encode())
     return 0
 

@@ -256,8 +256,13 @@ def _hash_path(lib: Path) -> Path:
     return lib.with_name(lib.name + ".sha256")
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's content, read in blocks (TensorRT plans and ONNX models are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _check_library(lib: Path) -> tuple[str | None, str | None]:
@@ -279,7 +284,7 @@ def _check_library(lib: Path) -> tuple[str | None, str | None]:
     except OSError:
         return None, "has no recorded sha256"
     try:
-        digest = _file_sha256(lib)
+        digest = file_sha256(lib)
     except OSError as e:
         return None, f"cannot be read: {e.strerror or e}"
     if digest != recorded:
@@ -348,7 +353,7 @@ def _compile(cxx: str, lib: Path) -> None:
             raise BackendUnavailable(f"building the CPU CRF kernels failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
         os.chmod(tmp, 0o755)  # whatever the umask: never writable by others (see _check_library)
         _write_durably(tmp)
-        _write_durably(tmp_hash, (_file_sha256(tmp) + "\n").encode())
+        _write_durably(tmp_hash, (file_sha256(tmp) + "\n").encode())
         # A crash between the two replaces leaves a library and hash that disagree: rebuilt next time.
         os.replace(tmp, lib)
         os.replace(tmp_hash, _hash_path(lib))
@@ -411,7 +416,7 @@ def load_cpu_library() -> ctypes.CDLL:
     except OSError:
         pass
     try:
-        failed = _file_sha256(lib)
+        failed = file_sha256(lib)
     except OSError:
         failed = None
     lib = build_cpu_library(force=failed is None, failed_sha256=failed)

@@ -37,6 +37,15 @@ class GraphCheckError(ValueError):
     """An ONNX graph that breaks the deployment contract."""
 
 
+class LabelError(ValueError):
+    """Class names or a palette that do not fit the model; ``field`` says which ("class_names" or
+    "palette"), so that a caller can name where the bad ones came from."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def export_onnx(net: DeepLabV1, path: str | Path, class_names: Sequence[str] | None = None,
                 palette: Sequence[Sequence[int]] | None = None, sample_size: int = 321) -> Path:
     """Export ``net`` wrapped in :class:`DeepLabPipeline` to ``path`` (opset 17), then check it.
@@ -50,7 +59,6 @@ def export_onnx(net: DeepLabV1, path: str | Path, class_names: Sequence[str] | N
     check_labels(class_names, palette, net.config.num_classes)
     check_finite(net.state_dict(), "the model")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     pipe = DeepLabPipeline(net).eval()
     sample = torch.full((1, sample_size, sample_size, 3), 128, dtype=torch.uint8)
     with replacing(path) as tmp:
@@ -86,16 +94,19 @@ def export_onnx(net: DeepLabV1, path: str | Path, class_names: Sequence[str] | N
 
 def check_labels(class_names: Sequence[str] | None, palette: Sequence[Sequence[int]] | None,
                  num_classes: int) -> None:
-    """Refuse class names or a palette (RGB rows) that do not fit ``num_classes`` classes."""
+    """Refuse class names or a palette (RGB rows) that do not fit ``num_classes`` classes (LabelError)."""
     from runtime.palette import check_palette
 
     if class_names is not None:
         if len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+            raise LabelError("class_names", f"{len(class_names)} class names for {num_classes} classes")
         if not all(isinstance(c, str) and c.strip() for c in class_names):
-            raise ValueError(f"class names must be non-empty strings, got {list(class_names)}")
+            raise LabelError("class_names", f"class names must be non-empty strings, got {list(class_names)}")
     if palette is not None:
-        check_palette(palette, num_classes)
+        try:
+            check_palette(palette, num_classes)
+        except ValueError as e:
+            raise LabelError("palette", str(e)) from e
 
 
 def check_graph(path: str | Path) -> dict:

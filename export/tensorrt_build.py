@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from crf.backend import gpu_identity
 from runtime import engine_meta, trt_compat
 from runtime.engine_meta import EngineMeta
+from runtime.output_files import write_bytes_atomically
 
 if TYPE_CHECKING:
     import tensorrt
@@ -224,8 +225,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: ShapeP
         plan_sha256=hashlib.sha256(plan_bytes).hexdigest(), io=trt_compat.engine_io(engine),
         class_names=_json_list(metadata, "class_names"), palette=_json_list(metadata, "palette"),
         onnx_path=str(onnx_path), weights_path=str(weights_path) if weights_path else None, engine_path=str(out))
-    engine_meta.atomic_write(out, plan_bytes)
+    write_bytes_atomically(out, plan_bytes)
     engine_meta.write_sidecar(out, meta)
     if cache_file is not None:
-        engine_meta.atomic_write(cache_file, bytes(cache.serialize()))
+        write_bytes_atomically(cache_file, bytes(cache.serialize()))
     return BuildResult(out, meta, built=True)

@@ -8,7 +8,6 @@ an identical plan exists (the engine cache key). No torch, no TensorRT.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import warnings
@@ -16,12 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from crf.backend import file_sha256
+
 from . import trt_compat
+from .onnx_backend import INPUT_NAME, OUTPUT_NAME
 from .output_files import write_bytes_atomically
 
 SCHEMA = 1
-INPUT_NAME = "image"
-OUTPUT_NAME = "scores"
 # What our graph's plans must expose (the pre/post contract): name -> (mode, dtype, rank, last dim).
 EXPECTED_IO = {INPUT_NAME: ("input", "uint8", 4, 3), OUTPUT_NAME: ("output", "float32", 4, None)}
 
@@ -75,21 +75,6 @@ def sidecar_path(plan_path: str | Path) -> Path:
     return Path(str(plan_path) + ".json")
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Readers (a loader, a concurrent build's up-to-date check) see the old file or the new one,
-    never half of one (runtime.output_files writes every file the toolkit produces)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomically(path, data)
-
-
 def check_io(io: List[Dict[str, Any]], source: str) -> None:
     """Refuse I/O tensors that are not our graph's: input 'image' uint8 N x H x W x 3, output 'scores'
     float32 N x C x H x W, nothing else."""
@@ -116,7 +101,9 @@ def check_io(io: List[Dict[str, Any]], source: str) -> None:
 def write_sidecar(plan_path: str | Path, meta: EngineMeta) -> Path:
     check_io(meta.io, str(plan_path))
     out = sidecar_path(plan_path)
-    atomic_write(out, (json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n").encode())
+    # Written atomically: a loader or a concurrent build's up-to-date check sees the old sidecar or
+    # the new one, never half of one.
+    write_bytes_atomically(out, (json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n").encode())
     return out
 
 

@@ -17,9 +17,10 @@ PathLike = Union[str, Path]
 
 @contextlib.contextmanager
 def replacing(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; when the block ends without an exception the
-    temporary file replaces ``path``, otherwise it is removed."""
+    """Yield a temporary path beside ``path`` (its folder created if missing); when the block ends
+    without an exception the temporary file replaces ``path``, otherwise it is removed."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         yield tmp

@@ -23,6 +23,12 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert target.read_bytes() == b"second" and os.listdir(tmp_path) == ["r.json"]
 
 
+def test_missing_folders_are_created_for_the_file(tmp_path):
+    target = tmp_path / "new" / "deeper" / "r.json"
+    write_bytes_atomically(target, b"data")
+    assert target.read_bytes() == b"data" and os.listdir(target.parent) == ["r.json"]
+
+
 def test_written_files_get_the_umask_permissions(tmp_path):
     old = os.umask(0o027)
     try:

@@ -21,6 +21,7 @@ from export.tensorrt_build import BuildOptions, ShapeProfile, _json_list, _onnx_
 from runtime import engine_meta, trt_compat
 from runtime.engine_meta import EngineMeta, EngineMismatch, SidecarError
 from runtime.onnx_backend import ModelFormatError
+from runtime.output_files import write_bytes_atomically
 
 OUR_IO = [{"name": "image", "mode": "input", "dtype": "uint8", "shape": [-1, -1, -1, 3]},
           {"name": "scores", "mode": "output", "dtype": "float32", "shape": [-1, 5, -1, -1]}]
@@ -51,7 +52,7 @@ def meta(bundled_onnx, tmp_path) -> EngineMeta:
 
 def write_plan(meta: EngineMeta, plan_bytes: bytes = b"plan bytes"):
     plan = Path(meta.engine_path)
-    engine_meta.atomic_write(plan, plan_bytes)
+    write_bytes_atomically(plan, plan_bytes)
     engine_meta.write_sidecar(plan, meta)
     return plan
 

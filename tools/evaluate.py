@@ -18,18 +18,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if __package__:  # imported: tools.evaluate from a checkout, deeplab_tools.evaluate when installed
+    from .cli import int_at_least  # noqa: E402
+else:  # run as a script: python tools/evaluate.py
+    from tools.cli import int_at_least  # noqa: E402
+
 HELD_OUT_SEED = 1_000_000
 
 
 def held_out_scene(i: int):
     if __package__:  # imported: tools.evaluate from a checkout, deeplab_tools.evaluate when installed
-        from .scenes import make_scene
+        from .scenes import scene_for_seed
     else:  # run as a script: python tools/evaluate.py
-        from tools.scenes import make_scene
+        from tools.scenes import scene_for_seed
 
-    rng = np.random.default_rng(HELD_OUT_SEED + i)
-    h, w = (int(v) for v in rng.integers(193, 386, size=2))
-    return make_scene(HELD_OUT_SEED + i, h, w)
+    return scene_for_seed(HELD_OUT_SEED + i)
 
 
 def confusion(labels: np.ndarray, truth: np.ndarray, n: int) -> np.ndarray:
@@ -43,17 +46,10 @@ def mean_iou(conf: np.ndarray) -> tuple[float, np.ndarray]:
     return float(np.nanmean(iou)), iou
 
 
-def positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
-    return v
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="ONNX model exported by tools/export.py")
-    ap.add_argument("--images", type=positive_int, default=100)
+    ap.add_argument("--images", type=int_at_least(1), default=100)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -93,7 +89,6 @@ def main(argv=None) -> int:
     gain = 100 * (results["CRF"]["mean_iou"] - results["no CRF"]["mean_iou"])
     print(f"CRF gain: {gain:+.2f} mIoU points")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"images": args.images, "crf": CRFParams().__dict__, **results}, indent=2,
                           allow_nan=False)
         write_bytes_atomically(args.json, text.encode())

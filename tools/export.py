@@ -20,6 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if __package__:  # imported: tools.export from a checkout, deeplab_tools.export when installed
+    from .cli import int_at_least  # noqa: E402
+else:  # run as a script: python tools/export.py
+    from tools.cli import int_at_least  # noqa: E402
+
 
 def parse_class_names(s: str) -> list[str]:
     names = [n.strip() for n in s.split(",")]
@@ -40,39 +45,25 @@ def parse_hw(s: str) -> tuple[int, int]:
     return hw
 
 
-def int_at_least(low: int):
-    """An argparse type: a whole number >= low."""
-    def parse(s: str) -> int:
-        try:
-            n = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
-        return n
-    return parse
-
-
 CALIBRATION_SCENE_SEED = 2_000_000  # apart from training (0..) and evaluation (1,000,000..) scenes
 
 
 def calibration_set(spec: str, count: int):
     """--calibration: a folder (its first ``count`` images by name), or scenes:N, N generated
     scenes (seeds 2,000,000 + i, sides 193..385 drawn from the seed, as the held-out scenes)."""
-    import numpy as np
-
     from export.precision import calibration_from_arrays, calibration_from_folder
 
     if not spec.startswith("scenes:"):
         return calibration_from_folder(spec, count)
     if __package__:  # imported: deeplab_tools.export when installed
-        from .scenes import make_scene
+        from .scenes import scene_for_seed
     else:
-        from tools.scenes import make_scene
+        from tools.scenes import scene_for_seed
     scenes = []
     for seed in range(CALIBRATION_SCENE_SEED, CALIBRATION_SCENE_SEED + int_at_least(1)(spec[len("scenes:"):])):
-        h, w = (int(v) for v in np.random.default_rng(seed).integers(193, 386, size=2))
-        scenes.append((f"scene_{seed}_{h}x{w}", make_scene(seed, h, w)[0]))
+        image = scene_for_seed(seed)[0]
+        h, w = image.shape[:2]
+        scenes.append((f"scene_{seed}_{h}x{w}", image))
     return calibration_from_arrays(scenes, spec)
 
 
@@ -146,7 +137,7 @@ def main(argv=None) -> int:
 
     from export.caffe import CaffeModelError
     from export.model import DeepLabV1, ModelConfig
-    from export.onnx_export import check_labels
+    from export.onnx_export import LabelError
     from export.precision import export_onnx_with_precision
     from export.weights import WeightsError, infer_config, load_into, load_model, read_checkpoint, vgg16_to_deeplab
 
@@ -174,21 +165,16 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     names = args.class_names or meta.get("class_names")
-    n = model.config.num_classes
-    # Checked before anything is written (export_onnx checks them again, and the weights).
-    labels = [("--class-names", args.class_names, None)] if args.class_names else []
-    labels.append((f"{src} metadata", None if args.class_names else names, meta.get("palette")))
-    for origin, class_names, palette in labels:
-        try:
-            check_labels(class_names, palette, n)
-        except ValueError as e:
-            print(f"error: {origin}: {e}", file=sys.stderr)
-            return 2
     try:
         with torch.no_grad():
             export_onnx_with_precision(model, out, args.precision, calibration, class_names=names,
                                        palette=meta.get("palette"),
                                        int8_activations=args.int8_activations or "symmetric")
+    except LabelError as e:
+        # export_onnx checks them before it writes anything; the message says where they came from.
+        origin = "--class-names" if e.field == "class_names" and args.class_names else f"{src} metadata"
+        print(f"error: {origin}: {e}", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

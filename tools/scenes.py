@@ -76,3 +76,10 @@ def make_scene(seed: int, height: int = 161, width: int = 161) -> tuple[np.ndarr
         labels[on] = cls
     img = cv2.GaussianBlur(img, (0, 0), 0.7) + rng.normal(0, 5, size=img.shape)
     return np.clip(np.round(img), 0, 255).astype(np.uint8), labels
+
+
+def scene_for_seed(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_scene with its height and width (each 193..385) drawn from the seed as well: most sides
+    are not of the form 8k+1 and scenes are square only by chance (held-out and calibration scenes)."""
+    h, w = (int(v) for v in np.random.default_rng(seed).integers(193, 386, size=2))
+    return make_scene(seed, h, w)

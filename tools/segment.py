@@ -24,6 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.contract import IMAGE_SUFFIXES  # noqa: E402
 
+if __package__:  # imported: tools.segment from a checkout, deeplab_tools.segment when installed
+    from .cli import int_at_least  # noqa: E402
+else:  # run as a script: python tools/segment.py
+    from tools.cli import int_at_least  # noqa: E402
+
 
 def expand(inputs: list[str]) -> list[tuple[Path, Path]]:
     """(file, the folder its output name is relative to) for the files named, in folders (not
@@ -90,13 +95,6 @@ def unit_interval(s: str) -> float:
     return v
 
 
-def non_negative_int(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-
-
 NEXT_STEP = {"preprocess": "network", "network": "crf", "crf": "write"}
 
 
@@ -127,7 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="ONNX model exported by tools/export.py")
     ap.add_argument("--out", default="out/segmented", help="output folder")
     ap.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
-    ap.add_argument("--crf-iterations", type=non_negative_int, default=10)
+    ap.add_argument("--crf-iterations", type=int_at_least(0), default=10)
     ap.add_argument("--alpha", type=unit_interval, default=0.5, help="overlay opacity, 0..1")
     ap.add_argument("--side-by-side", action="store_true",
                     help="also write <name>_side_by_side.jpg: input | network alone | with CRF")
@@ -197,7 +195,6 @@ def main(argv=None) -> int:
                 ok, side_jpg = cv2.imencode(".jpg", side_by_side(panels))
                 if not ok:
                     raise ValueError("cannot encode the side-by-side image")
-            mask_path.parent.mkdir(parents=True, exist_ok=True)
             write_indexed_png(mask_path, r.labels, seg.palette)
             write_bytes_atomically(overlay_path, jpg.tobytes())
             if side_path:
