@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 NORMALIZATIONS = ("after", "symmetric")
 MAX_WEIGHT = 1e6
@@ -43,3 +43,37 @@ class CRFParams:
             raise ValueError(
                 f"CRFParams.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
             )
+
+    def to_dict(self) -> dict:
+        """The fields as a plain dict (what ``from_dict`` and ``load`` read back)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CRFParams":
+        """CRFParams from a mapping of field names; unknown names raise ValueError naming them
+        (a typo must not silently leave a default in place). Missing names keep their defaults."""
+        if not isinstance(values, dict):
+            raise ValueError(f"CRF parameters must be a JSON object / dict, got {type(values).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown CRF parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path) -> "CRFParams":
+        """CRFParams from a JSON file: an object of field names, or one with a "crf" object inside
+        (as tools/evaluate.py --search-crf writes)."""
+        import json
+
+        with open(path, encoding="utf-8") as f:
+            try:
+                values = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{path}: not JSON: {e}") from e
+        if isinstance(values, dict) and isinstance(values.get("crf"), dict):
+            values = values["crf"]
+        try:
+            return cls.from_dict(values)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e

@@ -1,0 +1,83 @@
+"""What a Triton-served DeepLab model takes and gives: the one place that names its tensors and
+request parameters (the repository writer, the served model code and the client all read it).
+
+    model "deeplab" (max_batch_size > 0: every tensor has a leading batch axis)
+      input  IMAGE          UINT8  [-1, -1, 3]   BGR, 0..255, as everywhere else in the toolkit
+      output LABELS         UINT8  [-1, -1]      class ids
+      output PROBABILITIES  FP32   [C, -1, -1]   optional: CRF marginals, or the softmax without CRF
+
+Request parameters (all optional; the model's defaults are the CRFParams in its config):
+    "crf": bool (false: the network alone), and any CRFParams field by name
+    ("bi_w", "bi_xy_std", "bi_rgb_std", "pos_w", "pos_xy_std", "iterations", "normalization").
+Config parameters of the model: "class_names" and "palette" (JSON lists), "crf_defaults" (JSON object).
+Never imports torch or tritonclient.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+from crf import CRFParams
+
+MODEL_NAME = "deeplab"
+INPUT_IMAGE = "IMAGE"
+OUTPUT_LABELS = "LABELS"
+OUTPUT_PROBABILITIES = "PROBABILITIES"
+#: Request parameter switching the CRF on or off.
+PARAM_CRF = "crf"
+#: Config parameter names (string values holding JSON).
+CONFIG_CLASS_NAMES = "class_names"
+CONFIG_PALETTE = "palette"
+CONFIG_CRF_DEFAULTS = "crf_defaults"
+#: Response parameters the served model sets with its own stage times (milliseconds).
+TIMING_PARAMETERS = ("preprocess_ms", "network_ms", "crf_ms", "postprocess_ms")
+
+
+class RequestError(ValueError):
+    """A request the model refuses (the server answers it with an error status)."""
+
+
+def crf_params_from_request(parameters: Mapping[str, Any], defaults: CRFParams | None) -> CRFParams | None:
+    """The CRF to run for one request: None when the request (or the model's defaults) turns it
+    off, else the defaults with the request's fields replaced. Unknown names, and values of the
+    wrong type or out of range, raise RequestError naming them."""
+    params = dict(parameters)
+    crf_on = params.pop(PARAM_CRF, defaults is not None)
+    if isinstance(crf_on, str) and crf_on.lower() in ("true", "false", "1", "0", "on", "off"):
+        crf_on = crf_on.lower() in ("true", "1", "on")
+    if not isinstance(crf_on, bool):
+        raise RequestError(f"request parameter {PARAM_CRF!r} must be a bool, got {crf_on!r}")
+    if not crf_on:
+        return None
+    values = (defaults or CRFParams()).to_dict()
+    for name, value in params.items():
+        if name not in values:
+            continue  # other request parameters (Triton's own, a client's tags) are not ours
+        if name == "iterations" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        values[name] = value
+    try:
+        return CRFParams.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise RequestError(f"CRF request parameters: {e}") from e
+
+
+def config_parameters(class_names, palette, crf_defaults: CRFParams | None) -> dict[str, str]:
+    """The model config's ``parameters`` (string values), as the repository writer stores them."""
+    return {
+        CONFIG_CLASS_NAMES: json.dumps(list(class_names)),
+        CONFIG_PALETTE: json.dumps([[int(v) for v in row] for row in palette]),
+        CONFIG_CRF_DEFAULTS: json.dumps(None if crf_defaults is None else crf_defaults.to_dict()),
+    }
+
+
+def read_config_parameters(parameters: Mapping[str, Any]) -> tuple[list, list, CRFParams | None]:
+    """(class_names, palette, crf_defaults) from a config's parameters, as Triton hands them to a
+    model ({name: {"string_value": text}}) or as plain strings."""
+    def text(name: str) -> str:
+        value = parameters[name]
+        return value["string_value"] if isinstance(value, Mapping) else value
+
+    defaults = json.loads(text(CONFIG_CRF_DEFAULTS))
+    return (json.loads(text(CONFIG_CLASS_NAMES)), json.loads(text(CONFIG_PALETTE)),
+            None if defaults is None else CRFParams.from_dict(defaults))

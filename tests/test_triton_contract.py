@@ -1,0 +1,58 @@
+"""The served model's request/config parameters (runtime/triton_contract.py) and CRFParams as JSON."""
+import json
+
+import pytest
+
+from crf import CRFParams
+from runtime.triton_contract import (RequestError, config_parameters, crf_params_from_request,
+                                     read_config_parameters)
+
+
+def test_crf_off_by_request_or_by_model_default():
+    assert crf_params_from_request({"crf": False}, CRFParams()) is None
+    assert crf_params_from_request({"crf": "off"}, CRFParams()) is None
+    assert crf_params_from_request({}, None) is None
+    assert crf_params_from_request({"crf": True}, None) == CRFParams()
+
+
+def test_request_fields_replace_the_defaults_and_foreign_parameters_are_ignored():
+    defaults = CRFParams(bi_w=4.0, iterations=5)
+    got = crf_params_from_request({"bi_rgb_std": 3, "iterations": 2.0, "sequence_id": 7}, defaults)
+    assert got == CRFParams(bi_w=4.0, bi_rgb_std=3, iterations=2)
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"crf": "maybe"}, "'crf' must be a bool"),
+    ({"bi_w": -1.0}, "bi_w must be a finite number > 0"),
+    ({"iterations": 2.5}, "iterations must be an int"),
+    ({"normalization": "before"}, "normalization must be one of"),
+])
+def test_bad_request_parameters_are_refused_by_name(params, words):
+    with pytest.raises(RequestError, match=words):
+        crf_params_from_request(params, CRFParams())
+
+
+def test_config_parameters_round_trip_as_triton_hands_them_over():
+    names, palette = ["background", "disc"], [[0, 0, 0], [128, 0, 0]]
+    for defaults in (CRFParams(pos_w=2.0), None):
+        stored = config_parameters(names, palette, defaults)
+        assert all(isinstance(v, str) for v in stored.values())
+        as_triton = {k: {"string_value": v} for k, v in stored.items()}
+        assert read_config_parameters(as_triton) == (names, palette, defaults)
+        assert read_config_parameters(stored) == (names, palette, defaults)
+
+
+def test_crf_params_json_round_trip_and_errors(tmp_path):
+    p = CRFParams(bi_w=4.0, bi_xy_std=60.0, bi_rgb_std=5.0)
+    (tmp_path / "p.json").write_text(json.dumps(p.to_dict()))
+    assert CRFParams.load(tmp_path / "p.json") == p
+    (tmp_path / "wrapped.json").write_text(json.dumps({"mean_iou": 0.9, "crf": p.to_dict()}))
+    assert CRFParams.load(tmp_path / "wrapped.json") == p
+    (tmp_path / "typo.json").write_text(json.dumps({"bi_ww": 4.0}))
+    with pytest.raises(ValueError, match="typo.json: unknown CRF parameter.*bi_ww"):
+        CRFParams.load(tmp_path / "typo.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not JSON"):
+        CRFParams.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        CRFParams.from_dict([1, 2])
