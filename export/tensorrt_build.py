@@ -57,7 +57,7 @@ class ShapeProfile:
 
 @dataclass(frozen=True)
 class BuildOptions:
-    fp16: bool = False                 # builder flag, TensorRT <= 10.x
+    fp16: bool = False                 # builder flag, TensorRT <= 10.x (an FP16/INT8 ONNX sets its own flag)
     hardware_compatible: bool = False  # runs on any Ampere+ GPU (8.6+)
     version_compatible: bool = False   # newer TensorRT runtimes load it (8.6+)
     dla_core: int | None = None        # Jetson Orin DLA core; needs FP16 and a static shape
@@ -90,13 +90,33 @@ class BuildResult:
     built: bool  # False: an identical plan existed (same engine key) and was kept
 
 
-def _check_versioned_options(options: BuildOptions) -> None:
-    """What depends on the installed TensorRT."""
+def onnx_precision(metadata: dict[str, str], source: str) -> str:
+    """The precision export/precision.py recorded in the ONNX's metadata ("fp32" when absent).
+    INT8 with asymmetric activations (non-zero zero points) is refused: TensorRT's Q/DQ layers
+    take symmetric scales only."""
+    precision = metadata.get("precision", "fp32")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise EngineBuildError(f"{source}: unknown precision {precision!r} in its metadata")
+    if precision == "int8":
+        try:
+            activations = json.loads(metadata.get("quantization", "{}")).get("activations", "")
+        except (ValueError, AttributeError):
+            activations = ""
+        if "asymmetric" in activations:
+            raise EngineBuildError(
+                f"{source} has asymmetric INT8 activations (non-zero zero points), which TensorRT does not "
+                "take: export it again with --precision int8 and the default --int8-activations symmetric")
+    return precision
+
+
+def _check_versioned_options(options: BuildOptions, precision: str = "fp32") -> None:
+    """What depends on the installed TensorRT (and on the ONNX's precision)."""
     if options.fp16 and not trt_compat.supports_precision_flags():
         raise EngineBuildError("TensorRT 11 takes precision from the ONNX model: convert the ONNX "
                                "to FP16 offline (keeping uint8/float32 I/O) instead of passing --fp16")
-    if options.dla_core is not None and not options.fp16 and trt_compat.supports_precision_flags():
-        raise EngineBuildError("DLA runs FP16 or INT8 only: add --fp16")
+    if (options.dla_core is not None and not options.fp16 and precision == "fp32"
+            and trt_compat.supports_precision_flags()):
+        raise EngineBuildError("DLA runs FP16 or INT8 only: add --fp16 (or build from an FP16 or INT8 ONNX)")
     if (options.hardware_compatible or options.version_compatible) and not trt_compat.supports_portable_plans():
         raise EngineBuildError(f"hardware- and version-compatible plans need TensorRT 8.6 or newer; this is "
                                f"TensorRT {trt_compat.full_version()}")
@@ -150,11 +170,16 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: ShapeP
     with its sidecar (engine_path + ".json"). Skips the build when the plan there has the same engine
     key (ONNX sha256, TensorRT version, GPU, precision, profile, options), unless ``force``."""
     check_options(profile, options)
+    onnx_path, out = Path(onnx_path), Path(engine_path)
+    if not onnx_path.is_file():
+        raise EngineBuildError(f"{onnx_path}: no such ONNX file")
+    # Read first: a graph TensorRT cannot take is refused whether or not TensorRT is here.
+    nodes, metadata = _onnx_nodes_and_metadata(onnx_path)
+    graph_precision = onnx_precision(metadata, str(onnx_path))
     trt_compat.load_tensorrt()  # raises TensorRTUnavailable with the reason
     import tensorrt as trt  # the checked real library; typed by tensorrt-stubs under mypy
 
-    _check_versioned_options(options)
-    onnx_path, out = Path(onnx_path), Path(engine_path)
+    _check_versioned_options(options, graph_precision)
     gpu = gpu_identity()
     if options.hardware_compatible and gpu is not None and not trt_compat.runs_hardware_compatible_plan(
             gpu.compute_capability):
@@ -162,7 +187,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: ShapeP
                                f"(compute capability {gpu.compute_capability})")
     gpu_name, cc = (gpu.name, gpu.compute_capability) if gpu else (None, None)
     onnx_sha256, trt_version = engine_meta.file_sha256(onnx_path), trt_compat.full_version()
-    precision, shapes = trt_compat.precision_name(options.fp16), profile.shapes()
+    precision, shapes = trt_compat.precision_name(options.fp16, graph_precision), profile.shapes()
     key = engine_meta.engine_key(onnx_sha256, trt_version, gpu_name, cc, precision, shapes,
                                  options.hardware_compatible, options.version_compatible, options.dla_core)
     if not force and engine_meta.up_to_date(out, key):
@@ -170,7 +195,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: ShapeP
         assert existing is not None  # up_to_date has read it
         return BuildResult(out, existing, built=False)
 
-    nodes, metadata = _onnx_nodes_and_metadata(onnx_path)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(trt_compat.network_flags())
@@ -186,8 +210,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: ShapeP
 
     config = builder.create_builder_config()
     trt_compat.set_workspace(config, options.workspace_bytes)
-    if options.fp16:
-        trt_compat.set_fp16(config)
+    trt_compat.set_precision(config, graph_precision, options.fp16)
     if options.hardware_compatible:
         trt_compat.set_hardware_compatible(config)
     if options.version_compatible:

@@ -39,7 +39,7 @@ class EngineMeta:
     tensorrt_version: str              # exact, e.g. "10.3.0.30"
     gpu_name: Optional[str]            # None: the build machine could not tell (no pycuda)
     compute_capability: Optional[str]  # "8.7"
-    precision: str                     # "fp32", "fp16", or "onnx" (TensorRT 11: the ONNX's types)
+    precision: str                     # the ONNX's "fp32" / "fp16" / "int8", "+fp16" with the FP16 flag (trt_compat.precision_name)
     profile: Dict[str, List[int]]      # "min" / "opt" / "max" -> N, H, W, 3
     hardware_compatible: bool
     version_compatible: bool
@@ -163,8 +163,14 @@ def rebuild_command(meta: EngineMeta, plan_path: str | Path | None = None) -> st
     args = ["python", "tools/export.py", meta.weights_path or "WEIGHTS", "--out", meta.onnx_path,
             "--engine", str(plan_path or meta.engine_path), "--min-size", hw(p["min"]), "--opt-size", hw(p["opt"]),
             "--max-size", hw(p["max"]), "--max-batch", str(p["max"][0])]
-    if meta.precision == "fp16":
+    from_onnx = str(meta.weights_path or "").endswith(".onnx")  # the ONNX already holds its precision
+    graph, _, flag = meta.precision.partition("+")
+    if graph == "int8" and not from_onnx:
+        args += ["--precision", "int8", "--calibration", "CALIBRATION_DIR"]
+    if (graph == "fp16" and trt_compat.parse_version(meta.tensorrt_version)[0] < 11) or flag == "fp16":
         args.append("--fp16")
+    elif graph == "fp16" and not from_onnx:
+        args += ["--precision", "fp16"]
     if meta.hardware_compatible:
         args.append("--hardware-compatible")
     if meta.version_compatible:

@@ -68,22 +68,41 @@ def supports_precision_flags() -> bool:
     return version()[0] < 11 and hasattr(trt.BuilderFlag, "FP16")
 
 
-def precision_name(fp16: bool) -> str:
-    """What a build's precision is called in the plan's metadata: "fp16" (the builder flag, <= 10.x),
-    "fp32", or "onnx" on 11.x, where the ONNX model's own tensor types decide."""
-    if fp16:
-        return "fp16"
-    return "fp32" if supports_precision_flags() else "onnx"
+def builder_precision_flags(major: int, onnx_precision: str, fp16: bool) -> tuple:
+    """The BuilderFlag names a build sets (pure: TensorRT is not imported). Up to 10.x a network is
+    weakly typed: an FP16 ONNX or ``fp16`` needs FP16 for the builder to pick half kernels, and a Q/DQ
+    (INT8) ONNX needs INT8 even though its scales are explicit (8.x refuses Q/DQ layers without it).
+    11.x has no precision flags: the ONNX's own tensor types decide."""
+    if major >= 11:
+        return ()
+    return tuple(name for name, on in (("FP16", fp16 or onnx_precision == "fp16"),
+                                       ("INT8", onnx_precision == "int8")) if on)
 
 
-def set_fp16(config: tensorrt.IBuilderConfig) -> None:
-    """Let the builder choose FP16 kernels (BuilderFlag.FP16, 8.5-10.x; 11.x removed the flag)."""
+def precision_name(fp16: bool, onnx_precision: str = "fp32") -> str:
+    """What a build's precision is called in the plan's metadata: the ONNX's precision ("fp32",
+    "fp16", "int8"), with "+fp16" when the FP16 builder flag (<= 10.x) lets an FP32 or INT8 graph's
+    float layers run in half ("fp32+fp16" is written "fp16", as trtexec's --fp16 on an FP32 model)."""
+    if not fp16 or onnx_precision == "fp16":
+        return onnx_precision
+    return "fp16" if onnx_precision == "fp32" else onnx_precision + "+fp16"
+
+
+def set_precision(config: tensorrt.IBuilderConfig, onnx_precision: str, fp16: bool) -> None:
+    """Set the builder flags builder_precision_flags() names for this TensorRT (none on 11.x, where
+    ``fp16`` is refused: convert the ONNX to FP16 instead)."""
     if not supports_precision_flags():
-        raise TensorRTUnavailable(f"TensorRT {full_version()} has no FP16 builder flag: from 11.0 on the "
-                                  "ONNX model's own tensor types decide the precision")
+        if fp16:
+            raise TensorRTUnavailable(f"TensorRT {full_version()} has no FP16 builder flag: from 11.0 on the "
+                                      "ONNX model's own tensor types decide the precision")
+        return
     import tensorrt as trt
 
-    config.set_flag(trt.BuilderFlag.FP16)
+    names = builder_precision_flags(version()[0], onnx_precision, fp16)
+    if "FP16" in names:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if "INT8" in names:
+        config.set_flag(trt.BuilderFlag.INT8)
 
 
 def set_workspace(config: tensorrt.IBuilderConfig, nbytes: int) -> None:

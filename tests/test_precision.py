@@ -88,7 +88,7 @@ def test_int8_export_segments_like_fp32(bundled_onnx, int8_onnx):
     assert inits[fc8.input[1]].data_type == onnx.TensorProto.FLOAT
 
 
-def test_int8_asymmetric_activations_for_onnx_runtime(bundled_onnx, tmp_path):
+def test_int8_asymmetric_activations_for_onnx_runtime(bundled_onnx, tmp_path, capsys):
     out = tmp_path / "m.onnx"
     assert export_main([str(BUNDLED), "--out", str(out), "--precision", "int8", "--calibration", str(SAMPLES),
                         "--int8-activations", "asymmetric"]) == 0
@@ -102,6 +102,11 @@ def test_int8_asymmetric_activations_for_onnx_runtime(bundled_onnx, tmp_path):
     assert zero_points and all(zp.dtype == np.int8 for zp in zero_points)
     assert sum(int(zp) == -128 for zp in zero_points) >= 10
     assert json.loads(metadata(out)["quantization"])["activations"] == "int8 asymmetric"
+    # TensorRT takes symmetric Q/DQ only: the engine build refuses it, TensorRT installed or not
+    assert export_main([str(out), "--engine", str(tmp_path / "m.engine")]) == 1
+    err = capsys.readouterr().err
+    assert "asymmetric INT8 activations (non-zero zero points), which TensorRT does not take" in err
+    assert not (tmp_path / "m.engine").exists()
 
 
 def test_exports_keep_the_graph_contract_for_every_backend_path(fp16_onnx, int8_onnx):

@@ -301,6 +301,22 @@ def test_onnx_sha256_of_an_export_is_stable(bundled_onnx, tmp_path):
     assert engine_meta.file_sha256(other) != digest
 
 
+@pytest.mark.parametrize("precision, weights, trt, expected", [
+    ("fp16", "w.safetensors", "10.3.0.30", ["--fp16"]),
+    ("fp16", "w.safetensors", "11.0.0.7", ["--precision", "fp16"]),
+    ("fp16", "m_fp16.onnx", "11.0.0.7", []),
+    ("int8", "w.safetensors", "10.3.0.30", ["--precision", "int8", "--calibration", "CALIBRATION_DIR"]),
+    ("int8+fp16", "w.safetensors", "10.3.0.30", ["--precision", "int8", "--calibration", "CALIBRATION_DIR", "--fp16"]),
+    ("int8", "m_int8.onnx", "10.3.0.30", []),
+    ("fp32", "w.safetensors", "10.3.0.30", []),
+])
+def test_rebuild_command_keeps_the_precision(meta, precision, weights, trt, expected):
+    meta = replace(meta, precision=precision, weights_path=weights, tensorrt_version=trt, dla_core=None)
+    cmd = shlex.split(engine_meta.rebuild_command(meta))
+    tail = cmd[cmd.index("--max-batch") + 2:]
+    assert tail == expected
+
+
 # --- tools/export.py ----------------------------------------------------------------------------------
 
 def export_cli(*args):

@@ -673,4 +673,27 @@ def test_fp16_flag_refused_on_tensorrt_11(running):
     trt_compat = running("11.0.0.7")
     with pytest.raises(trt_compat.TensorRTUnavailable, match=r"TensorRT 11\.0\.0\.7 has no FP16 builder flag: "
                        r"from 11\.0 on the ONNX model's own tensor types decide the precision"):
-        trt_compat.set_fp16(object())
+        trt_compat.set_precision(object(), "fp32", fp16=True)
+    # an FP16 or INT8 ONNX needs no flag on 11.x: the config is not touched (an object() would fail)
+    for graph in ("fp16", "int8"):
+        trt_compat.set_precision(object(), graph, fp16=False)
+
+
+@pytest.mark.parametrize("major, graph, fp16, flags", [
+    (8, "fp32", False, ()), (8, "fp32", True, ("FP16",)), (8, "fp16", False, ("FP16",)),
+    (8, "int8", False, ("INT8",)), (8, "int8", True, ("FP16", "INT8")), (10, "int8", False, ("INT8",)),
+    (10, "fp16", False, ("FP16",)), (11, "int8", False, ()), (11, "fp16", False, ()), (11, "fp32", False, ()),
+])
+def test_builder_precision_flags_per_version(major, graph, fp16, flags):
+    from runtime import trt_compat
+
+    assert trt_compat.builder_precision_flags(major, graph, fp16) == flags
+
+
+@pytest.mark.parametrize("graph, fp16, name", [("fp32", False, "fp32"), ("fp32", True, "fp16"),
+                                               ("fp16", False, "fp16"), ("fp16", True, "fp16"),
+                                               ("int8", False, "int8"), ("int8", True, "int8+fp16")])
+def test_plan_precision_names(graph, fp16, name):
+    from runtime import trt_compat
+
+    assert trt_compat.precision_name(fp16, graph) == name
