@@ -426,6 +426,44 @@ def load_cpu_library() -> ctypes.CDLL:
         raise BackendUnavailable(f"the compiled CPU CRF kernels do not load, even compiled again: {e}") from e
 
 
+class BufferPool:
+    """Memory of one owner, kept per role and reused across calls (set-up once, per call cheap):
+    ``device(role, nbytes)`` a Buffer of the backend, ``host(role, shape, dtype)`` a host array of
+    its fastest kind (pinned on the GPU). A role grows when a larger one is needed: the smaller one
+    is freed first (peak memory stays one copy), inside ``active()`` because pycuda frees device and
+    pinned memory only with its context current in the freeing thread (else it warns and leaks)."""
+
+    def __init__(self, kernels: KernelBackend):
+        self.k = kernels
+        self._device: dict[str, Buffer] = {}
+        self._host: dict[str, np.ndarray] = {}
+
+    def device(self, role: str, nbytes: int) -> Buffer:
+        b = self._device.get(role)
+        if b is None or b.nbytes < nbytes:
+            with self.k.active():
+                self._device.pop(role, None)
+                b = self._device[role] = self.k.alloc(nbytes)
+        return b
+
+    def host(self, role: str, shape, dtype) -> np.ndarray:
+        """A reused host array viewed as ``shape`` of ``dtype`` (a view of the role's bytes)."""
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        a = self._host.get(role)
+        if a is None or a.nbytes < n:
+            with self.k.active():
+                self._host.pop(role, None)
+                a = self._host[role] = self.k.alloc_host((max(n, 1),), np.uint8)
+        return a[:n].view(dtype).reshape(shape)
+
+    def __getitem__(self, role: str) -> Buffer:
+        return self._device[role]
+
+    def nbytes(self) -> int:
+        """Bytes of backend (device) memory held."""
+        return sum(b.nbytes for b in self._device.values())
+
+
 class CPUKernels(KernelBackend):
     """threads: how many threads a launch uses, the caller's included (1: every launch on the
     calling thread); None keeps the process's setting (by default OMP_NUM_THREADS, else the CPUs

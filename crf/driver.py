@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import F32, I32, INT32_MAX, U32, Buffer, KernelBackend, SizeLimitError
+from .backend import F32, I32, INT32_MAX, U32, Buffer, BufferPool, KernelBackend, SizeLimitError
 from .features import CRFInputError
 from .params import CRFParams
 
@@ -143,7 +143,7 @@ class DenseCRFDriver:
         if self.choices["splat"] not in SPLATS:
             raise ValueError(f"splat must be one of {SPLATS}, got {self.choices['splat']!r}")
         self.k = backend
-        self._pool: dict[str, Buffer] = {}
+        self._pool = BufferPool(backend)
         self.last_vertices: dict[str, int] = {}
         # The spatial kernel's lattice depends on the image size and its parameters only, not on
         # the pixels: kept from the last call (a stream of frames of one size builds it once).
@@ -157,12 +157,7 @@ class DenseCRFDriver:
 
     # -- memory ---------------------------------------------------------------------------------
     def _buf(self, role: str, nbytes: int) -> Buffer:
-        b = self._pool.get(role)
-        if b is None or b.nbytes < nbytes:
-            self._pool.pop(role, None)  # release the smaller one first
-            b = self.k.alloc(nbytes)
-            self._pool[role] = b
-        return b
+        return self._pool.device(role, nbytes)
 
     @property
     def splat(self) -> str:
@@ -173,7 +168,7 @@ class DenseCRFDriver:
         self._spatial = self._spatial_key = None
 
     def pooled_bytes(self) -> int:
-        return sum(b.nbytes for b in self._pool.values())
+        return self._pool.nbytes()
 
     def _fill_int(self, buf: Buffer, n: int, value: int) -> None:
         self.k.launch("crf_fill_int", n, buf, I32(n), I32(value))

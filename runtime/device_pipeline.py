@@ -15,12 +15,12 @@ thread-safe: the Segmenter holds a lock around a batch.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
 from crf import CRFParams
-from crf.backend import I32, Buffer, KernelBackend
+from crf.backend import I32, Buffer, BufferPool, KernelBackend
 from crf.driver import DenseCRFDriver
 from crf.features import CRFInputError
 
@@ -34,29 +34,13 @@ class DevicePipeline:
     def __init__(self, kernels: KernelBackend, crf: bool):
         self.k = kernels
         self.driver: Optional[DenseCRFDriver] = DenseCRFDriver(kernels) if crf else None
-        self._buffers: Dict[str, Buffer] = {}
-        self._host: Dict[str, np.ndarray] = {}
+        self._pool = BufferPool(kernels)
 
     def _buffer(self, role: str, nbytes: int) -> Buffer:
-        """A reused buffer of at least nbytes, grown when a larger one is needed."""
-        b = self._buffers.get(role)
-        if b is None or b.nbytes < nbytes:
-            # Inside active(): dropping the smaller one frees it, and pycuda frees device memory
-            # only with its context current in the freeing thread (else it warns and leaks it).
-            with self.k.active():
-                self._buffers.pop(role, None)
-                b = self._buffers[role] = self.k.alloc(nbytes)
-        return b
+        return self._pool.device(role, nbytes)
 
     def _pinned(self, role: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
-        """A reused host array of the backend's fastest kind (pinned on the GPU), viewed as shape."""
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        a = self._host.get(role)
-        if a is None or a.nbytes < n:
-            with self.k.active():  # pinned memory, too, is freed with the context current
-                self._host.pop(role, None)
-                a = self._host[role] = self.k.alloc_host((n,), np.uint8)
-        return a[:n].view(dtype).reshape(shape)
+        return self._pool.host(role, shape, dtype)
 
     def crop(self, scores: Buffer, shape: Tuple[int, int, int, int], j: int, h: int, w: int) -> Buffer:
         """Image j's top-left C x h x w of the N x C x Hp x Wp scores, dense (a reused buffer)."""

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from crf.backend import BackendUnavailable, Buffer, KernelBackend, OutOfDeviceMemory
+from crf.backend import BackendUnavailable, Buffer, BufferPool, KernelBackend, OutOfDeviceMemory
 
 from .network import batch_dims
 
@@ -145,8 +145,7 @@ class OnnxRuntimeNetwork:
                              f"not {kernels.name!r} (pass cuda=True for the GPU)")
         self.kernels = kernels
         self._device_type = "cuda" if cuda else "cpu"
-        self._buffers: Dict[str, Buffer] = {}
-        self._staging: Optional[np.ndarray] = None
+        self._pool = BufferPool(kernels) if kernels is not None else None
         try:
             self.session = ort.InferenceSession(str(p), opts, providers=session_providers)
         except Exception as e:  # onnxruntime raises its own exception types for invalid files
@@ -189,22 +188,15 @@ class OnnxRuntimeNetwork:
 
     def _buffer(self, role: str, nbytes: int) -> Buffer:
         """A kernels buffer of at least nbytes, kept and reused (grown when a batch is larger)."""
-        assert self.kernels is not None
-        b = self._buffers.get(role)
-        if b is None or b.nbytes < nbytes:
-            self._buffers.pop(role, None)  # the smaller one is freed before the larger is made
-            b = self._buffers[role] = self.kernels.alloc(nbytes)
-        return b
+        assert self._pool is not None
+        return self._pool.device(role, nbytes)
 
     def _stage(self, batch: np.ndarray) -> np.ndarray:
         """The batch copied into pinned host memory (kept and reused), the source of an async upload."""
-        assert self.kernels is not None
-        if self._staging is None or self._staging.nbytes < batch.nbytes:
-            self._staging = None
-            self._staging = self.kernels.alloc_host((batch.nbytes,), np.uint8)
+        assert self.kernels is not None and self._pool is not None
         # the previous call's upload from this memory must be over before it is rewritten
         self.kernels.synchronize()
-        view = self._staging[:batch.nbytes].reshape(batch.shape)
+        view = self._pool.host("staging", batch.shape, np.uint8)
         view[...] = batch
         return view
 

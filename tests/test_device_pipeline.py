@@ -74,3 +74,23 @@ def test_pipeline_on_the_gpu_equals_the_host_path(reference):
     with pipe.kernels.active():
         free1, _ = cuda.mem_get_info()
     assert free0 - free1 < 8 << 20, f"device memory grew by {free0 - free1} bytes"
+
+
+def test_buffer_pool_reuses_a_role_and_grows_it_only_when_needed():
+    """crf.backend.BufferPool: the one owner of the pooled memory of the driver, the device
+    pipeline and ONNX Runtime's device path."""
+    from crf.backend import BufferPool, CPUKernels
+
+    pool = BufferPool(CPUKernels())
+    a = pool.device("scores", 1000)
+    assert pool.device("scores", 800) is a and pool["scores"] is a  # smaller: the same buffer
+    b = pool.device("scores", 4000)
+    assert b is not a and b.nbytes == 4000 and pool.nbytes() == 4000  # the smaller one was let go
+    pool.device("image", 12)
+    assert pool.nbytes() == 4012
+    h = pool.host("labels", (3, 5), np.uint8)
+    h[...] = 7
+    again = pool.host("labels", (5, 3), np.uint8)  # a view of the same bytes at another shape
+    assert again.shape == (5, 3) and (again == 7).all()
+    f = pool.host("labels", (2, 4), np.float32)  # 32 bytes > 15: grown
+    assert f.dtype == np.float32 and f.shape == (2, 4)
