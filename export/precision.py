@@ -39,7 +39,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from runtime.contract import DEFAULT_MAX_SIZE, IMAGE_SUFFIXES, ImageError, load_image, pad_image
-from runtime.network import network_size
+from runtime.network import network_image, network_size
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_CALIBRATION_IMAGES = 100
@@ -123,14 +123,9 @@ def network_inputs(calibration: CalibrationSet, max_size: int = DEFAULT_MAX_SIZE
     """Each calibration image as the network sees it from the Segmenter: shrunk to ``max_size``
     where larger (area interpolation), padded bottom/right with the mean pixel to the next 8k+1
     size, with a batch axis."""
-    import cv2
-
     for img in calibration.images:
-        h, w = img.shape[:2]
-        size = network_size(h, w, max_size)
-        if size.scale < 1.0:
-            img = cv2.resize(img, size.resized[::-1], interpolation=cv2.INTER_AREA)
-        yield pad_image(img, *size.padded)[None]
+        size = network_size(img.shape[0], img.shape[1], max_size)
+        yield pad_image(network_image(img, size), *size.padded)[None]
 
 
 def convert_fp16(model):

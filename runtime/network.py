@@ -28,6 +28,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
+import numpy as np
+
 from .contract import ImageError, aligned_size, fit_scale
 
 
@@ -76,6 +78,17 @@ def network_size(h: int, w: int, max_size: int, bounds: Optional[SizeBounds] = N
     if bounds is not None:
         ph, pw = min(max(ph, bounds.min_h), bounds.max_h), min(max(pw, bounds.min_w), bounds.max_w)
     return NetworkSize(s, (nh, nw), (ph, pw))
+
+
+def network_image(image: np.ndarray, size: NetworkSize) -> np.ndarray:
+    """The image as the network sees it before padding (what Segmenter and INT8 calibration feed
+    it): shrunk to ``size.resized`` with area interpolation when ``size.scale`` < 1, else itself."""
+    if size.scale >= 1.0:
+        return image
+    import cv2
+
+    nh, nw = size.resized
+    return cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
 
 
 def check_input_size(input_size: Tuple[int, int], bounds: Optional[SizeBounds], source: str) -> None:

@@ -34,7 +34,7 @@ from crf.features import unary_from_scores
 from .backend_choice import open_network
 from .contract import DEFAULT_MAX_SIZE, ImageError, ImageLike, as_bgr_uint8, load_image, pad_image
 from .device_pipeline import DevicePipeline
-from .network import check_input_size, is_device_network, network_size
+from .network import check_input_size, is_device_network, network_image, network_size
 from .onnx_backend import ModelFormatError, nonfinite_scores_error
 from .palette import VOC_CLASSES, blend, check_palette, colour_mask, voc_palette
 
@@ -276,16 +276,10 @@ class Segmenter:
 
     def _prepare(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray, float, tuple[int, int]]:
         """(image, what the network sees before padding, its scale, the padded network size)."""
-        import cv2
-
         img = load_image(image) if isinstance(image, (str, Path)) else as_bgr_uint8(image)
         h, w = img.shape[:2]
         size = network_size(h, w, self.max_size, self.size_bounds, self.input_size)
-        net_img = img
-        if size.scale < 1.0:
-            nh, nw = size.resized
-            net_img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
-        return img, net_img, size.scale, size.padded
+        return img, network_image(img, size), size.scale, size.padded
 
     def _refine(self, scores: np.ndarray, image: np.ndarray, params: CRFParams) -> np.ndarray:
         """crf.refine, or, on the device pipeline, the same CRF on the network's kernels."""
