@@ -323,6 +323,11 @@ class CrfThreads:
         self._kernels.threads = run.config.threads or self.default
         return self._kernels.threads
 
+    def restore(self) -> None:
+        """The pool as it was before the first apply."""
+        if self._kernels is not None and self.default is not None:
+            self._kernels.threads = self.default
+
 
 def measure(runs: List[ConfigRun], warmup: int, calls: Optional[int], duration: Optional[float],
             block: int, progress: bool = True) -> List[int]:
@@ -376,6 +381,7 @@ def measure(runs: List[ConfigRun], warmup: int, calls: Optional[int], duration: 
                           if any(runs[i].skipped is None for i in active) else duration, 2)
             bar.refresh()
     bar.close()
+    threads.restore()
     return schedule
 
 
