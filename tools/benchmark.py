@@ -377,8 +377,8 @@ def measure(runs: List[ConfigRun], warmup: int, calls: Optional[int], duration: 
                 guarded(i, n, record=True)
                 schedule.append(i)
         if duration is not None:
-            bar.n = round(min(min(runs[i].wall_seconds() for i in active if runs[i].skipped is None), duration)
-                          if any(runs[i].skipped is None for i in active) else duration, 2)
+            running = [runs[i].wall_seconds() for i in active if runs[i].skipped is None]
+            bar.n = round(min(running + [duration]), 2)  # the slowest-to-finish configuration's progress
             bar.refresh()
     bar.close()
     threads.restore()
