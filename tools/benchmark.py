@@ -308,7 +308,7 @@ class CrfThreads:
     before its calls (its default where the configuration names none)."""
 
     def __init__(self) -> None:
-        self._kernels = None
+        self._kernels: Any = None  # crf.backend.CPUKernels, made when a configuration first needs it
         self.default: Optional[int] = None
 
     def apply(self, run: ConfigRun) -> Optional[int]:
@@ -352,7 +352,7 @@ def measure(runs: List[ConfigRun], warmup: int, calls: Optional[int], duration: 
             run.seg, run.images = None, []
 
     active = [i for i, r in enumerate(runs) if r.skipped is None]
-    total = calls * len(active) if duration is None else duration
+    total = duration if duration is not None else (calls or 0) * len(active)
     bar = tqdm(total=total, desc="benchmark", unit="call" if duration is None else "s", file=sys.stderr,
                disable=not progress)
     for i in active:

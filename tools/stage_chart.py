@@ -122,16 +122,15 @@ def stage_chart(bars: Sequence[Tuple[str, Optional[Dict[str, float]]]], width: i
         if not times:
             _put(img, "skipped", plot_x0 + 6, text_y, MUTED)
             continue
-        x = float(plot_x0)
+        end = float(plot_x0)
         for s in order:
             if s not in times:
                 continue
-            x1 = x + times[s] * scale
-            if int(round(x1)) > int(round(x)):
-                cv2.rectangle(img, (int(round(x)), by), (int(round(x1)) - 1, by + BAR_HEIGHT),
+            start, end = end, end + times[s] * scale
+            if int(round(end)) > int(round(start)):
+                cv2.rectangle(img, (int(round(start)), by), (int(round(end)) - 1, by + BAR_HEIGHT),
                               STAGE_COLOURS.get(s, OTHER_COLOUR), -1)
-            x = x1
-        _put(img, f"{sum(times.values()):.1f}", int(round(x)) + 6, text_y)
+        _put(img, f"{sum(times.values()):.1f}", int(round(end)) + 6, text_y)
     return img
 
 
