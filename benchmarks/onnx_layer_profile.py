@@ -29,6 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tools.environment import cpu_flags  # noqa: E402  (this CPU's feature list, '' where unknown)
+
 # One register-only loop, written once and instantiated per vector width: 12 independent FMA
 # chains keep two FMA pipes busy through the FMA latency (2 x 5 in flight).
 FMA_LOOP = r"""
@@ -73,12 +75,6 @@ def widest_fma_isa(cpu_flags: str) -> str | None:
     if "avx2" in flags and "fma" in flags:
         return "avx2"
     return None
-
-
-def cpu_flags() -> str:
-    """This CPU's `flags` line from /proc/cpuinfo ('' where there is none, e.g. not Linux)."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return next((line.split(":", 1)[1] for line in cpuinfo.splitlines() if line.startswith("flags")), "")
 
 
 def fma_loop_source(isa: str) -> str:
