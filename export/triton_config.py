@@ -181,7 +181,7 @@ def validate_repository(repo: str | Path) -> Dict[str, Any]:
     return {n: m.config for n, m in models.items()}
 
 
-def config_parameters(config: Any) -> Dict[str, str]:
+def string_parameters(config: Any) -> Dict[str, str]:
     """A parsed config's ``parameters`` as {name: string_value}."""
     return {k: v.string_value for k, v in config.parameters.items()}
 

@@ -24,8 +24,8 @@ import pytest
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
 from crf import CRFParams  # noqa: E402
-from export.triton_config import (ConfigError, config_parameters, ensemble_steps, instance_kinds,  # noqa: E402
-                                  parse_config, validate_repository)
+from export.triton_config import (ConfigError, ensemble_steps, instance_kinds, parse_config,  # noqa: E402
+                                  string_parameters, validate_repository)
 from export.triton_gpu import write_gpu_repository  # noqa: E402
 from runtime import engine_meta  # noqa: E402
 from runtime.engine_meta import EngineMeta  # noqa: E402
@@ -88,7 +88,7 @@ def test_repository_validates_with_tritons_protobuf(repo):
     # the sidecar travels with the plan, so a server-side check can say which TensorRT/GPU it needs
     assert engine_meta.read_sidecar(repo / "deeplab_network" / "1" / "model.plan").compute_capability == "9.0"
     assert crf.backend == "python" and instance_kinds(crf) == ["KIND_GPU"]
-    assert config_parameters(crf)["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
+    assert string_parameters(crf)["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
     assert pad.backend == "python" and instance_kinds(pad) == ["KIND_CPU"]
     assert ens.platform == "ensemble"
     assert {c.max_batch_size for c in configs.values()} == {8}
@@ -135,17 +135,17 @@ def test_parameters_round_trip(tmp_path, repo):
     names, palette = bundled_metadata()
     configs = validate_repository(repo)
     for model in ("deeplab", "deeplab_crf"):
-        assert read_config_parameters(config_parameters(configs[model])) == (names, palette, CRFParams())
-    assert json.loads(config_parameters(configs["deeplab_pad"])["profile"]) == PROFILE
+        assert read_config_parameters(string_parameters(configs[model])) == (names, palette, CRFParams())
+    assert json.loads(string_parameters(configs["deeplab_pad"])["profile"]) == PROFILE
     # given values win over the sidecar's; names with quotes and non-ASCII survive the text format
     given = ['back"ground', "Größe", "c", "d", "e"]
     crf = CRFParams(bi_w=4.0, iterations=5, normalization="symmetric")
     other = write_gpu_repository(make_plan(tmp_path / "p2"),
                                  tmp_path / "repo2", class_names=given, palette=[[9, 8, 7]] * 5, crf_defaults=crf)
     cfg = validate_repository(other)["deeplab_crf"]
-    assert read_config_parameters(config_parameters(cfg)) == (given, [[9, 8, 7]] * 5, crf)
+    assert read_config_parameters(string_parameters(cfg)) == (given, [[9, 8, 7]] * 5, crf)
     off = write_gpu_repository(make_plan(tmp_path), tmp_path / "repo3", crf_defaults=None)
-    defaults = read_config_parameters(config_parameters(validate_repository(off)["deeplab"]))[2]
+    defaults = read_config_parameters(string_parameters(validate_repository(off)["deeplab"]))[2]
     assert defaults is None and crf_params_from_request({}, defaults) is None
 
 
@@ -166,7 +166,7 @@ def test_writer_refusals_and_batch_limit(tmp_path):
         write_gpu_repository(bare, tmp_path / "r3")
     with pytest.warns(RuntimeWarning, match="no metadata sidecar"):
         r = write_gpu_repository(bare, tmp_path / "r4", class_names=["a", "b"])
-    assert read_config_parameters(config_parameters(validate_repository(r)["deeplab"]))[0] == ["a", "b"]
+    assert read_config_parameters(string_parameters(validate_repository(r)["deeplab"]))[0] == ["a", "b"]
     with pytest.raises(FileNotFoundError, match="plan not found"):
         write_gpu_repository(tmp_path / "missing.plan", tmp_path / "r5")
 
