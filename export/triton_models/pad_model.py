@@ -1,0 +1,34 @@
+"""Triton Python model ``deeplab_pad`` (KIND_CPU): the runtime's padding before the TensorRT engine.
+
+Input IMAGE (N x H x W x 3 uint8 BGR, one request's images of one size), output PADDED_IMAGE:
+padded bottom/right with the mean pixel to the next 8k+1 size within the engine's profile, as
+runtime.Segmenter pads (ensemble_steps.pad_batch). Config parameters: "profile" (the plan's
+optimisation profile, JSON) and "max_size".
+"""
+import json
+
+import triton_python_backend_utils as pb_utils
+
+from ensemble_steps import bounds_from_profile, pad_batch
+from runtime.triton_contract import INPUT_IMAGE
+
+OUTPUT_PADDED = "PADDED_IMAGE"
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        self.bounds = bounds_from_profile(json.loads(parameters["profile"]["string_value"]))
+        self.max_size = int(parameters["max_size"]["string_value"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                images = pb_utils.get_input_tensor_by_name(request, INPUT_IMAGE).as_numpy()
+                padded = pad_batch(images, self.bounds, self.max_size)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT_PADDED, padded)]))
+            except Exception as e:  # one bad request must not fail the others of the batch
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(f"deeplab_pad: {e}")))
+        return responses
