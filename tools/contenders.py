@@ -8,6 +8,7 @@ PyTorch without torch) is kept with the reason instead of a Segmenter.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,9 @@ def open_model(path: str | Path) -> Contender:
         from runtime.engine_meta import read_sidecar
 
         try:
-            meta = read_sidecar(path)
+            with warnings.catch_warnings():  # no sidecar: the precision is unknown, loading says the rest
+                warnings.simplefilter("ignore", RuntimeWarning)
+                meta = read_sidecar(path)
         except ValueError:
             meta = None
         precision = meta.precision if meta is not None else "unknown"
