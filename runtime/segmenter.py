@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -152,7 +153,8 @@ class Segmenter:
     """DeepLab v1 segmentation with the dense CRF, for embedded apps.
 
     model_path: an .onnx exported by tools/export.py, or a TensorRT plan (.engine / .plan) built by
-    tools/export.py --engine. crf: CRFParams (default: DeepLab-LargeFOV's) or None to skip the CRF.
+    tools/export.py --engine. crf: CRFParams (default: DeepLab-LargeFOV's), the path of a JSON file of
+    them (CRFParams.load: e.g. what tools/evaluate.py --search-crf writes), or None to skip the CRF.
     backend: "auto" (TensorRT for a plan, else ONNX Runtime's CUDA provider where onnxruntime-gpu
     and pycuda work, else ONNX Runtime on the CPU), "tensorrt", "onnxruntime-cuda" or "onnxruntime"
     (runtime/backend_choice.py); ``seg.backend`` says which one runs. crf_backend: "auto" (the
@@ -182,14 +184,16 @@ class Segmenter:
     usable. Calls from several threads are fine; on the device pipeline they take turns.
     """
 
-    def __init__(self, model_path: str | Path, crf: CRFParams | None = _DEFAULT, backend: str = "auto",  # type: ignore[assignment]
+    def __init__(self, model_path: str | Path, crf: CRFParams | str | os.PathLike | None = _DEFAULT, backend: str = "auto",  # type: ignore[assignment]
                  class_names: Sequence[str] | None = None, palette=None, max_size: int = DEFAULT_MAX_SIZE,
                  input_size: tuple[int, int] | None = None, crf_backend: str = "auto", threads: int | None = None,
                  max_batch: int = 8, crf_max_pixels: int | None = None, network=None):
         path = Path(model_path)
+        if isinstance(crf, (str, os.PathLike)):  # a JSON file of CRF parameters
+            crf = CRFParams.load(crf)
         self.crf_params = CRFParams() if crf is _DEFAULT else crf
         if self.crf_params is not None and not isinstance(self.crf_params, CRFParams):
-            raise TypeError(f"crf must be CRFParams or None, got {type(crf).__name__}")
+            raise TypeError(f"crf must be CRFParams, a JSON file path or None, got {type(crf).__name__}")
         self.network = open_network(path, backend, threads) if network is None else network
         self.model_path = path
         check_network_output(self.network, str(path))

@@ -15,3 +15,15 @@ def int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
         return n
     return parse
+
+
+def crf_params_file(path: str):
+    """An argparse type: CRFParams from a JSON file (crf.CRFParams.load), refused with the reason."""
+    from crf import CRFParams
+
+    try:
+        return CRFParams.load(path)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -1,7 +1,17 @@
 #!/usr/bin/env python3
-"""Mean IoU of a model on the held-out generated scenes, with and without the dense CRF.
+"""Accuracy of a model, with and without the dense CRF: mean IoU, per-class IoU, pixel accuracy.
 
     python tools/evaluate.py --model out/deeplab_shapes.onnx --images 100
+    python tools/evaluate.py --model m.onnx --dataset VOCdevkit/VOC2012 --split val --crf-params crf.json
+    python tools/evaluate.py --parity --model fp32.onnx --model fp16.onnx --model int8.onnx --pytorch m.safetensors
+    python tools/evaluate.py --model m.onnx --dataset VOCdevkit/VOC2012 --split train --search-crf crf.json
+
+Images: the held-out generated scenes (the first --images), or a VOC-format dataset (--dataset:
+JPEGImages/<id>.jpg, SegmentationClass/<id>.png palettised, ImageSets/Segmentation/<split>.txt;
+label 255 is not scored; --images takes the first N ids). Each network runs once per image; the CRF
+(--crf-params, default DeepLab-LargeFOV's) refines the same scores. --parity compares several
+models on the same images against the first (exit status 1 when one loses more than --tolerance
+mIoU points); --search-crf searches the CRF's appearance kernel (docs/evaluation.md).
 
 Held-out scenes use seeds 1,000,000 + i (training uses seeds below 10,000,000 * 1 + iterations *
 batch, starting at 0, so the sets are disjoint for any realistic run) and sizes drawn from the seed
@@ -12,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +30,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if __package__:  # imported: tools.evaluate from a checkout, deeplab_tools.evaluate when installed
-    from .cli import int_at_least  # noqa: E402
+    from .cli import crf_params_file, int_at_least  # noqa: E402
+    from .metrics import confusion, mean_iou, scores  # noqa: E402,F401  (confusion, mean_iou: re-exported)
+    from .voc import IGNORE_LABEL, DatasetError, Sample, SkipImage, VOCDataset, listed  # noqa: E402
 else:  # run as a script: python tools/evaluate.py
-    from tools.cli import int_at_least  # noqa: E402
+    from tools.cli import crf_params_file, int_at_least  # noqa: E402
+    from tools.metrics import confusion, mean_iou, scores  # noqa: E402,F401
+    from tools.voc import IGNORE_LABEL, DatasetError, Sample, SkipImage, VOCDataset, listed  # noqa: E402
 
 HELD_OUT_SEED = 1_000_000
+DEFAULT_SCENES = 100
+MODES = ("no CRF", "CRF")
 
 
 def held_out_scene(i: int):
@@ -35,64 +52,285 @@ def held_out_scene(i: int):
     return scene_for_seed(HELD_OUT_SEED + i)
 
 
-def confusion(labels: np.ndarray, truth: np.ndarray, n: int) -> np.ndarray:
-    return np.bincount(truth.astype(np.int64).ravel() * n + labels.ravel(), minlength=n * n).reshape(n, n)
+class GeneratedScenes:
+    """The first ``count`` held-out generated scenes, as a dataset (len, load(i) -> Sample)."""
+
+    def __init__(self, count: int = DEFAULT_SCENES):
+        self.count = count
+        self.description = f"{count} held-out generated scenes"
+
+    def __len__(self) -> int:
+        return self.count
+
+    def load(self, i: int) -> Sample:
+        return Sample(f"scene {i}", *held_out_scene(i))
 
 
-def mean_iou(conf: np.ndarray) -> tuple[float, np.ndarray]:
-    tp = np.diag(conf).astype(np.float64)
-    denom = conf.sum(0) + conf.sum(1) - tp
-    iou = np.where(denom > 0, tp / np.maximum(denom, 1), np.nan)
-    return float(np.nanmean(iou)), iou
+def open_source(dataset: str | None, split: str = "val", images: int | None = None):
+    """A VOCDataset (its first ``images`` ids) or, without ``dataset``, the held-out scenes."""
+    return VOCDataset(dataset, split, images) if dataset else GeneratedScenes(images or DEFAULT_SCENES)
+
+
+@dataclass
+class DataReport:
+    """What the data held besides scorable pixels: images skipped (label map not the image's size),
+    pixels marked 255, and label values outside the model's classes (not scored either)."""
+
+    skipped: list = field(default_factory=list)
+    ignored_pixels: int = 0
+    out_of_range_pixels: int = 0
+    out_of_range_images: list = field(default_factory=list)
+    out_of_range_values: set = field(default_factory=set)
+
+    def to_dict(self) -> dict:
+        return {"skipped": self.skipped, "ignored_pixels": self.ignored_pixels,
+                "out_of_range": {"pixels": self.out_of_range_pixels, "images": len(self.out_of_range_images),
+                                 "ids": self.out_of_range_images, "values": sorted(self.out_of_range_values)}}
+
+    def lines(self, num_classes: int) -> list[str]:
+        out = []
+        if self.skipped:
+            out.append(f"skipped {len(self.skipped)} image(s) whose label map is not the image's size: "
+                       + listed(self.skipped))
+        if self.out_of_range_pixels:
+            out.append(f"label values outside 0..{num_classes - 1} (and not {IGNORE_LABEL}): "
+                       f"{self.out_of_range_pixels} pixels in {len(self.out_of_range_images)} image(s) "
+                       f"({listed(self.out_of_range_images)}), values {listed(sorted(self.out_of_range_values))}; "
+                       "not scored")
+        return out
+
+
+def checked_samples(source, num_classes: int, report: DataReport, progress: bool = True, desc: str = "evaluate"):
+    """The source's samples in order, with a progress bar; images to skip and label values outside
+    the class range are recorded in ``report`` (and said on stderr) instead of stopping the run."""
+    from tqdm import tqdm
+
+    for i in tqdm(range(len(source)), desc=desc, unit="img", file=sys.stderr, disable=not progress):
+        try:
+            sample = source.load(i)
+        except SkipImage as e:
+            report.skipped.append(str(e))
+            tqdm.write(f"skipped: {e}", file=sys.stderr)
+            continue
+        truth = sample.truth
+        report.ignored_pixels += int((truth == IGNORE_LABEL).sum())
+        outside = (truth >= num_classes) & (truth != IGNORE_LABEL)
+        if outside.any():
+            report.out_of_range_pixels += int(outside.sum())
+            report.out_of_range_images.append(sample.name)
+            report.out_of_range_values.update(int(v) for v in np.unique(truth[outside]))
+        yield sample
+
+
+def evaluate(contenders: list, source, crf_params, progress: bool = True) -> dict:
+    """Score every contender that can run (tools.contenders) on the same images, without and with
+    the CRF (one network pass per image; the CRF refines its scores). The reference is the first
+    contender that runs: each row gets its mIoU difference to it (points) and the % of pixels whose
+    label equals its label. Returns a JSON-ready dict."""
+    from crf import refine
+
+    active = [c for c in contenders if c.segmenter is not None]
+    if not active:
+        raise ValueError("nothing to evaluate: " + "; ".join(f"{c.name}: {c.skipped}" for c in contenders))
+    ref = active[0].segmenter
+    n = ref.num_classes
+    for c in active[1:]:
+        if c.segmenter.num_classes != n:
+            raise ValueError(f"{c.name} has {c.segmenter.num_classes} classes, {active[0].name} {n}: not comparable")
+    conf = {id(c): {m: np.zeros((n, n), np.int64) for m in MODES} for c in active}
+    equal = {id(c): {m: 0 for m in MODES} for c in active}
+    report, pixels, images = DataReport(), 0, 0
+    for sample in checked_samples(source, n, report, progress):
+        ref_labels = None
+        for c in active:
+            r = c.segmenter(sample.image, return_scores=True)
+            labels = {"no CRF": r.labels, "CRF": refine(r.scores, r.image, crf_params).argmax(0).astype(np.uint8)}
+            if ref_labels is None:
+                ref_labels = labels
+            for m in MODES:
+                conf[id(c)][m] += confusion(labels[m], sample.truth, n)
+                equal[id(c)][m] += int((labels[m] == ref_labels[m]).sum())
+        pixels += sample.truth.size
+        images += 1
+    if not images:
+        raise DatasetError(f"no image could be scored in {source.description}: " + listed(report.skipped))
+    if not conf[id(active[0])]["no CRF"].sum():
+        raise DatasetError(f"no labelled pixels in {source.description}: every label is {IGNORE_LABEL} "
+                           f"or outside 0..{n - 1}")
+    rows = []
+    for c in contenders:
+        row = {"name": c.name, "path": c.path, "kind": c.kind, "precision": c.precision, "skipped": c.skipped}
+        if c.segmenter is not None:
+            row.update({m: scores(conf[id(c)][m], ref.class_names) for m in MODES})
+            row["labels_equal_pct"] = {m: 100 * equal[id(c)][m] / pixels for m in MODES}
+        rows.append(row)
+    reference = next(r for r in rows if not r["skipped"])
+    for row in rows:
+        if not row["skipped"]:
+            row["delta"] = {m: 100 * (row[m]["mean_iou"] - reference[m]["mean_iou"]) for m in MODES}
+    return {"dataset": source.description, "images": images, "class_names": list(ref.class_names),
+            "crf": crf_params.to_dict(), **report.to_dict(), "notes": report.lines(n), "contenders": rows}
+
+
+def flag_regressions(result: dict, tolerance: float) -> list[str]:
+    """Mark (row["flagged"]) and name the contenders whose mIoU, without or with the CRF, is more
+    than ``tolerance`` points below the reference's."""
+    flagged = []
+    for row in result["contenders"]:
+        row["flagged"] = bool(row["skipped"] is None and min(row["delta"].values()) < -tolerance)
+        if row["flagged"]:
+            flagged.append(row["name"])
+    result["tolerance"] = tolerance
+    return flagged
+
+
+def print_scores(result: dict) -> None:
+    row = next(r for r in result["contenders"] if not r["skipped"])
+    print(f"{'':8s} {'mIoU':>7s} {'pix acc':>7s} " + " ".join(f"{c[:9]:>9s}" for c in result["class_names"]))
+    for m in MODES:
+        s = row[m]
+        print(f"{m:8s} {100 * s['mean_iou']:7.2f} {100 * s['pixel_accuracy']:7.2f} "
+              + " ".join(f"{'-':>9s}" if v is None else f"{100 * v:9.2f}" for v in s["per_class_iou"].values()))
+    print(f"CRF gain: {100 * (row['CRF']['mean_iou'] - row['no CRF']['mean_iou']):+.2f} mIoU points")
+
+
+def print_parity(result: dict) -> None:
+    print(f"{'contender':28s} {'kind':9s} {'precision':9s} {'mIoU':>7s} {'delta':>7s} {'labels=':>8s} "
+          f"{'CRF mIoU':>8s} {'delta':>7s} {'labels=':>8s}")
+    for row in result["contenders"]:
+        head = f"{row['name'][-28:]:28s} {row['kind']:9s} {row['precision']:9s}"
+        if row["skipped"]:
+            print(f"{head} skipped: {row['skipped']}")
+            continue
+        cells = " ".join(f"{100 * row[m]['mean_iou']:{7 if m == 'no CRF' else 8}.2f} {row['delta'][m]:+7.2f} "
+                         f"{row['labels_equal_pct'][m]:7.3f}%" for m in MODES)
+        print(f"{head} {cells}" + ("  FLAGGED" if row.get("flagged") else ""))
+    print(f"delta: mIoU points vs the first row; labels=: % of pixels labelled as the first row; "
+          f"flagged: more than {result['tolerance']:g} points below it")
+
+
+def search(contender, source, crf_params, grid: dict, progress: bool = True) -> dict:
+    """The CRF search (tools/crf_search.py) on the source's images: the network runs once per image
+    and its scores are kept in memory (C x H x W float32 each) while the CRF runs per grid point."""
+    if __package__:
+        from .crf_search import search_crf
+    else:
+        from tools.crf_search import search_crf
+
+    if contender.skipped:
+        raise ValueError(f"{contender.name}: {contender.skipped}")
+    seg, report = contender.segmenter, DataReport()
+    cached = []
+    for sample in checked_samples(source, seg.num_classes, report, progress, "network"):
+        r = seg(sample.image, return_scores=True)
+        cached.append((r.scores, r.image, sample.truth))
+    if not cached:
+        raise DatasetError(f"no image could be scored in {source.description}: " + listed(report.skipped))
+    return {**search_crf(cached, seg.num_classes, crf_params, grid, progress), "dataset": source.description,
+            **report.to_dict(), "notes": report.lines(seg.num_classes)}
+
+
+def float_list(text: str) -> tuple:
+    """An argparse type: comma-separated positive numbers."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(v > 0 and np.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"values must be finite and > 0, got {text!r}")
+    return values
 
 
 def main(argv=None) -> int:
+    if __package__:
+        from .contenders import open_model, open_pytorch
+        from .crf_search import GRIDS
+    else:
+        from tools.contenders import open_model, open_pytorch
+        from tools.crf_search import GRIDS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="ONNX model exported by tools/export.py")
-    ap.add_argument("--images", type=int_at_least(1), default=100)
+    ap.add_argument("--model", action="append", default=[],
+                    help="ONNX model exported by tools/export.py, or a TensorRT plan (several with --parity)")
+    ap.add_argument("--pytorch", metavar="CHECKPOINT", help="a checkpoint run in PyTorch (needs torch)")
+    ap.add_argument("--dataset", metavar="ROOT", help="a VOC-format dataset (default: generated held-out scenes)")
+    ap.add_argument("--split", default="val", help="ImageSets/Segmentation/<split>.txt (default: val)")
+    ap.add_argument("--images", type=int_at_least(1),
+                    help=f"the first N images (default: {DEFAULT_SCENES} scenes, or the whole split)")
+    ap.add_argument("--crf-params", type=crf_params_file, metavar="FILE",
+                    help="CRF parameters, JSON (CRFParams fields, or a --search-crf output)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--parity", action="store_true", help="compare the models on the same images")
+    mode.add_argument("--search-crf", metavar="OUT.json", help="search the CRF parameters, write the best here")
+    ap.add_argument("--tolerance", type=float, default=1.0,
+                    help="--parity: mIoU points a model may lose against the first (default 1.0)")
+    ap.add_argument("--search-images", type=int_at_least(1), default=20, help="--search-crf: images (default 20)")
+    ap.add_argument("--search-grid", choices=sorted(GRIDS), default="coarse",
+                    help="--search-crf: coarse (the paper's ranges) or tiny (their ends)")
+    for flag, axis in (("--search-w1", "bi_w"), ("--search-xy", "bi_xy_std"), ("--search-rgb", "bi_rgb_std")):
+        ap.add_argument(flag, type=float_list, metavar="V,V,...", help=f"--search-crf: the coarse {axis} values")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
 
+    from crf import CRFParams
     from runtime.output_files import output_file_problem, write_bytes_atomically
 
-    if not Path(args.model).is_file():
-        ap.error(f"--model: model file not found: {args.model}")
-    problem = output_file_problem(args.json) if args.json else None
-    if problem:
-        ap.error(f"--json {args.json}: {problem}")
-
-    from tqdm import tqdm
-
-    from crf import CRFParams, refine
-    from runtime import Segmenter
-
-    # One network pass per scene: the labels without the CRF, and the same logits refined by the
-    # CRF exactly as Segmenter(crf=CRFParams()) would (labels = argmax of crf.refine's marginals).
-    plain = Segmenter(args.model, crf=None)
-    n = plain.num_classes
-    conf = {"no CRF": np.zeros((n, n), np.int64), "CRF": np.zeros((n, n), np.int64)}
-    for i in tqdm(range(args.images), desc="evaluate", unit="img", file=sys.stderr):
-        image, truth = held_out_scene(i)
-        result = plain(image, return_scores=True)
-        conf["no CRF"] += confusion(result.labels, truth, n)
-        conf["CRF"] += confusion(refine(result.scores, result.image, CRFParams()).argmax(0).astype(np.uint8), truth, n)
-    results = {}
-    print(f"{args.images} held-out scenes, CRF {CRFParams()}")
-    print(f"{'':8s} {'mIoU':>7s} " + " ".join(f"{c[:9]:>9s}" for c in plain.class_names))
-    for name, c in conf.items():
-        miou, iou = mean_iou(c)
-        # A class absent from both truth and labels has no IoU: null in the JSON (NaN is not JSON).
-        per_class = [None if np.isnan(v) else v for v in iou.tolist()]
-        results[name] = {"mean_iou": miou, "per_class_iou": dict(zip(plain.class_names, per_class)),
-                         "pixel_accuracy": float(np.trace(c) / c.sum())}
-        print(f"{name:8s} {100 * miou:7.2f} " + " ".join(f"{100 * v:9.2f}" for v in iou))
-    gain = 100 * (results["CRF"]["mean_iou"] - results["no CRF"]["mean_iou"])
-    print(f"CRF gain: {gain:+.2f} mIoU points")
+    if not args.model and not args.pytorch:
+        ap.error("give a model: --model FILE (or --pytorch CHECKPOINT)")
+    if len(args.model) + bool(args.pytorch) > 1 and not args.parity:
+        ap.error("several models: add --parity to compare them")
+    for path in args.model + ([args.pytorch] if args.pytorch else []):
+        if not Path(path).is_file():
+            ap.error(f"model file not found: {path}")
+    for flag, path in (("--json", args.json), ("--search-crf", args.search_crf)):
+        problem = output_file_problem(path) if path else None
+        if problem:
+            ap.error(f"{flag} {path}: {problem}")
+    try:
+        source = open_source(args.dataset, args.split, args.search_images if args.search_crf else args.images)
+    except DatasetError as e:
+        ap.error(f"--dataset: {e}")
+    crf_params = args.crf_params or CRFParams()
+    progress = not args.quiet
+    try:
+        contenders = [open_model(p) for p in args.model] + ([open_pytorch(args.pytorch)] if args.pytorch else [])
+        if args.search_crf:
+            grid = {**GRIDS[args.search_grid], **{a: v for a, v in (("bi_w", args.search_w1), (
+                "bi_xy_std", args.search_xy), ("bi_rgb_std", args.search_rgb)) if v}}
+            result = search(contenders[0], source, crf_params, grid, progress)
+            best = CRFParams.from_dict(result["crf"])
+            print("\n".join([source.description] + result["notes"]))
+            print(f"{len(result['grid'])} grid points on {result['images']} images: best mIoU "
+                  f"{100 * result['mean_iou']:.2f} with {best}")
+            print(f"starting CRF: mIoU {100 * result['default_mean_iou']:.2f} ({crf_params}); "
+                  f"no CRF: {100 * result['no_crf_mean_iou']:.2f}")
+            write_bytes_atomically(args.search_crf, json.dumps(result, indent=2, allow_nan=False).encode())
+            print(f"wrote {args.search_crf}")
+            status = 0
+        else:
+            result = evaluate(contenders, source, crf_params, progress)
+            print(f"{result['images']} images: {source.description}; CRF {crf_params}")
+            for line in result["notes"]:
+                print(line)
+            if args.parity:
+                flagged = flag_regressions(result, args.tolerance)
+                print_parity(result)
+                status = 1 if flagged else 0
+                if flagged:
+                    print(f"FAILED: {', '.join(flagged)} more than {args.tolerance:g} mIoU points below the reference")
+            else:
+                print_scores(result)
+                row = result.pop("contenders")[0]
+                result.update({"model": row["path"], "precision": row["precision"],
+                               "no CRF": row["no CRF"], "CRF": row["CRF"]})
+                status = 0
+    except ValueError as e:  # DatasetError, ImageError, ModelFormatError: their messages name the file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.json:
-        text = json.dumps({"images": args.images, "crf": CRFParams().__dict__, **results}, indent=2,
-                          allow_nan=False)
-        write_bytes_atomically(args.json, text.encode())
-    return 0
+        write_bytes_atomically(args.json, json.dumps(result, indent=2, allow_nan=False).encode())
+    return status
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ cannot be segmented is reported on one line and the others go on (exit status 1)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import os
 import sys
@@ -25,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.contract import IMAGE_SUFFIXES  # noqa: E402
 
 if __package__:  # imported: tools.segment from a checkout, deeplab_tools.segment when installed
-    from .cli import int_at_least  # noqa: E402
+    from .cli import crf_params_file, int_at_least  # noqa: E402
 else:  # run as a script: python tools/segment.py
-    from tools.cli import int_at_least  # noqa: E402
+    from tools.cli import crf_params_file, int_at_least  # noqa: E402
 
 
 def expand(inputs: list[str]) -> list[tuple[Path, Path]]:
@@ -124,8 +125,11 @@ def main(argv=None) -> int:
     ap.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     ap.add_argument("--model", required=True, help="ONNX model exported by tools/export.py")
     ap.add_argument("--out", default="out/segmented", help="output folder")
-    ap.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
-    ap.add_argument("--crf-iterations", type=int_at_least(0), default=10)
+    crf_choice = ap.add_mutually_exclusive_group()
+    crf_choice.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
+    crf_choice.add_argument("--crf-params", type=crf_params_file, metavar="FILE",
+                            help="CRF parameters, JSON (CRFParams fields, or what tools/evaluate.py --search-crf writes)")
+    ap.add_argument("--crf-iterations", type=int_at_least(0), help="mean-field iterations (default: 10, or the file's)")
     ap.add_argument("--alpha", type=unit_interval, default=0.5, help="overlay opacity, 0..1")
     ap.add_argument("--side-by-side", action="store_true",
                     help="also write <name>_side_by_side.jpg: input | network alone | with CRF")
@@ -161,7 +165,10 @@ def main(argv=None) -> int:
     from runtime.palette import blend, write_indexed_png
 
     try:
-        seg = Segmenter(args.model, crf=None if args.no_crf else CRFParams(iterations=args.crf_iterations))
+        crf = args.crf_params or CRFParams()
+        if args.crf_iterations is not None:
+            crf = dataclasses.replace(crf, iterations=args.crf_iterations)
+        seg = Segmenter(args.model, crf=None if args.no_crf else crf)
     except (ModelFormatError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
