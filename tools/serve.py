@@ -10,7 +10,11 @@ nvidia-pytriton wheel installed in this Python; else that wheel (nvidia-pytriton
 environment of its own (numpy < 2, OpenCV, ONNX Runtime), also made once into the cache with pip:
 the Python backend of that server needs numpy < 2, whatever this Python has. Waits until model
 "deeplab" is ready, prints the endpoints, and stops the server (and its model processes) on Ctrl-C
-or SIGTERM. Exit status 1 with the reason (and the server's last log lines) when it cannot start.
+or SIGTERM. Triton does not start a model process (the Python backend's stub) again when one dies
+(killed, out of memory): its requests then fail with "Stub process is not healthy" while the model
+still reads as ready. Loading the model again through Triton's repository API
+hangs on the dead instance (Triton 2.51), so a watchdog here sees a stub go and restarts the server
+on the same ports (a few seconds; requests meanwhile are refused). Exit status 1 with the reason (and the server's last log lines) when it cannot start.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -184,16 +189,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STUB_NAME = "triton_python_backend_stub"
+
+
+def stub_processes(server_pid: int) -> list:
+    """Process ids of the Python-backend stubs (model processes) the server ``server_pid`` runs (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0", 1)[0]
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if ppid == server_pid and os.path.basename(argv0).decode(errors="replace") == STUB_NAME:
+            found.append(int(entry))
+    return found
+
+
 @dataclass
 class TritonServer:
-    """A running server: its process, endpoints, log file and the temporary folder it owns."""
+    """A running server: its process, endpoints, log file and the temporary folder it owns.
+    ``restarts`` counts the restarts of the watchdog after a model process died."""
 
-    process: subprocess.Popen
+    process: subprocess.Popen | None
     http_port: int
     grpc_port: int
     metrics_port: int
     log_path: Path
     workdir: Path
+    command: list = field(default_factory=list, repr=False)
+    env: dict = field(default_factory=dict, repr=False)
+    timeout: float = 300.0
+    restarts: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _watchdog: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def http_url(self) -> str:
@@ -215,6 +248,26 @@ class TritonServer:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def _watch(server: TritonServer, interval: float = 0.5) -> None:
+    """Restart the server whenever fewer stub processes run than after the last start."""
+    expected = len(stub_processes(server.process.pid))
+    while not server._stop.wait(interval) and server.process.poll() is None:
+        running = len(stub_processes(server.process.pid))
+        if running >= expected or server._stop.is_set():
+            continue
+        print(f"a model process of {MODEL_NAME!r} died ({running} of {expected} running): restarting the server",
+              file=sys.stderr, flush=True)
+        _end_process_group(server.process, 2.0)  # it would wait out its exit timeout on the dead stub
+        try:
+            _launch(server)
+            _wait_ready(server)
+        except ServerError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return
+        server.restarts += 1
+        expected = len(stub_processes(server.process.pid))
+
+
 def _ready(server: TritonServer) -> bool:
     url = f"http://{server.http_url}/v2/models/{MODEL_NAME}/ready"
     try:
@@ -226,8 +279,9 @@ def _ready(server: TritonServer) -> bool:
 
 def start_server(repo, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, tritonserver: str | None = None,
-                 model_env_dir: str | None = None, timeout: float = 300.0) -> TritonServer:
+                 model_env_dir: str | None = None, timeout: float = 300.0, watchdog: bool = True) -> TritonServer:
     """Start tritonserver on ``repo`` bound to 127.0.0.1 and wait until model "deeplab" is ready.
+    watchdog: restart the server when one of the model's processes dies (see the module's docstring).
     Raises ServerError (with the server's last log lines when it started and died)."""
     repo = Path(repo)
     if not (repo / MODEL_NAME / "config.pbtxt").is_file():
@@ -271,35 +325,46 @@ def start_server(repo, http_port: int | None = None, grpc_port: int | None = Non
                "--exit-timeout-secs", "10"]
         if backends is not None:
             cmd += ["--backend-directory", str(backends)]
-        log_path = workdir / "tritonserver.log"
-        with open(log_path, "wb") as log:
-            # Its own process group: stop_server ends the server's model processes with it.
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=env, start_new_session=True)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    server = TritonServer(process, ports["http"], ports["grpc"], ports["metrics"], log_path, workdir)
-    deadline = time.monotonic() + timeout
+    server = TritonServer(None, ports["http"], ports["grpc"], ports["metrics"], workdir / "tritonserver.log",
+                          workdir, cmd, env, timeout)
     try:
-        while not _ready(server):
-            if process.poll() is not None:
-                raise ServerError(f"tritonserver exited with status {process.returncode} before model "
-                                  f"{MODEL_NAME!r} was ready; its log ends:\n{server.log_tail()}")
-            if time.monotonic() > deadline:
-                raise ServerError(f"model {MODEL_NAME!r} not ready after {timeout:.0f} s; the server's log ends:\n"
-                                  f"{server.log_tail()}")
-            time.sleep(0.25)
+        _launch(server)
+        _wait_ready(server)
     except BaseException:
         stop_server(server)
         raise
+    if watchdog and os.path.isdir("/proc"):
+        server._watchdog = threading.Thread(target=_watch, args=(server,), name="triton-watchdog", daemon=True)
+        server._watchdog.start()
     return server
 
 
-def stop_server(server: TritonServer, timeout: float = 20.0) -> int | None:
-    """SIGTERM, then SIGKILL after ``timeout``; then whatever is left of its process group (the
-    model's stub processes); the temporary folder is removed. Returns the server's exit status."""
-    process = server.process
+def _launch(server: TritonServer) -> None:
+    """Start the server's command (again), its output appended to its log."""
+    with open(server.log_path, "ab") as log:
+        # Its own process group: _end_process_group ends the server's model processes with it.
+        server.process = subprocess.Popen(server.command, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=server.env, start_new_session=True)
+
+
+def _wait_ready(server: TritonServer) -> None:
+    deadline = time.monotonic() + server.timeout
+    while not _ready(server):
+        if server.process.poll() is not None:
+            raise ServerError(f"tritonserver exited with status {server.process.returncode} before model "
+                              f"{MODEL_NAME!r} was ready; its log ends:\n{server.log_tail()}")
+        if time.monotonic() > deadline:
+            raise ServerError(f"model {MODEL_NAME!r} not ready after {server.timeout:.0f} s; the server's log "
+                              f"ends:\n{server.log_tail()}")
+        time.sleep(0.25)
+
+
+def _end_process_group(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; then whatever is left of the process group it
+    leads (the model's stub processes)."""
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             process.terminate()
@@ -311,8 +376,18 @@ def stop_server(server: TritonServer, timeout: float = 20.0) -> int | None:
             process.wait()
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)  # the group the server led: stubs it left behind
+
+
+def stop_server(server: TritonServer, timeout: float = 20.0) -> int | None:
+    """Stop the watchdog and the server (SIGTERM, SIGKILL after ``timeout``, then its model
+    processes); the temporary folder is removed. Returns the server's exit status."""
+    server._stop.set()
+    if server._watchdog is not None:
+        server._watchdog.join(server.timeout)
+    if server.process is not None:
+        _end_process_group(server.process, timeout)
     shutil.rmtree(server.workdir, ignore_errors=True)
-    return process.returncode
+    return None if server.process is None else server.process.returncode
 
 
 def _port(s: str) -> int:
@@ -358,7 +433,8 @@ def main(argv=None) -> int:
     print(f"model {MODEL_NAME!r} ready\n  HTTP     {server.http_url}\n  gRPC     {server.grpc_url}\n"
           f"  metrics  {server.metrics_url}\n  log      {server.log_path}\n(Ctrl-C stops it)", flush=True)
     try:
-        while server.process.poll() is None:
+        # The watchdog may be restarting the server: wait for both.
+        while server.process.poll() is None or (server._watchdog is not None and server._watchdog.is_alive()):
             time.sleep(0.5)
         print(f"error: tritonserver exited with status {server.process.returncode}; its log ends:\n"
               f"{server.log_tail()}", file=sys.stderr)
