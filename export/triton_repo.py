@@ -91,8 +91,8 @@ def write_repository(model_path, out_dir, instances: int = 1, max_batch: int = 8
 
     crf_params: CRFParams or a JSON file of them (the model's default CRF; requests may change it);
     no_crf: the CRF off by default. The ONNX is loaded and run once on a small image first (a model
-    that is not ours fails here, not in the server). A plan (.engine/.plan) is handed, with the same
-    options, to export.triton_gpu.write_gpu_repository."""
+    that is not ours fails here, not in the server). A plan (.engine/.plan) is handed, with the
+    options it has, to export.triton_gpu.write_gpu_repository."""
     model_path, out_dir = Path(model_path), Path(out_dir)
     if not model_path.is_file():
         raise RepositoryError(f"{model_path}: no such model file")
@@ -102,9 +102,10 @@ def write_repository(model_path, out_dir, instances: int = 1, max_batch: int = 8
         except ImportError as e:
             raise RepositoryError(f"{model_path}: a TensorRT plan needs the GPU repository writer "
                                   f"(export/triton_gpu.py), which cannot be imported: {e}") from e
-        return write_gpu_repository(model_path, out_dir, instances=instances, max_batch=max_batch,
-                                    crf_params=crf_params, no_crf=no_crf, queue_delay_us=queue_delay_us,
-                                    max_pixels=max_pixels)
+        # The GPU form takes the plan's class names from its sidecar and has no queue delay or
+        # max_pixels option (it refuses images above the runtime's max_size).
+        return write_gpu_repository(model_path, out_dir, max_batch=max_batch, instances=instances,
+                                    crf_defaults=_crf_defaults({}, crf_params, no_crf), force=True)
     if model_path.suffix != ".onnx":
         raise RepositoryError(f"{model_path}: expected an .onnx (or a TensorRT .engine/.plan)")
     for name, value, low in (("instances", instances, 1), ("max_batch", max_batch, 1),

@@ -415,13 +415,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    stop = {"signal": None}
 
     def on_signal(signum, frame):
-        stop["signal"] = signum
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        return _serve(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
         server = start_server(args.repo, args.http_port, args.grpc_port, args.metrics_port,
                               args.tritonserver, args.model_env, args.timeout)
