@@ -67,7 +67,7 @@ class TritonPythonModel:
 
     @staticmethod
     def _response_parameters_supported() -> bool:
-        """Python backends from 24.12 take InferenceResponse(parameters=...); older ones refuse it."""
+        """Newer Python backends take InferenceResponse(parameters=...); older ones (Triton 2.51's) refuse it."""
         try:
             pb_utils.InferenceResponse(output_tensors=[], parameters={"probe": "1"})
         except TypeError:
