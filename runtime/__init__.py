@@ -1,6 +1,7 @@
-"""Runtime API for embedded apps: ``Segmenter`` (never imports torch)."""
+"""Runtime API for embedded apps: ``Segmenter``, and ``TritonSegmenter`` for a Triton server (never imports torch)."""
 from .contract import ImageError
 from .onnx_backend import ModelFormatError, NetworkOutputError
 from .segmenter import Segmentation, Segmenter
+from .triton_client import TritonSegmenter  # tritonclient itself is imported only when one is made
 
-__all__ = ["Segmenter", "Segmentation", "ImageError", "ModelFormatError", "NetworkOutputError"]
+__all__ = ["Segmenter", "Segmentation", "TritonSegmenter", "ImageError", "ModelFormatError", "NetworkOutputError"]

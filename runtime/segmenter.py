@@ -15,6 +15,7 @@ and only the labels come back (runtime/device_pipeline.py lists what remains a h
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -247,6 +248,18 @@ class Segmenter:
             self._device.driver is not None else f"{self.crf_backend}, scores from the host")
         log.info("%s: network %s, CRF %s, %s pipeline", path, self.backend, crf_where, self.pipeline)
 
+    def with_crf(self, crf: CRFParams | None) -> "Segmenter":
+        """This Segmenter with other CRF parameters (None: no CRF), sharing its network, kernels
+        and settings: per-request CRF settings without loading the model again. The CRF backend is
+        the one resolved at construction, so a Segmenter made with crf=None cannot give a CRF view."""
+        if crf is not None and not isinstance(crf, CRFParams):
+            raise TypeError(f"crf must be CRFParams or None, got {type(crf).__name__}")
+        if crf is not None and self.crf_params is None:
+            raise ValueError("this Segmenter was made with crf=None: make it with CRFParams to run the CRF")
+        view = copy.copy(self)
+        view.crf_params = crf
+        return view
+
     # -- segNet-style accessors ---------------------------------------------------------------
     def class_name(self, i: int) -> str:
         return self.class_names[i]
@@ -427,7 +440,8 @@ class Segmenter:
             t2 = time.perf_counter()
             nh, nw = net_img.shape[:2]
             crop = dev.crop(buf, shape, j, nh, nw)
-            on_device = (dev.driver is not None and s == 1.0 and nh * nw <= self.crf_max_pixels)
+            on_device = (dev.driver is not None and self.crf_params is not None and s == 1.0
+                         and nh * nw <= self.crf_max_pixels)
             if not on_device:  # a host step follows: the crop comes back
                 sc = dev.download(crop, c, nh, nw)
                 timings["postprocess"] = (time.perf_counter() - t2) * 1e3

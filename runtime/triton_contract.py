@@ -9,13 +9,16 @@ request parameters (the repository writer, the served model code and the client 
 Request parameters (all optional; the model's defaults are the CRFParams in its config):
     "crf": bool (false: the network alone), and any CRFParams field by name
     ("bi_w", "bi_xy_std", "bi_rgb_std", "pos_w", "pos_xy_std", "iterations", "normalization").
-Config parameters of the model: "class_names" and "palette" (JSON lists), "crf_defaults" (JSON object).
+Config parameters of the model: "class_names" and "palette" (JSON lists), "crf_defaults" (JSON object),
+"max_pixels" (the largest image, H x W, the model takes; a larger one is refused).
 Never imports torch or tritonclient.
 """
 from __future__ import annotations
 
 import json
 from typing import Any, Mapping
+
+import numpy as np
 
 from crf import CRFParams
 
@@ -29,6 +32,9 @@ PARAM_CRF = "crf"
 CONFIG_CLASS_NAMES = "class_names"
 CONFIG_PALETTE = "palette"
 CONFIG_CRF_DEFAULTS = "crf_defaults"
+CONFIG_MAX_PIXELS = "max_pixels"
+#: Default of max_pixels: 4096 x 4096 (the input alone is 48 MB, the CRF then runs on a shrunken copy).
+DEFAULT_MAX_PIXELS = 4096 * 4096
 #: Response parameters the served model sets with its own stage times (milliseconds).
 TIMING_PARAMETERS = ("preprocess_ms", "network_ms", "crf_ms", "postprocess_ms")
 
@@ -81,3 +87,20 @@ def read_config_parameters(parameters: Mapping[str, Any]) -> tuple[list, list, C
     defaults = json.loads(text(CONFIG_CRF_DEFAULTS))
     return (json.loads(text(CONFIG_CLASS_NAMES)), json.loads(text(CONFIG_PALETTE)),
             None if defaults is None else CRFParams.from_dict(defaults))
+
+
+def check_image_batch(batch: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The IMAGE tensor of one request as the model gets it (N x H x W x 3 uint8), or RequestError
+    saying what is wrong. Triton checks dtype and rank against the config first; this is the
+    model's own check, for what the config cannot say (empty or oversized images)."""
+    a = np.asarray(batch)
+    if a.dtype != np.uint8:
+        raise RequestError(f"{INPUT_IMAGE} must be UINT8, got {a.dtype}")
+    if a.ndim != 4 or a.shape[3] != 3:
+        raise RequestError(f"{INPUT_IMAGE} must be N x H x W x 3 (BGR), got shape {list(a.shape)}")
+    n, h, w = a.shape[:3]
+    if n == 0 or h == 0 or w == 0:
+        raise RequestError(f"{INPUT_IMAGE} is empty: shape {list(a.shape)}")
+    if h * w > max_pixels:
+        raise RequestError(f"{INPUT_IMAGE} of {h}x{w} has more than the model's max_pixels ({max_pixels})")
+    return a

@@ -76,9 +76,10 @@ def tool_commands() -> set[str]:
 def test_every_tool_with_a_main_is_a_console_script():
     scripts = pyproject()["project"]["scripts"]
     assert {"export", "segment", "evaluate", "train"} <= tool_commands()
-    assert set(scripts) == {f"deeplab-{name}" for name in tool_commands()}
+    # a command is the file's name with "-" for "_" (deeplab-triton-repo runs tools/triton_repo.py)
+    assert set(scripts) == {f"deeplab-{name.replace('_', '-')}" for name in tool_commands()}
     for name, target in scripts.items():
-        assert target == f"deeplab_tools.{name.removeprefix('deeplab-')}:main", (name, target)
+        assert target == f"deeplab_tools.{name.removeprefix('deeplab-').replace('-', '_')}:main", (name, target)
 
 
 # Imports the console scripts' targets under their installed names, as the installed package lays

@@ -1,10 +1,11 @@
 """The served model's request/config parameters (runtime/triton_contract.py) and CRFParams as JSON."""
 import json
 
+import numpy as np
 import pytest
 
 from crf import CRFParams
-from runtime.triton_contract import (RequestError, config_parameters, crf_params_from_request,
+from runtime.triton_contract import (RequestError, check_image_batch, config_parameters, crf_params_from_request,
                                      read_config_parameters)
 
 
@@ -56,3 +57,16 @@ def test_crf_params_json_round_trip_and_errors(tmp_path):
         CRFParams.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="must be a JSON object"):
         CRFParams.from_dict([1, 2])
+
+
+@pytest.mark.parametrize("array, words", [
+    (np.zeros((1, 4, 4, 3), np.float32), "must be UINT8"),
+    (np.zeros((4, 4, 3), np.uint8), "must be N x H x W x 3"),
+    (np.zeros((1, 4, 4, 2), np.uint8), "must be N x H x W x 3"),
+    (np.zeros((1, 0, 4, 3), np.uint8), "is empty"),
+    (np.zeros((1, 5, 4, 3), np.uint8), "5x4 has more than the model's max_pixels \\(19\\)"),
+])
+def test_the_models_own_image_checks(array, words):
+    with pytest.raises(RequestError, match=words):
+        check_image_batch(array, max_pixels=19)
+    assert check_image_batch(np.zeros((2, 4, 4, 3), np.uint8), max_pixels=19).shape == (2, 4, 4, 3)

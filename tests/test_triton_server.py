@@ -1,0 +1,279 @@
+"""The bundled model served by a real Triton server (tools/triton_repo.py + tools/serve.py), over
+HTTP and gRPC: labels as the in-process Segmenter's, concurrent clients, dynamic batching, bad
+requests answered with errors, a killed model process, and the tools' bad input."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ROOT, SAMPLES
+from crf import CRFParams
+from runtime import Segmenter
+
+MODEL = ROOT / "models" / "deeplab_shapes.onnx"
+MAX_PIXELS = 400 * 500  # the samples (321 x 481) fit; a 500 x 500 image does not
+
+pytest.importorskip("tritonclient.http", reason="the serve extra is not installed: pip install -e '.[serve]'")
+import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from export.triton_repo import write_repository  # noqa: E402
+from runtime.triton_client import TritonSegmenter, TritonServerError  # noqa: E402
+from tools import serve, triton_repo  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("triton")
+    write_repository(MODEL, out, max_batch=8, max_pixels=MAX_PIXELS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    try:
+        serve.find_server()
+    except serve.ServerError as e:
+        pytest.skip(f"no Triton server for the serve extra: {e}")
+    srv = serve.start_server(repo)
+    yield srv
+    serve.stop_server(srv)
+    assert srv.process.poll() is not None
+    assert not _processes_on(repo), "a model process outlived the server"
+
+
+def _processes_on(repo) -> list:
+    """Processes whose command line names the repository (the server and its model processes)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if str(repo).encode() in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def local():
+    return Segmenter(MODEL), Segmenter(MODEL, crf=None)
+
+
+def _url(server, protocol):
+    return server.http_url if protocol == "http" else server.grpc_url
+
+
+def _raw_infer(server, array, datatype="UINT8", shape=None, parameters=None):
+    """One request through tritonclient.http, bypassing TritonSegmenter's own checks."""
+    client = httpclient.InferenceServerClient(server.http_url)
+    tensor = httpclient.InferInput("IMAGE", list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    if shape is not None:
+        tensor._shape = list(shape)  # a declared shape that the data does not have
+    try:
+        return client.infer("deeplab", [tensor], parameters=parameters)
+    finally:
+        client.close()
+
+
+def _small(k: int) -> np.ndarray:
+    """A crop of a sample (different per k), small enough for many requests."""
+    img = cv2.imread(str(SAMPLES / f"scene_{k % 3}.png"))
+    y, x = 20 * (k % 4), 30 * (k % 5)
+    return np.ascontiguousarray(img[y:y + 57, x:x + 73])
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_labels_equal_the_in_process_segmenter_with_and_without_crf(server, local, protocol):
+    with_crf, without = local
+    remote = TritonSegmenter(_url(server, protocol), protocol=protocol)
+    remote_off = TritonSegmenter(_url(server, protocol), protocol=protocol, crf=None)
+    assert remote.class_names == with_crf.class_names and remote.crf_params == CRFParams()
+    assert (remote.palette == with_crf.palette).all()
+    for path in sorted(SAMPLES.glob("*.png")):
+        on, off = remote(str(path)), remote_off(str(path))
+        assert np.array_equal(on.labels, with_crf(str(path)).labels), path
+        assert np.array_equal(off.labels, without(str(path)).labels), path
+        assert not np.array_equal(on.labels, off.labels)  # the CRF ran on the server
+        assert on.timings["total"] > 0 and on.probabilities is None
+    assert remote.mask(on).shape == on.image.shape
+
+
+def test_per_request_crf_parameters_and_probabilities(server, local):
+    params = CRFParams(bi_w=8.0, bi_rgb_std=5.0, iterations=3)
+    img = _small(1)
+    remote = TritonSegmenter(server.http_url, crf=params, server_stats=True)
+    got = remote(img, return_probabilities=True)
+    want = local[0].with_crf(params)(img, return_probabilities=True)
+    assert np.array_equal(got.labels, want.labels)
+    np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-5)
+    assert got.timings["server_compute"] > 0 and "server_queue" in got.timings
+
+
+def test_concurrent_clients_all_get_their_own_labels(server, local):
+    images = [_small(k) for k in range(6)]
+    expected = [local[0](im).labels for im in images]
+
+    def client(worker: int):
+        seg = TritonSegmenter(server.http_url if worker % 2 else server.grpc_url,
+                              protocol="http" if worker % 2 else "grpc")
+        wrong = 0
+        for i in range(25):
+            k = (worker + i) % len(images)
+            wrong += not np.array_equal(seg(images[k]).labels, expected[k])
+        seg.close()
+        return wrong
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client, w) for w in range(4)]
+        assert [f.result(timeout=120) for f in futures] == [0, 0, 0, 0]
+
+
+def _counts(server):
+    client = httpclient.InferenceServerClient(server.http_url)
+    stats = client.get_inference_statistics("deeplab")["model_stats"][0]
+    client.close()
+    return stats["inference_count"], stats["execution_count"]
+
+
+def test_same_size_frames_are_batched_by_the_server(server, local):
+    frame = _small(2)
+    want = local[0](frame).labels
+    inferences0, executions0 = _counts(server)
+    barrier = threading.Barrier(16)
+
+    def one(_):
+        seg = TritonSegmenter(server.http_url)
+        barrier.wait()
+        return np.array_equal(seg(frame).labels, want)
+
+    with ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(one, range(16)))
+    inferences, executions = _counts(server)
+    assert inferences - inferences0 == 16
+    assert executions - executions0 < 16  # several requests shared one model execution
+
+
+@pytest.mark.parametrize("case, array, datatype, shape, words", [
+    ("wrong dtype", np.zeros((1, 9, 9, 3), np.float32), "FP32", None, "data-type is 'FP32'"),
+    ("wrong rank", np.zeros((1, 9, 27), np.uint8), "UINT8", None, "unexpected shape"),
+    ("2 channels", np.zeros((1, 9, 9, 2), np.uint8), "UINT8", None, "unexpected shape"),
+    ("empty", np.zeros((1, 0, 9, 3), np.uint8), "UINT8", None, "IMAGE is empty"),
+    ("1 GB declared", np.zeros((1, 5, 5, 3), np.uint8), "UINT8", (1, 18258, 18258, 3), "byte size"),
+    ("over max_pixels", np.zeros((1, 500, 500, 3), np.uint8), "UINT8", None, "max_pixels"),
+])
+def test_bad_requests_get_an_error_and_the_server_keeps_serving(server, case, array, datatype, shape, words):
+    with pytest.raises(InferenceServerException, match=words):
+        _raw_infer(server, array, datatype, shape)
+    good = _raw_infer(server, _small(0)[None])
+    assert good.as_numpy("LABELS").shape == (1, 57, 73)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_request_parameters_raise_the_servers_message(server, protocol):
+    seg = TritonSegmenter(_url(server, protocol), protocol=protocol)
+    seg._parameters = {"crf": "maybe"}
+    with pytest.raises(TritonServerError, match="'crf' must be a bool"):
+        seg(_small(0))
+    seg._parameters = {"bi_w": -1.0}
+    with pytest.raises(TritonServerError, match="bi_w must be a finite number > 0"):
+        seg(_small(0))
+
+
+def test_a_killed_model_process_is_replaced(server, local):
+    stubs = serve.stub_processes(server.process.pid)
+    assert len(stubs) == 1
+    os.kill(stubs[0], signal.SIGKILL)
+    seg = TritonSegmenter(server.http_url)
+    want = local[0](_small(3)).labels
+    deadline, errors = time.monotonic() + 60, []
+    while True:
+        try:
+            got = seg(_small(3))
+            if server.restarts:
+                break
+        except Exception as e:  # "Stub process ... is not healthy", then connections closed or refused
+            if not isinstance(e, (TritonServerError, OSError)) and "connection" not in str(e).lower():
+                raise
+            errors.append(str(e))
+        assert time.monotonic() < deadline, f"not served again after 60 s: {errors[-3:]}"
+        time.sleep(0.5)
+    assert np.array_equal(got.labels, want)
+    assert server.restarts == 1 and len(serve.stub_processes(server.process.pid)) == 1
+    assert all(np.array_equal(seg(_small(3)).labels, want) for _ in range(3))
+
+
+# -- the tools' bad input -------------------------------------------------------------------------
+def test_repository_tool_refuses_a_missing_model_and_an_unwritable_folder(tmp_path, capsys):
+    assert triton_repo.main([str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "r")]) == 1
+    assert "nope.onnx: no such model file" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert triton_repo.main([str(MODEL), "--out", str(blocker / "r")]) == 1
+    assert "cannot write the repository" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"bi_ww": 1}')
+    assert triton_repo.main([str(MODEL), "--out", str(tmp_path / "r"), "--crf-params", str(tmp_path / "bad.json")]) == 1
+    assert "unknown CRF parameter(s) bi_ww" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "deeplab").exists()
+
+
+def test_repository_tool_writes_the_options_into_the_config(tmp_path):
+    (tmp_path / "p.json").write_text('{"bi_w": 4.0, "iterations": 5}')
+    assert triton_repo.main([str(MODEL), "--out", str(tmp_path), "--instances", "2", "--max-batch", "4",
+                             "--crf-params", str(tmp_path / "p.json")]) == 0
+    text = (tmp_path / "deeplab" / "config.pbtxt").read_text()
+    assert "max_batch_size: 4" in text and "kind: KIND_CPU count: 2" in text
+    assert '\\"bi_w\\": 4.0' in text and '\\"iterations\\": 5' in text
+    assert (tmp_path / "deeplab" / "1" / "model.onnx").read_bytes() == MODEL.read_bytes()
+    assert (tmp_path / "deeplab" / "1" / "crf" / "kernels" / "densecrf.cu").is_file()
+    assert triton_repo.main([str(MODEL), "--out", str(tmp_path), "--no-crf"]) == 0  # replaced
+    assert '"crf_defaults" value: { string_value: "null" }' in (tmp_path / "deeplab" / "config.pbtxt").read_text()
+
+
+def test_a_plan_goes_to_the_gpu_writer(tmp_path, capsys):
+    plan = tmp_path / "m.engine"
+    plan.write_bytes(b"not a plan")
+    code = triton_repo.main([str(plan), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    try:
+        import export.triton_gpu  # noqa: F401
+    except ImportError:
+        assert code == 1 and "needs the GPU repository writer (export/triton_gpu.py)" in err
+    else:  # the GPU writer ran: a plan without its sidecar has no class count
+        assert code == 1 and "the class count is unknown" in err
+
+
+def test_serve_tool_refuses_a_port_in_use_and_a_missing_repository(repo, tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert serve.main(["--repo", str(repo), "--http-port", str(port)]) == 1
+    assert f"--http-port {port}: in use on 127.0.0.1" in capsys.readouterr().err
+    assert serve.main(["--repo", str(tmp_path)]) == 1
+    assert "not a repository with model 'deeplab'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--repo", str(repo), "--grpc-port", "70000"])
+    assert "a port is 1..65535" in capsys.readouterr().err
+
+
+def test_segmenter_with_crf_views_share_the_network_and_match_fresh_segmenters(local):
+    with_crf, without = local
+    params = CRFParams(bi_w=8.0, iterations=3)
+    img = _small(4)
+    view = with_crf.with_crf(params)
+    assert view.network is with_crf.network and with_crf.crf_params == CRFParams()
+    assert np.array_equal(view(img).labels, Segmenter(MODEL, crf=params)(img).labels)
+    assert np.array_equal(with_crf.with_crf(None)(img).labels, without(img).labels)
+    with pytest.raises(ValueError, match="made with crf=None"):
+        without.with_crf(params)

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Write a Triton model repository serving a DeepLab model (export/triton_repo.py).
+
+    python tools/triton_repo.py models/deeplab_shapes.onnx --out out/triton
+    python tools/serve.py --repo out/triton
+
+An .onnx becomes model "deeplab" on the CPU (Python backend running runtime.Segmenter, dynamic
+batching); a TensorRT .engine/.plan becomes the GPU form. Exit status 1 with the reason when the
+model or the output folder will not do.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.triton_repo import DEFAULT_QUEUE_DELAY_US, RepositoryError, write_repository  # noqa: E402
+from runtime.onnx_backend import ModelFormatError  # noqa: E402
+from runtime.triton_contract import DEFAULT_MAX_PIXELS  # noqa: E402
+
+if __package__:  # imported: tools.triton_repo from a checkout, deeplab_tools.triton_repo when installed
+    from .cli import int_at_least  # noqa: E402
+else:  # run as a script: python tools/triton_repo.py
+    from tools.cli import int_at_least  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="an .onnx from tools/export.py (or a TensorRT .engine/.plan)")
+    ap.add_argument("--out", required=True, help="the repository folder (model 'deeplab' is written or replaced in it)")
+    ap.add_argument("--instances", type=int_at_least(1), default=1, help="model instances (processes), default 1")
+    ap.add_argument("--max-batch", type=int_at_least(1), default=8, help="Triton's max_batch_size, default 8")
+    ap.add_argument("--queue-delay-us", type=int_at_least(0), default=DEFAULT_QUEUE_DELAY_US,
+                    help=f"dynamic batching: most microseconds a request waits for others (default {DEFAULT_QUEUE_DELAY_US})")
+    ap.add_argument("--crf-params", metavar="FILE", help="JSON CRF parameters: the model's default CRF")
+    ap.add_argument("--no-crf", action="store_true", help="the CRF off unless a request turns it on")
+    ap.add_argument("--max-pixels", type=int_at_least(1), default=DEFAULT_MAX_PIXELS,
+                    help=f"larger images (H x W) are refused (default {DEFAULT_MAX_PIXELS})")
+    args = ap.parse_args(argv)
+    if args.no_crf and args.crf_params:
+        ap.error("--no-crf and --crf-params contradict each other")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        folder = write_repository(args.model, args.out, instances=args.instances, max_batch=args.max_batch,
+                                  crf_params=args.crf_params, no_crf=args.no_crf,
+                                  queue_delay_us=args.queue_delay_us, max_pixels=args.max_pixels)
+    except (RepositoryError, ModelFormatError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {folder}")
+    print(f"serve it: python tools/serve.py --repo {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
