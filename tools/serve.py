@@ -342,12 +342,25 @@ def start_server(repo, http_port: int | None = None, grpc_port: int | None = Non
     return server
 
 
+def _die_with_parent() -> None:
+    """In the server's process before exec (Linux): SIGTERM it when the thread that started it ends
+    (serve.py or a test run killed outright), so no server is left holding the ports. The watchdog
+    thread, which restarts the server, lives as long as the server does."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: stop_server still ends it
+
+
 def _launch(server: TritonServer) -> None:
     """Start the server's command (again), its output appended to its log."""
     with open(server.log_path, "ab") as log:
         # Its own process group: _end_process_group ends the server's model processes with it.
         server.process = subprocess.Popen(server.command, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=server.env, start_new_session=True)
+                                          stdin=subprocess.DEVNULL, env=server.env, start_new_session=True,
+                                          preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
 
 def _wait_ready(server: TritonServer) -> None:
