@@ -414,8 +414,12 @@ def test_crf_step_copies_scores_it_cannot_address(repo):
     step = steps.CRFStep(CPUKernels())
     scores = np.random.default_rng(1).normal(size=(1, 5, 65, 65)).astype(np.float32)
     view = steps.dlpack_view(scores.__dlpack__())._replace(device_type=steps.K_DL_CUDA)
-    with pytest.raises(steps.StepError, match="cannot read"):
+    with pytest.raises(steps.StepError, match="SCORES are on GPU 0, which the cpu kernels cannot read: on a server "
+                       "with several GPUs, pin deeplab_network and deeplab_crf to the same GPU"):
         step.scores_buffer(view, None)
+    elsewhere = view._replace(device_type=4)  # e.g. OpenCL memory
+    with pytest.raises(steps.StepError, match="SCORES are on DLPack device type 4 #0, which the cpu kernels cannot read"):
+        step.scores_buffer(elsewhere, None)
     buf = step.scores_buffer(view, scores)
     assert buf.ptr != scores.ctypes.data
     image = np.full((1, 65, 65, 3), 128, np.uint8)
