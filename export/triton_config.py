@@ -7,10 +7,12 @@ its models are (Python backend, TensorRT plan, ONNX, ensemble):
 
 - every model directory has a ``config.pbtxt`` that parses, whose ``name`` is the directory's;
 - version directories (numbers) exist and hold the file the model's platform/backend loads;
-- ensemble steps name models of the repository, inputs and outputs those models declare, and
-  tensors that exist (an ensemble input or an earlier step's output) with equal data types and
-  compatible dims; every ensemble output is produced by exactly one step with its data type; a
-  batching ensemble's composing models batch at least as much.
+- ensemble steps, as Triton core checks them: they name models of the repository, inputs and
+  outputs those models declare, and tensors that exist (an ensemble input or a step's output, the
+  steps in any order but without a cycle) with equal data types and compatible dims (as declared,
+  or with the batch dimension of batching models); every ensemble output is produced by exactly
+  one step; every ensemble input and step output is used; a batching ensemble's composing models
+  batch at least as much, or not at all (max_batch_size 0); an ensemble has no instance_group.
 
 tritonclient is imported only here and only when called: ``pip install 'tritonclient[grpc]'``.
 """
@@ -73,6 +75,23 @@ def _dims_compatible(a, b) -> bool:
     return len(a) == len(b) and all(x == y or x == -1 or y == -1 for x, y in zip(a, b))
 
 
+@dataclass
+class _Tensor:
+    """An ensemble tensor as Triton core's ensemble check sees it (ensemble_utils.cc TensorNode)."""
+    dtype: int
+    dims: List[int]
+    batching: bool  # the declaring model batches: its full shape has a leading -1
+    origin: str
+
+    def full_dims(self) -> List[int]:
+        return ([-1] if self.batching else []) + self.dims
+
+    def fits(self, other: "_Tensor") -> bool:
+        """Dims equal up to -1, either as declared or as full shapes: a tensor may pass between a
+        batching model ([d0, ...]) and a non-batching one ([-1, d0, ...])."""
+        return _dims_compatible(self.dims, other.dims) or _dims_compatible(self.full_dims(), other.full_dims())
+
+
 def _load(model_dir: Path) -> _Model:
     cfg_path = model_dir / "config.pbtxt"
     if not cfg_path.is_file():
@@ -105,15 +124,29 @@ def _check_versions(m: _Model) -> None:
             raise ConfigError(f"{m.path.name}: version {v.name} has no {wanted} (needed by {kind})")
 
 
+def _io_dims(spec) -> List[int]:
+    """An ensemble input's or output's dims as Triton reads them: its reshape when it has one."""
+    return list(spec.reshape.shape) if spec.HasField("reshape") else list(spec.dims)
+
+
 def _check_ensemble(m: _Model, models: Dict[str, _Model]) -> None:
+    """Triton core's checks of an ensemble (model_config_utils.cc ValidateEnsembleSchedulingConfig,
+    ensemble_utils.cc ValidateEnsembleConfig): the steps form a graph, in any order, from the
+    ensemble's inputs to its outputs, and every tensor in it is used."""
     c, name = m.config, m.path.name
     steps = c.ensemble_scheduling.step
     if not steps:
         raise ConfigError(f"{name}: platform 'ensemble' without ensemble_scheduling steps")
-    # tensor name -> (dtype, dims, where it comes from)
-    available: Dict[str, tuple] = {t: (spec.data_type, list(spec.dims), "ensemble input")
+    for forbidden in ("instance_group", "model_warmup"):
+        if len(getattr(c, forbidden)):
+            raise ConfigError(f"{name}: an ensemble takes no {forbidden} (its steps' models have their own)")
+    if c.HasField("optimization"):
+        raise ConfigError(f"{name}: an ensemble takes no optimization (its steps' models have their own)")
+    batching = c.max_batch_size > 0
+    tensors: Dict[str, _Tensor] = {t: _Tensor(spec.data_type, _io_dims(spec), batching, "ensemble input")
                                    for t, spec in m.inputs.items()}
-    produced: Dict[str, str] = {}
+    # First the models and what each step produces: a step may consume a tensor of a step listed after it.
+    targets = []
     for i, step in enumerate(steps):
         where = f"{name}: step {i} ({step.model_name})"
         target = models.get(step.model_name)
@@ -122,47 +155,77 @@ def _check_ensemble(m: _Model, models: Dict[str, _Model]) -> None:
                               f"(models: {', '.join(sorted(models))})")
         if target.config.platform == "ensemble":
             raise ConfigError(f"{where}: nested ensembles are not checked here")
-        if c.max_batch_size > 0 and target.config.max_batch_size < c.max_batch_size:
+        # A non-batching model (max_batch_size 0) may sit in a batching ensemble (its dims then hold the batch).
+        if batching and 0 < target.config.max_batch_size < c.max_batch_size:
             raise ConfigError(f"{where}: max_batch_size {target.config.max_batch_size} is below the "
                               f"ensemble's {c.max_batch_size}")
-        for model_input, tensor in step.input_map.items():
-            spec = target.inputs.get(model_input)
-            if spec is None:
-                raise ConfigError(f"{where}: '{step.model_name}' has no input '{model_input}' "
-                                  f"(inputs: {', '.join(sorted(target.inputs))})")
-            if tensor not in available:
-                raise ConfigError(f"{where}: tensor '{tensor}' for input '{model_input}' is neither an ensemble "
-                                  "input nor an output of an earlier step")
-            dtype, dims, origin = available[tensor]
-            if dtype != spec.data_type:
-                raise ConfigError(f"{where}: tensor '{tensor}' ({origin}) is {dtype_name(dtype)}, but input "
-                                  f"'{model_input}' of '{step.model_name}' is {dtype_name(spec.data_type)}")
-            if not _dims_compatible(dims, list(spec.dims)):
-                raise ConfigError(f"{where}: tensor '{tensor}' ({origin}) has dims {dims}, input '{model_input}' "
-                                  f"of '{step.model_name}' takes {list(spec.dims)}")
-        missing = sorted(set(target.inputs) - set(step.input_map)
-                         - {n for n, s in target.inputs.items() if s.optional})
-        if missing:
-            raise ConfigError(f"{where}: inputs {missing} of '{step.model_name}' are not mapped")
+        if not step.input_map or not step.output_map:
+            raise ConfigError(f"{where}: a step needs both an input_map and an output_map")
+        step_batching = target.config.max_batch_size > 0
         for model_output, tensor in step.output_map.items():
             spec = target.outputs.get(model_output)
             if spec is None:
                 raise ConfigError(f"{where}: '{step.model_name}' has no output '{model_output}' "
                                   f"(outputs: {', '.join(sorted(target.outputs))})")
-            if tensor in available:
+            if tensor in tensors:
                 raise ConfigError(f"{where}: tensor '{tensor}' is produced twice "
-                                  f"({available[tensor][2]} and output '{model_output}')")
-            available[tensor] = (spec.data_type, list(spec.dims), f"output '{model_output}' of {step.model_name}")
-            produced[tensor] = step.model_name
+                                  f"({tensors[tensor].origin} and output '{model_output}')")
+            tensors[tensor] = _Tensor(spec.data_type, list(spec.dims), step_batching,
+                                      f"output '{model_output}' of {step.model_name}")
+        targets.append((where, step, target, step_batching))
+    consumed = set()
+    for where, step, target, step_batching in targets:
+        for model_input, tensor in step.input_map.items():
+            spec = target.inputs.get(model_input)
+            if spec is None:
+                raise ConfigError(f"{where}: '{step.model_name}' has no input '{model_input}' "
+                                  f"(inputs: {', '.join(sorted(target.inputs))})")
+            if tensor not in tensors:
+                raise ConfigError(f"{where}: tensor '{tensor}' for input '{model_input}' is neither an ensemble "
+                                  "input nor any step's output")
+            have = tensors[tensor]
+            wanted = _Tensor(spec.data_type, list(spec.dims), step_batching, f"input '{model_input}'")
+            if have.dtype != wanted.dtype:
+                raise ConfigError(f"{where}: tensor '{tensor}' ({have.origin}) is {dtype_name(have.dtype)}, but input "
+                                  f"'{model_input}' of '{step.model_name}' is {dtype_name(wanted.dtype)}")
+            if not have.fits(wanted):
+                raise ConfigError(f"{where}: tensor '{tensor}' ({have.origin}) has dims {have.dims}, input "
+                                  f"'{model_input}' of '{step.model_name}' takes {wanted.dims}")
+            consumed.add(tensor)
+        missing = sorted(set(target.inputs) - set(step.input_map)
+                         - {n for n, s in target.inputs.items() if s.optional})
+        if missing:
+            raise ConfigError(f"{where}: inputs {missing} of '{step.model_name}' are not mapped")
+    # Data flow: a step runs once all its input tensors are ready (no cycle may hold one back).
+    ready = set(m.inputs)
+    pending = list(targets)
+    while pending:
+        runnable = [t for t in pending if set(t[1].input_map.values()) <= ready]
+        if not runnable:
+            where, step = pending[0][:2]
+            waiting = sorted(set(step.input_map.values()) - ready)
+            raise ConfigError(f"{where}: never runs: tensors {waiting} wait on each other (a cycle)")
+        for t in runnable:
+            ready |= set(t[1].output_map.values())
+            pending.remove(t)
     for t, spec in m.outputs.items():
-        if t not in produced:
+        if t not in tensors or t in m.inputs:
             raise ConfigError(f"{name}: ensemble output '{t}' is not produced by any step")
-        dtype, dims, origin = available[t]
-        if dtype != spec.data_type:
-            raise ConfigError(f"{name}: ensemble output '{t}' is {dtype_name(spec.data_type)}, but {origin} "
-                              f"is {dtype_name(dtype)}")
-        if not _dims_compatible(dims, list(spec.dims)):
-            raise ConfigError(f"{name}: ensemble output '{t}' has dims {list(spec.dims)}, {origin} has {dims}")
+        have = tensors[t]
+        wanted = _Tensor(spec.data_type, _io_dims(spec), batching, f"ensemble output '{t}'")
+        if have.dtype != wanted.dtype:
+            raise ConfigError(f"{name}: ensemble output '{t}' is {dtype_name(wanted.dtype)}, but {have.origin} "
+                              f"is {dtype_name(have.dtype)}")
+        if not have.fits(wanted):
+            raise ConfigError(f"{name}: ensemble output '{t}' has dims {wanted.dims}, {have.origin} has {have.dims}")
+    # Triton refuses a repository with a tensor no step or output uses.
+    for t in m.inputs:
+        if t not in consumed:
+            raise ConfigError(f"{name}: ensemble input '{t}' is not used by any step")
+    for t, have in tensors.items():
+        if t not in consumed and t not in m.outputs and t not in m.inputs:
+            raise ConfigError(f"{name}: tensor '{t}' ({have.origin}) is unused: no step takes it and it is "
+                              "no ensemble output")
 
 
 def validate_repository(repo: str | Path) -> Dict[str, Any]:

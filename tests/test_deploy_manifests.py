@@ -77,6 +77,10 @@ def test_hpa_scales_the_deployment_on_the_adapters_queue_metric():
     (rule,) = [r for r in rules if r["name"]["as"] == metric["pods"]["metric"]["name"]]
     assert "nv_inference_queue_duration_us" in rule["seriesQuery"]
     assert "rate(nv_inference_queue_duration_us" in rule["metricsQuery"]
+    # the queues are the composing models': an ensemble's own queue time is near zero in Triton
+    queued = re.search(r"rate\(nv_inference_queue_duration_us\{[^}]*model=~\"([^\"]+)\"", rule["metricsQuery"])
+    assert queued and set(queued.group(1).split("|")) == {"deeplab_pad", "deeplab_network", "deeplab_crf"}
+    assert 'nv_inference_request_success{<<.LabelMatchers>>,model="deeplab"}' in rule["metricsQuery"]
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
     p = manifest("triton-podmonitor.yaml")
     assert p["kind"] == "PodMonitor" and p["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"

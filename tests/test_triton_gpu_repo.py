@@ -14,6 +14,7 @@ import ast
 import hashlib
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -199,7 +200,21 @@ BREAKAGES = {
     "no version directory": (lambda r: (r / "deeplab/1").rmdir(), "no version directory"),
     "batch below the ensemble's": (lambda r: _edit(r / "deeplab_pad/config.pbtxt", "max_batch_size: 8",
                                                    "max_batch_size: 2"), "max_batch_size 2 is below the ensemble's 8"),
+    "step output nothing uses": (lambda r: _edit_re(r / "deeplab/config.pbtxt", r',\n  \{ name: "PROBABILITIES"[^\n]*', ""),
+                                 "tensor 'PROBABILITIES' (output 'PROBABILITIES' of deeplab_crf) is unused"),
+    "ensemble input nothing uses": (lambda r: _edit(r / "deeplab/config.pbtxt", "input [\n",
+                                                    'input [\n  { name: "EXTRA" data_type: TYPE_FP32 dims: [ 1 ] },\n'),
+                                    "ensemble input 'EXTRA' is not used by any step"),
+    "instance group on the ensemble": (lambda r: _edit(r / "deeplab/config.pbtxt", "ensemble_scheduling {",
+                                                       "instance_group [ { kind: KIND_CPU } ]\nensemble_scheduling {"),
+                                       "an ensemble takes no instance_group"),
 }
+
+
+def _edit_re(path: Path, pattern: str, new: str) -> None:
+    text, n = re.subn(pattern, new, path.read_text(), count=1)
+    assert n == 1, f"{pattern!r} not in {path}"
+    path.write_text(text)
 
 
 @pytest.mark.parametrize("breakage", sorted(BREAKAGES))
@@ -209,6 +224,56 @@ def test_validator_catches(repo, breakage):
     with pytest.raises(ConfigError) as e:
         validate_repository(repo)
     assert message in str(e.value)
+
+
+def _python_model(root: Path, name: str, max_batch: int, inputs: dict, outputs: dict) -> None:
+    """A Python-backend model directory with FP32 tensors of the given dims (model.py is never run)."""
+    (root / name / "1").mkdir(parents=True)
+    (root / name / "1" / "model.py").write_text("")
+    io = {kind: ",\n".join(f'  {{ name: "{t}" data_type: TYPE_FP32 dims: {dims} }}' for t, dims in ts.items())
+          for kind, ts in (("input", inputs), ("output", outputs))}
+    (root / name / "config.pbtxt").write_text(
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
+        f'input [\n{io["input"]}\n]\noutput [\n{io["output"]}\n]\n')
+
+
+def _ensemble(root: Path, steps: list, max_batch: int = 4) -> None:
+    """Ensemble "e": X [4] in, Z [4] out; steps: (model, {input: tensor}, {output: tensor})."""
+    text = "".join(
+        f'  step {{ model_name: "{m}" model_version: -1 '
+        + "".join(f'input_map {{ key: "{k}" value: "{v}" }} ' for k, v in ins.items())
+        + "".join(f'output_map {{ key: "{k}" value: "{v}" }} ' for k, v in outs.items()) + "}\n"
+        for m, ins, outs in steps)
+    (root / "e" / "1").mkdir(parents=True)
+    (root / "e" / "config.pbtxt").write_text(
+        f'name: "e"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [ { name: "Z" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        f"ensemble_scheduling {{\n{text}}}\n")
+
+
+def test_validator_follows_tritons_graph_rules(tmp_path):
+    """Steps in any order, a non-batching model in a batching ensemble (its dims hold the batch), as
+    Triton accepts them; a cycle refused."""
+    ok = tmp_path / "ok"
+    _python_model(ok, "first", 4, {"IN": [4]}, {"OUT": [4]})
+    _python_model(ok, "second", 0, {"IN": [-1, 4]}, {"OUT": [-1, 4]})  # no batching: [-1, 4] is [batch, 4]
+    _ensemble(ok, [("second", {"IN": "y"}, {"OUT": "Z"}), ("first", {"IN": "X"}, {"OUT": "y"})])
+    assert sorted(validate_repository(ok)) == ["e", "first", "second"]
+
+    mismatch = tmp_path / "rank"
+    _python_model(mismatch, "first", 4, {"IN": [4]}, {"OUT": [4]})
+    _python_model(mismatch, "second", 0, {"IN": [-1, 5]}, {"OUT": [-1, 4]})  # [batch, 5] is not [batch, 4]
+    _ensemble(mismatch, [("first", {"IN": "X"}, {"OUT": "y"}), ("second", {"IN": "y"}, {"OUT": "Z"})])
+    with pytest.raises(ConfigError, match=r"tensor 'y' \(output 'OUT' of first\) has dims \[4\], input 'IN'"):
+        validate_repository(mismatch)
+
+    cycle = tmp_path / "cycle"
+    _python_model(cycle, "a", 4, {"IN": [4], "BACK": [4]}, {"OUT": [4]})
+    _python_model(cycle, "b", 4, {"IN": [4]}, {"OUT": [4], "LOOP": [4]})
+    _ensemble(cycle, [("a", {"IN": "X", "BACK": "loop"}, {"OUT": "y"}), ("b", {"IN": "y"}, {"OUT": "Z", "LOOP": "loop"})])
+    with pytest.raises(ConfigError, match=r"step 0 \(a\): never runs: tensors \['loop'\] wait on each other"):
+        validate_repository(cycle)
 
 
 def test_parse_config_names_the_line():
@@ -349,8 +414,12 @@ def test_crf_step_copies_scores_it_cannot_address(repo):
     step = steps.CRFStep(CPUKernels())
     scores = np.random.default_rng(1).normal(size=(1, 5, 65, 65)).astype(np.float32)
     view = steps.dlpack_view(scores.__dlpack__())._replace(device_type=steps.K_DL_CUDA)
-    with pytest.raises(steps.StepError, match="cannot read"):
+    with pytest.raises(steps.StepError, match="SCORES are on GPU 0, which the cpu kernels cannot read: on a server "
+                       "with several GPUs, pin deeplab_network and deeplab_crf to the same GPU"):
         step.scores_buffer(view, None)
+    elsewhere = view._replace(device_type=4)  # e.g. OpenCL memory
+    with pytest.raises(steps.StepError, match="SCORES are on DLPack device type 4 #0, which the cpu kernels cannot read"):
+        step.scores_buffer(elsewhere, None)
     buf = step.scores_buffer(view, scores)
     assert buf.ptr != scores.ctypes.data
     image = np.full((1, 65, 65, 3), 128, np.uint8)

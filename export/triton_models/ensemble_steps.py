@@ -155,8 +155,15 @@ class CRFStep:
         if self.addressable(view):
             return view.buffer
         if host is None:
-            raise StepError(f"SCORES are on device type {view.device_type} #{view.device_id}, which the "
-                            f"{self.k.name} kernels cannot read")
+            if view.device_type != K_DL_CUDA:
+                raise StepError(f"SCORES are on DLPack device type {view.device_type} #{view.device_id}, which "
+                                f"the {self.k.name} kernels cannot read")
+            # Triton hands a Python model a GPU input on the GPU that wrote it, whichever GPU the
+            # model instance runs on.
+            kernels = f"GPU {self.device_id}" if self.k.name == "gpu" else f"the {self.k.name}"
+            raise StepError(f"SCORES are on GPU {view.device_id}, which {kernels} kernels cannot read: on a "
+                            "server with several GPUs, pin deeplab_network and deeplab_crf to the same GPU "
+                            "(instance_group gpus), or serve one GPU per server")
         with self.k.active():
             if self._uploaded is None or self._uploaded.nbytes < host.nbytes:
                 self._uploaded = None  # the smaller one is freed with the context current
