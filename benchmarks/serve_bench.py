@@ -288,8 +288,8 @@ class Window:
             self.connected.wait()
             self.drained.wait()  # every warm-up request answered: nothing in flight
             before = stats.snapshot()
-            self.deadline = time.perf_counter() + duration
             t0 = time.perf_counter()
+            self.deadline = t0 + duration
             self.started.wait()
             for t in threads:
                 t.join()
@@ -325,8 +325,7 @@ def _distinct(messages: List[str]) -> List[str]:
     return seen
 
 
-def _loadavg() -> str:
-    load = load_average()
+def _loadavg(load) -> str:
     return "unknown" if load is None else " ".join(f"{v:.2f}" for v in load)
 
 
@@ -351,7 +350,8 @@ def run_windows(url: str, protocol: str, crf_settings: List[bool], concurrency: 
             for clients in concurrency:
                 load = load_average()
                 label = f"CRF {'on' if crf else 'off'}, {clients} client{'s' if clients > 1 else ''}"
-                print(f"[{len(windows) + 1}/{total}] {label}: load average {_loadavg()}", file=sys.stderr, flush=True)
+                print(f"[{len(windows) + 1}/{total}] {label}: load average {_loadavg(load)}", file=sys.stderr,
+                      flush=True)
                 result = Window(url, protocol, crf_on if crf else None, clients, image, warmup).run(duration, stats)
                 result = {"crf": "on" if crf else "off", "clients": clients, "load_average_before": load, **result}
                 windows.append(result)
@@ -410,11 +410,11 @@ def _footnote(report: Dict[str, Any]) -> str:
             f"{srv['max_queue_delay_us']} us. Latency: client wall time per request; server times: per request, "
             f"from Triton's statistics (compute: the execution that ran it, shared by its batch). "
             f"{env['cpu']}, {env['logical_cores']} logical cores, GPU {env['gpu'] or 'none'}, load average "
-            f"before the windows {', '.join(_loadavg_text(w['load_average_before']) for w in report['windows'])}; "
+            f"before the windows {', '.join(_one_minute_load(w['load_average_before']) for w in report['windows'])}; "
             f"{env['date']}.")
 
 
-def _loadavg_text(load) -> str:
+def _one_minute_load(load) -> str:
     return "unknown" if load is None else f"{load[0]:.2f}"
 
 
