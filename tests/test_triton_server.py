@@ -14,54 +14,18 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, SAMPLES
+from conftest import SAMPLES
 from crf import CRFParams
 from runtime import Segmenter
+from triton_fixture import MODEL, NO_SERVE_EXTRA, repo, server  # noqa: F401  (fixtures)
 
-MODEL = ROOT / "models" / "deeplab_shapes.onnx"
-MAX_PIXELS = 400 * 500  # the samples (321 x 481) fit; a 500 x 500 image does not
-
-pytest.importorskip("tritonclient.http", reason="the serve extra is not installed: pip install -e '.[serve]'")
+pytest.importorskip("tritonclient.http", reason=NO_SERVE_EXTRA)
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from export.triton_repo import write_repository  # noqa: E402
 from runtime.triton_client import TritonSegmenter, TritonServerError  # noqa: E402
 from tools import serve, triton_repo  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("triton")
-    write_repository(MODEL, out, max_batch=8, max_pixels=MAX_PIXELS)
-    return out
-
-
-@pytest.fixture(scope="module")
-def server(repo):
-    try:
-        serve.find_server()
-    except serve.ServerError as e:
-        pytest.skip(f"no Triton server for the serve extra: {e}")
-    srv = serve.start_server(repo)
-    yield srv
-    serve.stop_server(srv)
-    assert srv.process.poll() is not None
-    assert not _processes_on(repo), "a model process outlived the server"
-
-
-def _processes_on(repo) -> list:
-    """Processes whose command line names the repository (the server and its model processes)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if str(repo).encode() in f.read():
-                    found.append(int(entry))
-        except (OSError, ValueError):
-            pass
-    return found
 
 
 @pytest.fixture(scope="module")
