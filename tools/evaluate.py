@@ -195,10 +195,11 @@ def print_scores(result: dict) -> None:
 
 
 def print_parity(result: dict) -> None:
-    print(f"{'contender':28s} {'kind':9s} {'precision':9s} {'mIoU':>7s} {'delta':>7s} {'labels=':>8s} "
+    width = max([28] + [len(row["name"]) for row in result["contenders"]])
+    print(f"{'contender':{width}s} {'kind':9s} {'precision':9s} {'mIoU':>7s} {'delta':>7s} {'labels=':>8s} "
           f"{'CRF mIoU':>8s} {'delta':>7s} {'labels=':>8s}")
     for row in result["contenders"]:
-        head = f"{row['name'][-28:]:28s} {row['kind']:9s} {row['precision']:9s}"
+        head = f"{row['name']:{width}s} {row['kind']:9s} {row['precision']:9s}"
         if row["skipped"]:
             print(f"{head} skipped: {row['skipped']}")
             continue
