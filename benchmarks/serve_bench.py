@@ -199,9 +199,12 @@ class ServerStats:
 def stats_delta(before: dict, after: dict, client_requests: int) -> dict:
     """What the server did between two snapshots, per request: queue and compute ms (a request's
     compute is that of the execution that ran it, shared with the rest of its batch), and the
-    average batch (requests / executions). ``other_requests``: successes the server counted that
-    this benchmark did not send (another client of the model: the times are then not ours alone)."""
-    requests = after["success"][0] - before["success"][0]
+    average batch (requests / executions). ``requests`` counts Triton's successes and failures:
+    Triton 2.51 counts a request the Python model answers with an error response as a success.
+    ``other_requests``: the server's count minus the requests sent (answered or failed); above 0,
+    another client used the model (the times are then not this load's alone), below 0, requests
+    that never reached the model."""
+    requests = (after["success"][0] - before["success"][0]) + (after["fail"][0] - before["fail"][0])
     executions = after["execution_count"] - before["execution_count"]
     inferences = after["inference_count"] - before["inference_count"]
 
@@ -312,7 +315,7 @@ class Window:
                 "warmup_error_messages": _distinct(warmup_errors), "wall_s": wall,
                 "throughput_rps": len(latencies) / wall,
                 "latency_ms": latency_stats(latencies) if latencies else None,
-                "server": stats_delta(before, after, len(latencies))}
+                "server": stats_delta(before, after, len(latencies) + len(errors))}
 
 
 def _distinct(messages: List[str]) -> List[str]:
@@ -323,6 +326,10 @@ def _distinct(messages: List[str]) -> List[str]:
             if len(seen) == KEPT_ERRORS:
                 break
     return seen
+
+
+def _clients(n: int) -> str:
+    return f"{n} client{'s' if n > 1 else ''}"
 
 
 def _loadavg(load) -> str:
@@ -349,7 +356,7 @@ def run_windows(url: str, protocol: str, crf_settings: List[bool], concurrency: 
         for crf in crf_settings:
             for clients in concurrency:
                 load = load_average()
-                label = f"CRF {'on' if crf else 'off'}, {clients} client{'s' if clients > 1 else ''}"
+                label = f"CRF {'on' if crf else 'off'}, {_clients(clients)}"
                 print(f"[{len(windows) + 1}/{total}] {label}: load average {_loadavg(load)}", file=sys.stderr,
                       flush=True)
                 result = Window(url, protocol, crf_on if crf else None, clients, image, warmup).run(duration, stats)
@@ -395,7 +402,7 @@ def error_lines(report: Dict[str, Any]) -> List[str]:
         for what, n, msgs in (("", w["errors"], w["error_messages"]),
                               (" in the warm-up", w["warmup_errors"], w["warmup_error_messages"])):
             if n:
-                lines.append(f"CRF {w['crf']}, {w['clients']} clients: {n} failed request(s){what}: "
+                lines.append(f"CRF {w['crf']}, {_clients(w['clients'])}: {n} failed request(s){what}: "
                              + "; ".join(msgs))
     if not lines:
         lines.append(f"Errors: none ({sum(w['requests'] for w in report['windows'])} requests answered).")

@@ -160,3 +160,21 @@ def test_no_server_at_the_url_exits_1(capsys):
     port = _closed_port()
     assert serve_bench.main(["--url", f"127.0.0.1:{port}", "--duration", "1"]) == 1
     assert f"cannot use model 'deeplab' at 127.0.0.1:{port} over http" in capsys.readouterr().err
+
+
+def test_failed_requests_are_counted_and_reported(server, tmp_path, capsys):
+    """Images above the served model's max_pixels: every request fails, and the reports say so."""
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    code = serve_bench.main(["--url", server.http_url, "--size", "500x500", "--concurrency", "1", "--crf", "off",
+                             "--duration", "0.5", "--warmup", "0", "--json", str(out_json), "--markdown", str(out_md)])
+    err = capsys.readouterr().err
+    assert code == 1 and "request(s) failed (see the reports)" in err
+    (window,) = json.loads(out_json.read_text())["windows"]
+    assert window["errors"] > 0 and window["requests"] == 0 and window["latency_ms"] is None
+    # Triton counts the model's error responses as successes: its count is the requests sent.
+    assert window["throughput_rps"] == 0 and window["server"]["requests"] == window["errors"]
+    assert window["server"]["other_requests"] == 0
+    assert len(window["error_messages"]) == 1 and "max_pixels" in window["error_messages"][0]
+    md = out_md.read_text()
+    assert "| off | 1 | 0.00 | - | - | - |" in md
+    assert f"CRF off, 1 client: {window['errors']} failed request(s): " in md and "Errors: none" not in md
