@@ -425,3 +425,22 @@ def test_crf_step_copies_scores_it_cannot_address(repo):
     image = np.full((1, 65, 65, 3), 128, np.uint8)
     labels, _ = step.run(buf, scores.shape, image, None, False)
     assert np.array_equal(labels[0], scores[0].argmax(0))
+
+
+def test_the_cpu_form_passes_the_same_validator(tmp_path):
+    """export/triton_repo.py's Python-backend repository parses with Triton's own protobuf too, and
+    its parameters read back as the model's class names, palette and CRF defaults."""
+    from export.triton_repo import write_repository
+    from runtime import Segmenter
+
+    model = ROOT / "models" / "deeplab_shapes.onnx"
+    write_repository(model, tmp_path, max_batch=4)
+    configs = validate_repository(tmp_path)
+    assert set(configs) == {"deeplab"}
+    cfg = configs["deeplab"]
+    assert cfg.backend == "python" and cfg.max_batch_size == 4 and cfg.HasField("dynamic_batching")
+    assert [(i.name, list(i.dims)) for i in cfg.input] == [("IMAGE", [-1, -1, 3])]
+    assert [o.name for o in cfg.output] == ["LABELS", "PROBABILITIES"]
+    names, palette, defaults = read_config_parameters(string_parameters(cfg))
+    seg = Segmenter(model, crf=None)
+    assert names == list(seg.class_names) and palette == seg.palette.tolist() and defaults == CRFParams()

@@ -54,6 +54,16 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {folder}")
+    try:  # Triton's own model-config schema, where tritonclient (the serve extra) is installed
+        from export.triton_config import ConfigError, validate_repository
+
+        validate_repository(args.out)
+        print("checked against Triton's model configuration schema")
+    except ImportError:
+        pass
+    except ConfigError as e:
+        print(f"error: the repository written does not pass Triton's checks: {e}", file=sys.stderr)
+        return 1
     print(f"serve it: python tools/serve.py --repo {args.out}")
     return 0
 
