@@ -310,6 +310,8 @@ def test_evaluate_arguments_are_refused_with_the_reason(tmp_path, capsys):
         (["--model", ONNX, "--crf-params", _params(tmp_path, bi_weight=4)], "unknown CRF parameter(s) bi_weight"),
         (["--model", ONNX, "--parity", "--search-crf", tmp_path / "s.json"], "not allowed with argument"),
         (["--model", ONNX, "--search-crf", tmp_path], f"--search-crf {tmp_path}: {tmp_path} is a folder"),
+        (["--model", ONNX, "--dataset", tmp_path, "--first-scene", "3"], "--first-scene applies to the generated"),
+        (["--model", ONNX, "--first-scene", "-1"], "--first-scene"),
     )
     for args, message in cases:
         status, _, err = run_main(args, capsys)
@@ -344,3 +346,16 @@ def test_segmenter_refuses_a_bad_crf_file(tmp_path):
 
     with pytest.raises(ValueError, match="unknown CRF parameter"):
         Segmenter(ONNX, crf=_params(tmp_path, sigma=3))
+
+
+def test_scenes_from_a_given_number_on():
+    """--first-scene: a CRF search on scenes the default evaluation does not score."""
+    from tools.evaluate import GeneratedScenes, held_out_scene
+
+    later = GeneratedScenes(2, first=100)
+    image, truth = held_out_scene(101)
+    sample = later.load(1)
+    assert len(later) == 2 and sample.name == "scene 101" and "from number 100 on" in later.description
+    assert np.array_equal(sample.image, image) and np.array_equal(sample.truth, truth)
+    assert not np.array_equal(GeneratedScenes(2).load(1).truth, truth) or \
+        not np.array_equal(GeneratedScenes(2).load(1).image, image)

@@ -53,22 +53,25 @@ def held_out_scene(i: int):
 
 
 class GeneratedScenes:
-    """The first ``count`` held-out generated scenes, as a dataset (len, load(i) -> Sample)."""
+    """``count`` held-out generated scenes from number ``first`` on, as a dataset (len, load(i) -> Sample).
+    A CRF search on scenes from ``first`` = 100 on does not tune on the 100 scenes scored by default."""
 
-    def __init__(self, count: int = DEFAULT_SCENES):
-        self.count = count
-        self.description = f"{count} held-out generated scenes"
+    def __init__(self, count: int = DEFAULT_SCENES, first: int = 0):
+        self.count, self.first = count, first
+        self.description = f"{count} held-out generated scenes" + (f" from number {first} on" if first else "")
 
     def __len__(self) -> int:
         return self.count
 
     def load(self, i: int) -> Sample:
-        return Sample(f"scene {i}", *held_out_scene(i))
+        return Sample(f"scene {self.first + i}", *held_out_scene(self.first + i))
 
 
-def open_source(dataset: str | None, split: str = "val", images: int | None = None):
+def open_source(dataset: str | None, split: str = "val", images: int | None = None, first_scene: int = 0):
     """A VOCDataset (its first ``images`` ids) or, without ``dataset``, the held-out scenes."""
-    return VOCDataset(dataset, split, images) if dataset else GeneratedScenes(images or DEFAULT_SCENES)
+    if dataset:
+        return VOCDataset(dataset, split, images)
+    return GeneratedScenes(images or DEFAULT_SCENES, first_scene)
 
 
 @dataclass
@@ -265,6 +268,9 @@ def main(argv=None) -> int:
     mode.add_argument("--search-crf", metavar="OUT.json", help="search the CRF parameters, write the best here")
     ap.add_argument("--tolerance", type=float, default=1.0,
                     help="--parity: mIoU points a model may lose against the first (default 1.0)")
+    ap.add_argument("--first-scene", type=int_at_least(0), default=0,
+                    help="generated scenes: start at this scene number (e.g. 100 to search the CRF on scenes "
+                         "the default evaluation does not score)")
     ap.add_argument("--search-images", type=int_at_least(1), default=20, help="--search-crf: images (default 20)")
     ap.add_argument("--search-grid", choices=sorted(GRIDS), default="coarse",
                     help="--search-crf: coarse (the paper's ranges) or tiny (their ends)")
@@ -277,6 +283,8 @@ def main(argv=None) -> int:
     from crf import CRFParams
     from runtime.output_files import output_file_problem, write_bytes_atomically
 
+    if args.first_scene and args.dataset:
+        ap.error("--first-scene applies to the generated scenes, not to --dataset (choose a --split)")
     if not args.model and not args.pytorch:
         ap.error("give a model: --model FILE (or --pytorch CHECKPOINT)")
     if len(args.model) + bool(args.pytorch) > 1 and not args.parity:
@@ -289,7 +297,8 @@ def main(argv=None) -> int:
         if problem:
             ap.error(f"{flag} {path}: {problem}")
     try:
-        source = open_source(args.dataset, args.split, args.search_images if args.search_crf else args.images)
+        source = open_source(args.dataset, args.split, args.search_images if args.search_crf else args.images,
+                             args.first_scene)
     except DatasetError as e:
         ap.error(f"--dataset: {e}")
     crf_params = args.crf_params or CRFParams()
