@@ -94,3 +94,50 @@ def test_buffer_pool_reuses_a_role_and_grows_it_only_when_needed():
     assert again.shape == (5, 3) and (again == 7).all()
     f = pool.host("labels", (2, 4), np.float32)  # 32 bytes > 15: grown
     assert f.dtype == np.float32 and f.shape == (2, 4)
+
+
+def _crf_step_from_dlpack(onnx_model, device: str):
+    """The Triton GPU ensemble's CRF step (export/triton_models/ensemble_steps.py) fed as Triton feeds
+    it: padded network scores handed over as a DLPack capsule (here from a torch tensor, on ``device``),
+    read by pointer, cropped, refined and argmaxed by the kernels. Returns (labels, reference labels)
+    per sample, the reference being the in-process Segmenter's from the same scores."""
+    import torch
+    from torch.utils.dlpack import to_dlpack
+
+    from crf import CRFParams
+    from crf.backend import CPUKernels, GPUKernels
+    from export.triton_models.ensemble_steps import CRFStep, bounds_from_profile, dlpack_view, pad_batch
+    from runtime import Segmenter
+
+    seg = Segmenter(onnx_model, crf_backend="cpu")
+    kernels = GPUKernels() if device == "cuda" else CPUKernels()
+    step = CRFStep(kernels)
+    out = []
+    for p in sorted(SAMPLES.glob("*.png")):
+        image = cv2.imread(str(p))
+        padded = pad_batch(image[None], bounds_from_profile(None))
+        scores = seg.network(padded)  # N x C x Hp x Wp float32 on the host, as ONNX Runtime gives them
+        t = torch.from_numpy(np.ascontiguousarray(scores)).to(device)
+        if device == "cuda":
+            torch.cuda.synchronize()  # Triton hands inputs with no work pending on them
+        view = dlpack_view(to_dlpack(t))
+        assert step.addressable(view)
+        labels, _ = step.run(step.scores_buffer(view, None), tuple(view.shape), image[None], CRFParams(), False)
+        out.append((p.name, labels[0], seg(image).labels))
+    step.close()
+    return out
+
+
+def test_triton_crf_step_reads_dlpack_scores_on_the_cpu(bundled_onnx):
+    for name, labels, expected in _crf_step_from_dlpack(bundled_onnx, "cpu"):
+        assert np.array_equal(labels, expected), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU with pycuda and nvcc here")
+def test_triton_crf_step_reads_dlpack_scores_on_the_gpu(bundled_onnx):
+    """The device pointer of a DLPack capsule (torch's CUDA allocator, the primary context) read by
+    the pycuda kernels: labels as the host path's, within the GPU/CPU tie tolerance."""
+    for name, labels, expected in _crf_step_from_dlpack(bundled_onnx, "cuda"):
+        differ = float((labels != expected).mean())
+        assert differ <= TIE_TOLERANCE, f"{name}: {100 * differ:.3f}% of labels differ"
