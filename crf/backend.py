@@ -90,9 +90,27 @@ class KernelBackend:
     launches = 0
     graph_launches = 0
 
+    #: when a list, mark() records pipeline stage boundaries in stream order (see stage_times())
+    marks: list | None = None
+
     def kernel_times(self) -> dict[str, list[float]]:
         """Per-kernel times in ms recorded since profiling was switched on (profile = {})."""
         return dict(self.profile or {})
+
+    def mark(self, stage: str) -> None:
+        """The end of ``stage`` in the stream's order (nothing unless ``marks`` is a list). The CPU
+        build runs every launch and copy before returning, so the host clock is the stage's end;
+        the GPU records a CUDA event on the stream (GPUKernels.mark)."""
+        if self.marks is not None:
+            self.marks.append((stage, time.perf_counter()))
+
+    def stage_times(self) -> list[tuple[str, float]]:
+        """(stage, ms since the previous mark) for each mark after the first one recorded since the
+        last call, in order; waits for the stream, then forgets the marks."""
+        if not self.marks:
+            return []
+        marks, self.marks[:] = list(self.marks), []
+        return [(stage, (t - t0) * 1e3) for (_, t0), (stage, t) in zip(marks, marks[1:])]
 
     def alloc(self, nbytes: int) -> Buffer:
         raise NotImplementedError
@@ -748,6 +766,23 @@ class GPUKernels(KernelBackend):
 
         replay.graph = graph  # type: ignore[attr-defined]
         return replay
+
+    def mark(self, stage: str) -> None:
+        """A CUDA event recorded on the stream: the end of ``stage`` on the GPU's own clock."""
+        if self.marks is not None:
+            with self.active():
+                event = self.cuda.Event()
+                event.record(self.stream)
+            self.marks.append((stage, event))
+
+    def stage_times(self) -> list[tuple[str, float]]:
+        """(stage, ms between consecutive CUDA events), after the stream has passed the last one."""
+        if not self.marks:
+            return []
+        marks, self.marks[:] = list(self.marks), []
+        with self.active():
+            marks[-1][1].synchronize()
+            return [(stage, e0.time_till(e)) for (_, e0), (stage, e) in zip(marks, marks[1:])]
 
     def kernel_times(self) -> dict[str, list[float]]:
         """CUDA-event times per kernel (ms), resolved after a synchronize."""

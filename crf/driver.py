@@ -425,24 +425,25 @@ class DenseCRFDriver:
         if lattices:
             clock.lap("iterations")
 
+        if labels and labels_out is not None and (labels_out.shape != (h, w) or labels_out.dtype != np.uint8):
+            raise ValueError(f"labels_out must be {h}x{w} uint8, got {labels_out.shape} {labels_out.dtype}")
         out_m = out_l = None
+        mb = lb = None
         if marginals:
             out_m = np.empty((c, h, w), np.float32)
             mb = k.host_view(out_m)  # the CPU build writes the result array directly
             # else the unary, not needed any more, takes the transposed marginals on the device
             k.launch("crf_marginals", n, q, I32(n), I32(c), I32(s), mb if mb is not None else u)
-            if mb is None:
-                out_m = k.download(u, (c, h, w), np.float32)
         if labels:
             lb = self._buf("labels", n)
             k.launch("crf_argmax", n, q, I32(n), I32(c), I32(s), lb)
-            if labels_out is None:
-                out_l = k.download(lb, (h, w), np.uint8)
-            else:
-                if labels_out.shape != (h, w) or labels_out.dtype != np.uint8:
-                    raise ValueError(f"labels_out must be {h}x{w} uint8, got {labels_out.shape} {labels_out.dtype}")
-                out_l = k.download_into(lb, labels_out)
+        k.mark("crf")  # all computed; what follows copies results to the host
+        if marginals and mb is None:
+            out_m = k.download(u, (c, h, w), np.float32)
+        if lb is not None:
+            out_l = k.download(lb, (h, w), np.uint8) if labels_out is None else k.download_into(lb, labels_out)
         k.synchronize()
+        k.mark("download")
         clock.lap("output")
         return out_m, out_l
 

@@ -71,6 +71,7 @@ class DevicePipeline:
                 staged[...] = image
                 img = self._buffer("image", image.nbytes)
                 self.k.upload_async(img, staged)
+                self.k.mark("upload")
             out = self._pinned("labels", (h, w), np.uint8)
             try:
                 probs, labels = self.driver.run(scores, img, h, w, c, params, marginals=marginals, labels=True,

@@ -216,6 +216,7 @@ class OnnxRuntimeNetwork:
                 if self._device_type == "cuda":
                     src = self._buffer("image", batch.nbytes)
                     self.kernels.upload_async(src, self._stage(batch))
+                    self.kernels.mark("upload")
                     ptr = src.ptr
                 else:
                     ptr = batch.ctypes.data  # ONNX Runtime reads the caller's batch in place
@@ -223,6 +224,7 @@ class OnnxRuntimeNetwork:
                 binding.bind_input(INPUT_NAME, self._device_type, self.device_id, np.uint8, list(batch.shape), ptr)
                 binding.bind_output(OUTPUT_NAME, self._device_type, self.device_id, np.float32, list(shape), out.ptr)
                 self.session.run_with_iobinding(binding)
+                self.kernels.mark("network")
         except OutOfDeviceMemory:
             raise
         except Exception as e:  # onnxruntime's own exception types

@@ -114,6 +114,16 @@ def _shape_problems(shape: tuple, n: int, c: int, h: int, w: int) -> list[str]:
     return problems
 
 
+def _device_stage_timings(per_batch: dict, per_image: list) -> dict:
+    """Timings keys "device_<stage>" (ms) from the batch's share of its stage marks and one image's
+    own (stage, ms) marks: upload (the batch's and the image's), network, crf, download."""
+    out: dict = {}
+    for stage, ms in list(per_batch.items()) + list(per_image):
+        key = "device_" + stage
+        out[key] = out.get(key, 0.0) + ms
+    return out
+
+
 def check_network_output(network, source: str) -> None:
     """Run the network once on a small image padded as the Segmenter pads and refuse a model
     whose scores are not N x C x H x W at the input size, whose class count disagrees with its
@@ -214,6 +224,10 @@ class Segmenter:
             self._device = DevicePipeline(self.network.kernels, crf=self.crf_backend == kernels_name)
         self._device_lock = threading.Lock()
         self.pipeline = "device" if self._device is not None else "host"
+        #: device pipeline only: when True, each result's timings gain "device_upload",
+        #: "device_network", "device_crf", "device_download" (ms between stage marks in stream
+        #: order: CUDA events on the GPU, the host clock on the CPU build; see KernelBackend.mark)
+        self.stage_events = False
         if max_size < 9:
             raise ValueError(f"max_size must be >= 9, got {max_size}")
         self.max_size = int(max_size)
@@ -424,10 +438,23 @@ class Segmenter:
         dev = self._device
         assert dev is not None
         k = self.network.kernels
+        events = self.stage_events
+        k.marks = [] if events else None
+        try:
+            self._device_calls(dev, k, events, prepared, names, idx, batch, t_pre, return_probabilities,
+                               return_scores, results, tick)
+        finally:
+            k.marks = None
+
+    def _device_calls(self, dev, k, events, prepared, names, idx, batch, t_pre, return_probabilities, return_scores,
+                      results, tick) -> None:
+        k.mark("start")
         t1 = time.perf_counter()
         buf, shape = self.network.run_into(batch)
         k.synchronize()  # once per batch, so that "network" times the network, not a later stage
         t_net = (time.perf_counter() - t1) * 1e3 / len(idx)
+        # the batch's upload and network, shared by its images (as t_net)
+        per_batch = {stage: ms / len(idx) for stage, ms in k.stage_times()}
         for _ in idx:
             tick("network")
         problems = _shape_problems(shape, len(idx), self.num_classes, *batch.shape[1:3])
@@ -440,12 +467,15 @@ class Segmenter:
             t2 = time.perf_counter()
             nh, nw = net_img.shape[:2]
             crop = dev.crop(buf, shape, j, nh, nw)
+            k.mark("start")  # the crop counts in postprocess, as in the wall-clock timings
             on_device = (dev.driver is not None and self.crf_params is not None and s == 1.0
                          and nh * nw <= self.crf_max_pixels)
             if not on_device:  # a host step follows: the crop comes back
                 sc = dev.download(crop, c, nh, nw)
                 timings["postprocess"] = (time.perf_counter() - t2) * 1e3
                 results[i] = self._finish_on_host(sc, img, s, names[i], timings, return_probabilities, return_scores)
+                if events:
+                    results[i].timings.update(_device_stage_timings(per_batch, k.stage_times()))
                 tick("crf")
                 continue
             assert self.crf_params is not None  # dev.driver exists only with the CRF
@@ -455,5 +485,7 @@ class Segmenter:
             timings["crf"] = (time.perf_counter() - t2) * 1e3
             scores = dev.download(crop, c, nh, nw) if return_scores else None
             timings["total"] = sum(timings.values())
+            if events:  # after the total: these split the same time differently
+                timings.update(_device_stage_timings(per_batch, k.stage_times()))
             results[i] = Segmentation(labels, probs, timings, img, scores, 1.0)
             tick("crf")

@@ -183,6 +183,7 @@ class TensorRTNetwork:
             staged[:n] = batch
             staged[n:] = batch[-1]
             self.kernels.upload_async(self._image, staged)
+            self.kernels.mark("upload")
             if not self.context.set_input_shape(INPUT_NAME, (run_n, h, w, 3)):
                 raise ValueError(f"TensorRT refused the input shape {run_n}x{h}x{w}x3 ({b.describe()})")
             out = trt_compat.dims_list(self.context.get_tensor_shape(OUTPUT_NAME), OUTPUT_NAME)
@@ -190,6 +191,7 @@ class TensorRTNetwork:
                 raise ModelFormatError(f"{self.plan_path}: scores of shape {out} for a {run_n}x{h}x{w}x3 input "
                                        f"(expected {[run_n, self.num_classes, h, w]})")
             self._enqueue_or_replay((run_n, h, w))
+            self.kernels.mark("network")
         return self._scores, (n, self.num_classes, h, w)
 
     def _enqueue(self) -> None:

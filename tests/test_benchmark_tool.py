@@ -238,3 +238,33 @@ def test_chart_draws_each_stage_in_its_colour():
 
 def test_nice_axis_steps():
     assert [nice_step(s) for s in (0.6, 6, 27, 130, 999)] == [0.1, 1, 5, 50, 200]
+
+
+def test_device_pipeline_reports_its_marked_stages():
+    """A device-pipeline configuration (ONNX Runtime writing into the CPU build's memory, the CRF on
+    those kernels: the pipeline a GPU runs, on the CPU) reports upload/network/crf/download between
+    stage marks beside the wall-clock stages; the host pipeline says why it has none."""
+    from crf.backend import CPUKernels
+    from runtime import Segmenter
+    from runtime.onnx_backend import OnnxRuntimeNetwork
+    from tools.benchmark import (ConfigRun, absent_stages, benchmark_images, config_result,
+                                 latency_stats)
+
+    config = BenchConfig(str(MODEL), height=65, width=97)
+    seg = Segmenter(MODEL, network=OnnxRuntimeNetwork(MODEL, kernels=CPUKernels()))
+    assert seg.pipeline == "device"
+    seg.stage_events = True
+    run = ConfigRun(config, seg=seg, images=benchmark_images(config), absent=absent_stages("device", True))
+    for _ in range(3):
+        run.call()
+    r = config_result(run)
+    assert set(r["cuda_events"]) == {"network", "crf", "download"}  # no upload: the CPU reads in place
+    assert r["cuda_events_clock"].startswith("host clock") and r["cuda_events_reason"] is None
+    for stage, st in r["cuda_events"].items():
+        assert st == latency_stats(run.events[stage]) and st["min"] >= 0
+    assert r["cuda_events"]["crf"]["p50"] <= r["stages"]["crf"]["p50"] + 1e-6
+
+    host = ConfigRun(config, seg=Segmenter(MODEL), images=benchmark_images(config))
+    host.call()
+    h = config_result(host)
+    assert h["cuda_events"] is None and h["cuda_events_reason"].startswith("host pipeline")

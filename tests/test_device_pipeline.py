@@ -141,3 +141,28 @@ def test_triton_crf_step_reads_dlpack_scores_on_the_gpu(bundled_onnx):
     for name, labels, expected in _crf_step_from_dlpack(bundled_onnx, "cuda"):
         differ = float((labels != expected).mean())
         assert differ <= TIE_TOLERANCE, f"{name}: {100 * differ:.3f}% of labels differ"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU with pycuda and nvcc here")
+def test_gpu_stage_marks_are_cuda_events_in_stream_order():
+    """GPUKernels.mark records CUDA events on the stream; stage_times gives the gaps between them
+    (what the benchmark's device stages are made of), after the stream has passed the last one."""
+    from crf.backend import GPUKernels
+
+    k = GPUKernels()
+    data = np.arange(1 << 22, dtype=np.float32)  # 16 MB: a copy long enough to time
+    with k.active():
+        buf = k.alloc(data.nbytes)
+        staged = k.alloc_host(data.shape, np.float32)
+    staged[...] = data
+    k.marks = []
+    k.mark("start")
+    k.upload_async(buf, staged)
+    k.mark("upload")
+    back = k.download(buf, data.shape, np.float32)
+    k.mark("download")
+    times = k.stage_times()
+    k.marks = None
+    assert [s for s, _ in times] == ["upload", "download"] and all(ms > 0 for _, ms in times), times
+    assert np.array_equal(back, data)

@@ -159,6 +159,41 @@ def test_device_pipeline_equals_host_pipeline_on_the_samples(kernels, samples, c
     assert np.array_equal(only_labels.labels, a[2].labels)
 
 
+def test_device_pipeline_stage_marks(kernels, samples):
+    """stage_events: each result's timings gain the device stages between the kernels' stage marks
+    (the host clock on the CPU build, CUDA events on a GPU), in stream order; the wall-clock stages
+    and their total are unchanged; no mark is kept once the call is over."""
+    dev = _device_segmenter(kernels)
+    plain = dev(samples[0])
+    assert not [k for k in plain.timings if k.startswith("device_")]
+    dev.stage_events = True
+    results = dev(samples)
+    for r in results:
+        t = r.timings
+        device = {k: v for k, v in t.items() if k.startswith("device_")}
+        # the CPU network reads the batch in place and the CPU kernels the image: no upload mark
+        assert set(device) == {"device_network", "device_crf", "device_download"}, t
+        assert all(v >= 0 for v in device.values()) and device["device_crf"] > 0
+        assert t["total"] == pytest.approx(sum(v for k, v in t.items() if k != "total" and k not in device))
+        assert device["device_crf"] <= t["crf"] + 1e-6
+        assert device["device_network"] <= t["network"] + 1e-6
+    assert kernels.marks is None
+    dev.stage_events = False
+    assert not [k for k in dev(samples[1]).timings if k.startswith("device_")] and kernels.marks is None
+
+
+def test_stage_times_are_the_gaps_between_marks():
+    k = CPUKernels()
+    k.mark("ignored: marks off")
+    assert k.marks is None and k.stage_times() == []
+    k.marks = []
+    for stage in ("start", "upload", "network"):
+        k.mark(stage)
+    times = k.stage_times()
+    assert [s for s, _ in times] == ["upload", "network"] and all(ms >= 0 for _, ms in times)
+    assert k.marks == [] and k.stage_times() == []
+
+
 @pytest.mark.parametrize("options", [{"crf": None}, {"max_size": 97, "crf": CRFParams(iterations=3)},
                                      {"crf_max_pixels": 3000, "crf": CRFParams(iterations=3)},
                                      {"crf_backend": "numpy", "crf": CRFParams(iterations=2)}])

@@ -44,11 +44,10 @@ WALL = "wall"
 STAT_KEYS = ("min", "mean", "p50", "p90", "p99", "max")
 CONFIG_KEYS = ("model", "backend", "crf", "size", "batch", "threads", "label")
 MAX_THREADS = 256  # the CPU CRF's thread pool limit
-CUDA_EVENTS_ABSENT = (
-    "not recorded: the network backends enqueue on the stream without CUDA events, and the CRF "
-    "kernels' per-launch events (KernelBackend.profile) time kernels, not stages, and add an event "
-    "pair to every launch; stage times are host wall-clock after a stream synchronise "
-    "(benchmarks/gpu_report.py has the CRF's CUDA-event times)")
+#: Device stages timed between the kernels' stage marks (Segmenter.stage_events): CUDA events in
+#: stream order on a GPU, the host clock on the CPU build of the kernels.
+EVENT_STAGES = ("upload", "network", "crf", "download")
+CUDA_EVENTS_HOST = "host pipeline: no device stage to mark"
 
 
 # -- statistics -----------------------------------------------------------------------------------
@@ -212,7 +211,7 @@ def absent_stages(pipeline: str, crf: bool) -> Dict[str, str]:
         out = {"upload": copies, "download": copies}
     else:
         out = {"upload": "device pipeline: the batch upload is queued on the stream inside the network "
-                         "call and counted in network",
+                         "call and counted in network (cuda_events splits it out)",
                "download": "device pipeline: the labels come back inside the CRF's stage (crf), the "
                            "scores (CRF off, shrunk images) inside postprocess"}
     if not crf:
@@ -233,6 +232,7 @@ class ConfigRun:
     samples: Dict[str, List[float]] = field(default_factory=dict)
     crf_scale: float = 1.0
     crf_threads: Optional[int] = None  # the CPU CRF's pool size during its calls (None: not the CPU kernels)
+    events: Dict[str, List[float]] = field(default_factory=dict)  # device stages between stage marks
 
     @property
     def calls(self) -> int:
@@ -253,6 +253,10 @@ class ConfigRun:
             if stage not in self.absent and all(stage in r.timings for r in results):
                 self.samples.setdefault(stage, []).append(math.fsum(r.timings[stage] for r in results))
         self.samples.setdefault(WALL, []).append(wall)
+        for stage in EVENT_STAGES:
+            key = "device_" + stage
+            if results and all(key in r.timings for r in results):
+                self.events.setdefault(stage, []).append(math.fsum(r.timings[key] for r in results))
         self.crf_scale = min([self.crf_scale] + [r.crf_scale for r in results])
 
 
@@ -297,6 +301,8 @@ def open_config(config: BenchConfig, image=None) -> ConfigRun:
         run.skipped = (f"{config.height}x{config.width} is above what the network runs at full size ({limit}): "
                        f"the Segmenter would shrink it to {size.resized[0]}x{size.resized[1]}")
         return run
+    if seg.pipeline == "device":
+        seg.stage_events = True  # device stages between stage marks, beside the wall-clock stages
     run.seg = seg
     run.images = benchmark_images(config, image)
     run.absent = absent_stages(seg.pipeline, config.crf)
@@ -409,8 +415,11 @@ def config_result(run: ConfigRun) -> Dict[str, Any]:
                           if s not in run.samples},
         WALL: latency_stats(run.samples[WALL]),
         "crf_scale": run.crf_scale,
-        "cuda_events": None,
-        "cuda_events_reason": CUDA_EVENTS_ABSENT if seg.pipeline == "device" else "host pipeline: no GPU stage",
+        "cuda_events": {s: latency_stats(run.events[s]) for s in EVENT_STAGES if s in run.events} or None,
+        "cuda_events_clock": None if seg.pipeline != "device" else (
+            "CUDA events on the stream" if getattr(seg.network.kernels, "name", "") == "gpu"
+            else "host clock (the CPU build runs each stage before returning)"),
+        "cuda_events_reason": CUDA_EVENTS_HOST if seg.pipeline != "device" else None,
     })
     return out
 
@@ -492,6 +501,10 @@ def format_console(report: Dict[str, Any]) -> str:
             if st is None:
                 lines.append(f"    {s:12s}  absent: {r['absent_stages'][s]}")
             else:
+                lines.append(f"    {s:12s}" + "".join(f"{_ms(st[q]):>10s}" for q in STAT_KEYS))
+        if r["cuda_events"]:
+            lines.append(f"    device stages between stage marks ({r['cuda_events_clock']}):")
+            for s, st in r["cuda_events"].items():
                 lines.append(f"    {s:12s}" + "".join(f"{_ms(st[q]):>10s}" for q in STAT_KEYS))
     measured = [(k, r) for k, r in enumerate(report["configurations"], 1) if r["skipped"] is None]
     if len(report["configurations"]) > 1 and measured and report["configurations"][0]["skipped"] is None:
