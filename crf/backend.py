@@ -782,7 +782,9 @@ class GPUKernels(KernelBackend):
         marks, self.marks[:] = list(self.marks), []
         with self.active():
             marks[-1][1].synchronize()
-            return [(stage, e0.time_till(e)) for (_, e0), (stage, e) in zip(marks, marks[1:])]
+            times = [(stage, e0.time_till(e)) for (_, e0), (stage, e) in zip(marks, marks[1:])]
+            del marks  # the events are destroyed with the context current, as pycuda needs
+        return times
 
     def kernel_times(self) -> dict[str, list[float]]:
         """CUDA-event times per kernel (ms), resolved after a synchronize."""

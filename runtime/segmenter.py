@@ -444,7 +444,8 @@ class Segmenter:
             self._device_calls(dev, k, events, prepared, names, idx, batch, t_pre, return_probabilities,
                                return_scores, results, tick)
         finally:
-            k.marks = None
+            with k.active():  # marks left by a failed call (CUDA events) go with the context current
+                k.marks = None
 
     def _device_calls(self, dev, k, events, prepared, names, idx, batch, t_pre, return_probabilities, return_scores,
                       results, tick) -> None:
