@@ -45,8 +45,9 @@ class RequestError(ValueError):
 
 def crf_params_from_request(parameters: Mapping[str, Any], defaults: CRFParams | None) -> CRFParams | None:
     """The CRF to run for one request: None when the request (or the model's defaults) turns it
-    off, else the defaults with the request's fields replaced. Unknown names, and values of the
-    wrong type or out of range, raise RequestError naming them."""
+    off, else the defaults with the request's fields replaced. Names that are not CRFParams fields
+    are left alone (Triton's own parameters, a client's tags); values of the wrong type or out of
+    range raise RequestError naming them."""
     params = dict(parameters)
     crf_on = params.pop(PARAM_CRF, defaults is not None)
     if isinstance(crf_on, str) and crf_on.lower() in ("true", "false", "1", "0", "on", "off"):
