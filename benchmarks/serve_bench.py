@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.benchmark import latency_stats, parse_on_off, parse_size, positive_seconds  # noqa: E402
+from tools.benchmark import format_ms, latency_stats, parse_on_off, parse_size, positive_seconds  # noqa: E402
 from tools.cli import int_at_least  # noqa: E402
 from tools.environment import environment, load_average  # noqa: E402
 
@@ -372,7 +372,7 @@ def progress_line(w: dict) -> str:
     lat, srv = w["latency_ms"], w["server"]
     parts = [f"{w['requests']} requests in {w['wall_s']:.1f} s, {w['throughput_rps']:.2f} req/s"]
     if lat:
-        parts.append(f"p50 {_ms(lat['p50'])} p99 {_ms(lat['p99'])} ms")
+        parts.append(f"p50 {format_ms(lat['p50'])} p99 {format_ms(lat['p99'])} ms")
     if srv["avg_batch"] is not None:
         parts.append(f"avg batch {srv['avg_batch']:.2f}")
     parts.append(f"errors {w['errors']}" + (f" (+{w['warmup_errors']} in the warm-up)" if w["warmup_errors"] else ""))
@@ -380,18 +380,15 @@ def progress_line(w: dict) -> str:
 
 
 # -- the report -------------------------------------------------------------------------------------
-def _ms(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.2f}" if v < 100 else f"{v:.1f}"
-
-
 TABLE_COLUMNS = ("CRF", "clients", "req/s", "p50 ms", "p90 ms", "p99 ms", "server queue ms", "server compute ms",
                  "avg batch")
 
 
 def table_cells(w: dict) -> List[str]:
     lat, srv = w["latency_ms"] or {}, w["server"]
-    return [w["crf"], str(w["clients"]), f"{w['throughput_rps']:.2f}", _ms(lat.get("p50")), _ms(lat.get("p90")),
-            _ms(lat.get("p99")), _ms(srv["queue_ms"]), _ms(srv["compute_ms"]),
+    return [w["crf"], str(w["clients"]), f"{w['throughput_rps']:.2f}", format_ms(lat.get("p50")),
+            format_ms(lat.get("p90")), format_ms(lat.get("p99")), format_ms(srv["queue_ms"]),
+            format_ms(srv["compute_ms"]),
             "-" if srv["avg_batch"] is None else f"{srv['avg_batch']:.2f}"]
 
 
@@ -435,7 +432,8 @@ def format_markdown(report: Dict[str, Any]) -> str:
 def format_console(report: Dict[str, Any]) -> str:
     env, srv = report["environment"], report["server"]
     cells = [list(TABLE_COLUMNS) + ["max ms", "errors"]]
-    cells += [table_cells(w) + [_ms((w["latency_ms"] or {}).get("max")), str(w["errors"])] for w in report["windows"]]
+    cells += [table_cells(w) + [format_ms((w["latency_ms"] or {}).get("max")), str(w["errors"])]
+              for w in report["windows"]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = [f"CPU: {env['cpu']}, {env['logical_cores']} logical cores; GPU {env['gpu'] or 'none'}",
              f"Triton {srv['version']} at {report['settings']['url']} ({report['settings']['protocol']}), "

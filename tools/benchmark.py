@@ -467,7 +467,8 @@ def run_benchmark(configs: List[BenchConfig], image=None, warmup: int = 3, runs:
             "environment": env, "schedule": schedule, "configurations": results}
 
 
-def _ms(v: Optional[float]) -> str:
+def format_ms(v: Optional[float]) -> str:
+    """A time in ms for a table: 2 decimals below 100, 1 from there, "-" for none."""
     return "-" if v is None else f"{v:.2f}" if v < 100 else f"{v:.1f}"
 
 
@@ -501,11 +502,11 @@ def format_console(report: Dict[str, Any]) -> str:
             if st is None:
                 lines.append(f"    {s:12s}  absent: {r['absent_stages'][s]}")
             else:
-                lines.append(f"    {s:12s}" + "".join(f"{_ms(st[q]):>10s}" for q in STAT_KEYS))
+                lines.append(f"    {s:12s}" + "".join(f"{format_ms(st[q]):>10s}" for q in STAT_KEYS))
         if r["cuda_events"]:
             lines.append(f"    device stages between stage marks ({r['cuda_events_clock']}):")
             for s, st in r["cuda_events"].items():
-                lines.append(f"    {s:12s}" + "".join(f"{_ms(st[q]):>10s}" for q in STAT_KEYS))
+                lines.append(f"    {s:12s}" + "".join(f"{format_ms(st[q]):>10s}" for q in STAT_KEYS))
     measured = [(k, r) for k, r in enumerate(report["configurations"], 1) if r["skipped"] is None]
     if len(report["configurations"]) > 1 and measured and report["configurations"][0]["skipped"] is None:
         lines.append("")
@@ -544,8 +545,10 @@ def format_markdown(report: Dict[str, Any]) -> str:
             continue
         total = r["stages"]["total"]
         ratio = r["ratios"]["throughput"] if r.get("ratios") else None
-        cells = [name, r["precision"]] + [_ms(r["stages"][s]["p50"]) if r["stages"][s] else "-" for s in stages]
-        cells += [_ms(total["p50"]), _ms(total["p90"]), _ms(total["p99"]), f"{r['throughput_images_per_s']:.2f}",
+        cells = [name, r["precision"]] + [format_ms(r["stages"][s]["p50"]) if r["stages"][s] else "-"
+                                          for s in stages]
+        cells += [format_ms(total["p50"]), format_ms(total["p90"]), format_ms(total["p99"]),
+                  f"{r['throughput_images_per_s']:.2f}",
                   "-" if ratio is None else f"{ratio:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     env = report["environment"]
