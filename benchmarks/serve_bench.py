@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.benchmark import format_ms, latency_stats, parse_on_off, parse_size, positive_seconds  # noqa: E402
-from tools.cli import int_at_least  # noqa: E402
+from tools.cli import int_at_least, refuse_unwritable  # noqa: E402
 from tools.environment import environment, load_average  # noqa: E402
 
 MAX_CLIENTS = 256
@@ -116,8 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse combinations argparse cannot see (exit 2 with the reason)."""
-    from runtime.output_files import output_file_problem
-
     if args.url:
         given = [f"--{o}" for o in ("model", "repo") if getattr(args, o)]
         given += ["--instances"] if args.instances != 1 else []
@@ -129,11 +127,7 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error("--instances is written into a new repository: it needs --model")
     if args.model and not Path(args.model).is_file():
         ap.error(f"--model {args.model}: no such file")
-    for opt in ("json", "markdown"):
-        path = getattr(args, opt)
-        problem = output_file_problem(path) if path else None
-        if problem:
-            ap.error(f"--{opt} {path}: {problem}")
+    refuse_unwritable(ap, {"--json": args.json, "--markdown": args.markdown})
 
 
 def load_request_image(args: argparse.Namespace, ap: argparse.ArgumentParser):

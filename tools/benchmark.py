@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.backend_choice import BACKENDS  # noqa: E402
 
 if __package__:  # imported: tools.benchmark from a checkout, deeplab_tools.benchmark when installed
-    from .cli import int_at_least  # noqa: E402
+    from .cli import int_at_least, refuse_unwritable  # noqa: E402
 else:  # run as a script: python tools/benchmark.py
-    from tools.cli import int_at_least  # noqa: E402
+    from tools.cli import int_at_least, refuse_unwritable  # noqa: E402
 
 #: Stages in pipeline order; "total" is the pipeline's own sum of its stages.
 STAGES = ("preprocess", "upload", "network", "crf", "download", "postprocess", "total")
@@ -616,7 +616,7 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     from runtime.contract import ImageError, load_image
-    from runtime.output_files import output_file_problem, write_bytes_atomically
+    from runtime.output_files import write_bytes_atomically
 
     base = {"model": args.model, "backend": args.backend, "crf": args.crf, "size": args.size, "batch": args.batch,
             "threads": args.threads}
@@ -624,11 +624,7 @@ def main(argv=None) -> int:
     for k, o in enumerate(overrides, 1):
         if o.get("model", args.model) is None:
             ap.error(f"--config {k}: no model: give model=PATH or --model" if args.config else "--model is required")
-    for opt in ("json", "markdown", "chart"):
-        path = getattr(args, opt)
-        problem = output_file_problem(path) if path else None
-        if problem:
-            ap.error(f"--{opt} {path}: {problem}")
+    refuse_unwritable(ap, {"--json": args.json, "--markdown": args.markdown, "--chart": args.chart})
     if args.chart and Path(args.chart).suffix.lower() != ".png":
         ap.error(f"--chart {args.chart}: the chart is a PNG: give a path ending in .png")
     image = None
