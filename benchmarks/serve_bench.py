@@ -36,8 +36,8 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.benchmark import latency_stats, parse_on_off, parse_size, positive_seconds  # noqa: E402
-from tools.cli import int_at_least  # noqa: E402
+from tools.benchmark import format_ms, latency_stats, parse_on_off, parse_size, positive_seconds  # noqa: E402
+from tools.cli import int_at_least, refuse_unwritable  # noqa: E402
 from tools.environment import environment, load_average  # noqa: E402
 
 MAX_CLIENTS = 256
@@ -116,8 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse combinations argparse cannot see (exit 2 with the reason)."""
-    from runtime.output_files import output_file_problem
-
     if args.url:
         given = [f"--{o}" for o in ("model", "repo") if getattr(args, o)]
         given += ["--instances"] if args.instances != 1 else []
@@ -129,11 +127,7 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error("--instances is written into a new repository: it needs --model")
     if args.model and not Path(args.model).is_file():
         ap.error(f"--model {args.model}: no such file")
-    for opt in ("json", "markdown"):
-        path = getattr(args, opt)
-        problem = output_file_problem(path) if path else None
-        if problem:
-            ap.error(f"--{opt} {path}: {problem}")
+    refuse_unwritable(ap, {"--json": args.json, "--markdown": args.markdown})
 
 
 def load_request_image(args: argparse.Namespace, ap: argparse.ArgumentParser):
@@ -372,7 +366,7 @@ def progress_line(w: dict) -> str:
     lat, srv = w["latency_ms"], w["server"]
     parts = [f"{w['requests']} requests in {w['wall_s']:.1f} s, {w['throughput_rps']:.2f} req/s"]
     if lat:
-        parts.append(f"p50 {_ms(lat['p50'])} p99 {_ms(lat['p99'])} ms")
+        parts.append(f"p50 {format_ms(lat['p50'])} p99 {format_ms(lat['p99'])} ms")
     if srv["avg_batch"] is not None:
         parts.append(f"avg batch {srv['avg_batch']:.2f}")
     parts.append(f"errors {w['errors']}" + (f" (+{w['warmup_errors']} in the warm-up)" if w["warmup_errors"] else ""))
@@ -380,18 +374,15 @@ def progress_line(w: dict) -> str:
 
 
 # -- the report -------------------------------------------------------------------------------------
-def _ms(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.2f}" if v < 100 else f"{v:.1f}"
-
-
 TABLE_COLUMNS = ("CRF", "clients", "req/s", "p50 ms", "p90 ms", "p99 ms", "server queue ms", "server compute ms",
                  "avg batch")
 
 
 def table_cells(w: dict) -> List[str]:
     lat, srv = w["latency_ms"] or {}, w["server"]
-    return [w["crf"], str(w["clients"]), f"{w['throughput_rps']:.2f}", _ms(lat.get("p50")), _ms(lat.get("p90")),
-            _ms(lat.get("p99")), _ms(srv["queue_ms"]), _ms(srv["compute_ms"]),
+    return [w["crf"], str(w["clients"]), f"{w['throughput_rps']:.2f}", format_ms(lat.get("p50")),
+            format_ms(lat.get("p90")), format_ms(lat.get("p99")), format_ms(srv["queue_ms"]),
+            format_ms(srv["compute_ms"]),
             "-" if srv["avg_batch"] is None else f"{srv['avg_batch']:.2f}"]
 
 
@@ -435,7 +426,8 @@ def format_markdown(report: Dict[str, Any]) -> str:
 def format_console(report: Dict[str, Any]) -> str:
     env, srv = report["environment"], report["server"]
     cells = [list(TABLE_COLUMNS) + ["max ms", "errors"]]
-    cells += [table_cells(w) + [_ms((w["latency_ms"] or {}).get("max")), str(w["errors"])] for w in report["windows"]]
+    cells += [table_cells(w) + [format_ms((w["latency_ms"] or {}).get("max")), str(w["errors"])]
+              for w in report["windows"]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = [f"CPU: {env['cpu']}, {env['logical_cores']} logical cores; GPU {env['gpu'] or 'none'}",
              f"Triton {srv['version']} at {report['settings']['url']} ({report['settings']['protocol']}), "

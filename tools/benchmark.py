@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.backend_choice import BACKENDS  # noqa: E402
 
 if __package__:  # imported: tools.benchmark from a checkout, deeplab_tools.benchmark when installed
-    from .cli import int_at_least  # noqa: E402
+    from .cli import int_at_least, refuse_unwritable  # noqa: E402
 else:  # run as a script: python tools/benchmark.py
-    from tools.cli import int_at_least  # noqa: E402
+    from tools.cli import int_at_least, refuse_unwritable  # noqa: E402
 
 #: Stages in pipeline order; "total" is the pipeline's own sum of its stages.
 STAGES = ("preprocess", "upload", "network", "crf", "download", "postprocess", "total")
@@ -467,7 +467,8 @@ def run_benchmark(configs: List[BenchConfig], image=None, warmup: int = 3, runs:
             "environment": env, "schedule": schedule, "configurations": results}
 
 
-def _ms(v: Optional[float]) -> str:
+def format_ms(v: Optional[float]) -> str:
+    """A time in ms for a table: 2 decimals below 100, 1 from there, "-" for none."""
     return "-" if v is None else f"{v:.2f}" if v < 100 else f"{v:.1f}"
 
 
@@ -501,11 +502,11 @@ def format_console(report: Dict[str, Any]) -> str:
             if st is None:
                 lines.append(f"    {s:12s}  absent: {r['absent_stages'][s]}")
             else:
-                lines.append(f"    {s:12s}" + "".join(f"{_ms(st[q]):>10s}" for q in STAT_KEYS))
+                lines.append(f"    {s:12s}" + "".join(f"{format_ms(st[q]):>10s}" for q in STAT_KEYS))
         if r["cuda_events"]:
             lines.append(f"    device stages between stage marks ({r['cuda_events_clock']}):")
             for s, st in r["cuda_events"].items():
-                lines.append(f"    {s:12s}" + "".join(f"{_ms(st[q]):>10s}" for q in STAT_KEYS))
+                lines.append(f"    {s:12s}" + "".join(f"{format_ms(st[q]):>10s}" for q in STAT_KEYS))
     measured = [(k, r) for k, r in enumerate(report["configurations"], 1) if r["skipped"] is None]
     if len(report["configurations"]) > 1 and measured and report["configurations"][0]["skipped"] is None:
         lines.append("")
@@ -544,8 +545,10 @@ def format_markdown(report: Dict[str, Any]) -> str:
             continue
         total = r["stages"]["total"]
         ratio = r["ratios"]["throughput"] if r.get("ratios") else None
-        cells = [name, r["precision"]] + [_ms(r["stages"][s]["p50"]) if r["stages"][s] else "-" for s in stages]
-        cells += [_ms(total["p50"]), _ms(total["p90"]), _ms(total["p99"]), f"{r['throughput_images_per_s']:.2f}",
+        cells = [name, r["precision"]] + [format_ms(r["stages"][s]["p50"]) if r["stages"][s] else "-"
+                                          for s in stages]
+        cells += [format_ms(total["p50"]), format_ms(total["p90"]), format_ms(total["p99"]),
+                  f"{r['throughput_images_per_s']:.2f}",
                   "-" if ratio is None else f"{ratio:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     env = report["environment"]
@@ -613,7 +616,7 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     from runtime.contract import ImageError, load_image
-    from runtime.output_files import output_file_problem, write_bytes_atomically
+    from runtime.output_files import write_bytes_atomically
 
     base = {"model": args.model, "backend": args.backend, "crf": args.crf, "size": args.size, "batch": args.batch,
             "threads": args.threads}
@@ -621,11 +624,7 @@ def main(argv=None) -> int:
     for k, o in enumerate(overrides, 1):
         if o.get("model", args.model) is None:
             ap.error(f"--config {k}: no model: give model=PATH or --model" if args.config else "--model is required")
-    for opt in ("json", "markdown", "chart"):
-        path = getattr(args, opt)
-        problem = output_file_problem(path) if path else None
-        if problem:
-            ap.error(f"--{opt} {path}: {problem}")
+    refuse_unwritable(ap, {"--json": args.json, "--markdown": args.markdown, "--chart": args.chart})
     if args.chart and Path(args.chart).suffix.lower() != ".png":
         ap.error(f"--chart {args.chart}: the chart is a PNG: give a path ending in .png")
     image = None

@@ -1,4 +1,4 @@
-"""Argument types shared by the command-line tools."""
+"""Argument types and checks shared by the command-line tools."""
 from __future__ import annotations
 
 import argparse
@@ -27,3 +27,14 @@ def crf_params_file(path: str):
         raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror or e}") from None
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def refuse_unwritable(ap: argparse.ArgumentParser, outputs: dict) -> None:
+    """Before any work: ap.error (exit status 2) for the first output file that cannot be written.
+    outputs: {option as typed, e.g. "--json": its path, or None where not given}."""
+    from runtime.output_files import output_file_problem
+
+    for flag, path in outputs.items():
+        problem = output_file_problem(path) if path else None
+        if problem:
+            ap.error(f"{flag} {path}: {problem}")

@@ -30,11 +30,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if __package__:  # imported: tools.evaluate from a checkout, deeplab_tools.evaluate when installed
-    from .cli import crf_params_file, int_at_least  # noqa: E402
+    from .cli import crf_params_file, int_at_least, refuse_unwritable  # noqa: E402
     from .metrics import confusion, mean_iou, scores  # noqa: E402,F401  (confusion, mean_iou: re-exported)
     from .voc import IGNORE_LABEL, DatasetError, Sample, SkipImage, VOCDataset, listed  # noqa: E402
 else:  # run as a script: python tools/evaluate.py
-    from tools.cli import crf_params_file, int_at_least  # noqa: E402
+    from tools.cli import crf_params_file, int_at_least, refuse_unwritable  # noqa: E402
     from tools.metrics import confusion, mean_iou, scores  # noqa: E402,F401
     from tools.voc import IGNORE_LABEL, DatasetError, Sample, SkipImage, VOCDataset, listed  # noqa: E402
 
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from crf import CRFParams
-    from runtime.output_files import output_file_problem, write_bytes_atomically
+    from runtime.output_files import write_bytes_atomically
 
     if args.first_scene and args.dataset:
         ap.error("--first-scene applies to the generated scenes, not to --dataset (choose a --split)")
@@ -292,10 +292,7 @@ def main(argv=None) -> int:
     for path in args.model + ([args.pytorch] if args.pytorch else []):
         if not Path(path).is_file():
             ap.error(f"model file not found: {path}")
-    for flag, path in (("--json", args.json), ("--search-crf", args.search_crf)):
-        problem = output_file_problem(path) if path else None
-        if problem:
-            ap.error(f"{flag} {path}: {problem}")
+    refuse_unwritable(ap, {"--json": args.json, "--search-crf": args.search_crf})
     try:
         source = open_source(args.dataset, args.split, args.search_images if args.search_crf else args.images,
                              args.first_scene)
