@@ -174,6 +174,18 @@ class ServerStats:
             out[name] = (int(part.get("count", 0)), int(part.get("ns", 0)))
         return out
 
+    def settled(self, interval: float = 0.05, timeout: float = 3.0) -> dict:
+        """A snapshot once the counts stop moving: Triton updates its statistics as it releases a
+        request, which can be just after the client has the response (a single read right after the
+        last response may miss it). Read until two reads ``interval`` apart agree."""
+        last, deadline = self.snapshot(), time.monotonic() + timeout
+        while True:
+            time.sleep(interval)
+            now = self.snapshot()
+            if now == last or time.monotonic() > deadline:
+                return now
+            last = now
+
     def describe(self) -> dict:
         """The server's release and the model's batching and instances, as the server reports them."""
         meta = self._json("get_server_metadata")
@@ -284,14 +296,14 @@ class Window:
                 t.start()
             self.connected.wait()
             self.drained.wait()  # every warm-up request answered: nothing in flight
-            before = stats.snapshot()
+            before = stats.settled()
             t0 = time.perf_counter()
             self.deadline = t0 + duration
             self.started.wait()
             for t in threads:
                 t.join()
             wall = time.perf_counter() - t0
-            after = stats.snapshot()
+            after = stats.settled()
         except BaseException as e:
             self.stop.set()
             for barrier in self._barriers():
