@@ -103,11 +103,25 @@ def test_concurrent_clients_all_get_their_own_labels(server, local):
         assert [f.result(timeout=120) for f in futures] == [0, 0, 0, 0]
 
 
-def _counts(server):
+def _counts(server, at_least: int = 0):
+    """(inference_count, execution_count) once settled: Triton counts a request as it releases it,
+    which can be just after the client has its answer. Read until two reads 50 ms apart agree and
+    the inference count is at least ``at_least`` (or 5 s have passed)."""
     client = httpclient.InferenceServerClient(server.http_url)
-    stats = client.get_inference_statistics("deeplab")["model_stats"][0]
+
+    def read():
+        stats = client.get_inference_statistics("deeplab")["model_stats"][0]
+        return int(stats["inference_count"]), int(stats["execution_count"])
+
+    last, deadline = read(), time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = read()
+        if now == last and now[0] >= at_least:
+            break
+        last = now
     client.close()
-    return stats["inference_count"], stats["execution_count"]
+    return last
 
 
 def test_same_size_frames_are_batched_by_the_server(server, local):
@@ -123,7 +137,7 @@ def test_same_size_frames_are_batched_by_the_server(server, local):
 
     with ThreadPoolExecutor(16) as pool:
         assert all(pool.map(one, range(16)))
-    inferences, executions = _counts(server)
+    inferences, executions = _counts(server, at_least=inferences0 + 16)
     assert inferences - inferences0 == 16
     assert executions - executions0 < 16  # several requests shared one model execution
 
