@@ -105,6 +105,19 @@ class TritonSegmenter:
             stats = self._client.get_inference_statistics(self.model, as_json=True)
         return stats["model_stats"][0]["inference_stats"]
 
+    def _stats_after(self, before: dict) -> dict:
+        """The statistics once this request is in them: Triton counts a request as it releases it,
+        which can be just after the client has the response (polled for up to 1 s)."""
+        def answered(stats: dict) -> int:
+            return sum(int(stats.get(k, {}).get("count", 0)) for k in ("success", "fail"))
+
+        deadline = time.monotonic() + 1.0
+        after = self._call(self._inference_stats)
+        while answered(after) <= answered(before) and time.monotonic() < deadline:
+            time.sleep(0.005)
+            after = self._call(self._inference_stats)
+        return after
+
     # -- segNet-style accessors, as Segmenter's ----------------------------------------------
     def class_name(self, i: int) -> str:
         return self.class_names[i]
@@ -152,7 +165,7 @@ class TritonSegmenter:
         timings = {"request": (t2 - t1) * 1e3}
         timings.update(self._response_timings(response))
         if before is not None:
-            timings.update(_stats_ms(before, self._call(self._inference_stats)))
+            timings.update(_stats_ms(before, self._stats_after(before)))
         timings["total"] = (time.perf_counter() - t0) * 1e3
         return Segmentation(labels, probs, timings, img)
 
