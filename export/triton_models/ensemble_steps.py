@@ -139,7 +139,6 @@ class CRFStep:
         self.k = kernels
         self.device_id = device_id
         self.pipeline = DevicePipeline(kernels, crf=True)
-        self._uploaded: Optional[Buffer] = None  # scores handed on the host, copied for the kernels
 
     def addressable(self, view: DLView) -> bool:
         """Whether the kernels can read the tensor where it is (else it is copied from the host)."""
@@ -164,12 +163,7 @@ class CRFStep:
             raise StepError(f"SCORES are on GPU {view.device_id}, which {kernels} kernels cannot read: on a "
                             "server with several GPUs, pin deeplab_network and deeplab_crf to the same GPU "
                             "(instance_group gpus), or serve one GPU per server")
-        with self.k.active():
-            if self._uploaded is None or self._uploaded.nbytes < host.nbytes:
-                self._uploaded = None  # the smaller one is freed with the context current
-                self._uploaded = self.k.alloc(host.nbytes)
-            self.k.upload(self._uploaded, np.ascontiguousarray(host, np.float32))
-        return self._uploaded
+        return self.pipeline.upload(host)
 
     def run(self, scores: Buffer, shape: Tuple[int, int, int, int], images: np.ndarray,
             params: Optional[CRFParams], probabilities: bool, name: str = "request"
@@ -214,7 +208,6 @@ class CRFStep:
         """Release the pooled buffers with the context current (pycuda frees device memory only then)."""
         with self.k.active():
             self.pipeline = DevicePipeline(self.k, crf=False)
-            self._uploaded = None
 
 
 def request_parameters(text: Optional[str]) -> Dict[str, Any]:
