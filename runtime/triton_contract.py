@@ -43,6 +43,20 @@ class RequestError(ValueError):
     """A request the model refuses (the server answers it with an error status)."""
 
 
+def request_parameters(text: str | None) -> dict:
+    """A request's parameters from the JSON object text the Python backend hands a model
+    (InferenceRequest.parameters()); RequestError when the text is not one."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise RequestError(f"request parameters are not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise RequestError(f"request parameters must be a JSON object, got {text!r}")
+    return value
+
+
 def crf_params_from_request(parameters: Mapping[str, Any], defaults: CRFParams | None) -> CRFParams | None:
     """The CRF to run for one request: None when the request (or the model's defaults) turns it
     off, else the defaults with the request's fields replaced. Unknown names, and values of the

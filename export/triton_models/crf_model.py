@@ -17,9 +17,9 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from crf.backend import CPUKernels, GPUKernels
-from ensemble_steps import CRFStep, StepError, dlpack_view, request_parameters
+from ensemble_steps import CRFStep, StepError, dlpack_view
 from runtime.triton_contract import (INPUT_IMAGE, OUTPUT_LABELS, OUTPUT_PROBABILITIES, crf_params_from_request,
-                                     read_config_parameters)
+                                     read_config_parameters, request_parameters)
 
 INPUT_SCORES = "SCORES"
 

@@ -18,7 +18,6 @@ nvcc for the GPU kernels: nothing else of the toolkit's dependencies (no OpenCV,
 from __future__ import annotations
 
 import ctypes
-import json
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -30,10 +29,12 @@ from runtime.contract import DEFAULT_MAX_SIZE, ImageError, pad_image
 from runtime.device_pipeline import DevicePipeline
 from runtime.network import SizeBounds, network_size
 from runtime.onnx_backend import nonfinite_scores_error
+from runtime.triton_contract import RequestError, request_parameters  # noqa: F401 (re-exported)
 
 
-class StepError(ValueError):
-    """A request a step refuses; the model answers it with this message as an error response."""
+#: A request a step refuses; the model answers it with this message as an error response (the
+#: served model's RequestError: request parameters are parsed by runtime.triton_contract for both).
+StepError = RequestError
 
 
 # -- deeplab_pad -----------------------------------------------------------------------------------
@@ -209,12 +210,3 @@ class CRFStep:
         with self.k.active():
             self.pipeline = DevicePipeline(self.k, crf=False)
 
-
-def request_parameters(text: Optional[str]) -> Dict[str, Any]:
-    """A request's parameters (pb_utils' InferenceRequest.parameters() gives a JSON object text)."""
-    if not text:
-        return {}
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise StepError(f"request parameters must be a JSON object, got {text!r}")
-    return value
