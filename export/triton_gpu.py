@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from crf import CRFParams
+from export.triton_repo import _pbtxt_string as _q  # one quoting for both repository forms
 from runtime import engine_meta
 from runtime.contract import DEFAULT_MAX_SIZE
 from runtime.palette import VOC_CLASSES, check_palette, voc_palette
@@ -35,11 +36,6 @@ TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 #: copied beside each Python model (its model directory is on the Python backend's sys.path)
 PACKAGES = ("runtime", "crf")
-
-
-def _q(text: str) -> str:
-    """A protobuf text-format string literal."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def _tensor(name: str, dtype: str, dims: Sequence[int]) -> str:
