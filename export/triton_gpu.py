@@ -22,24 +22,20 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from crf import CRFParams
+from export.triton_repo import _pbtxt_string as _q  # one quoting for both repository forms
 from runtime import engine_meta
 from runtime.contract import DEFAULT_MAX_SIZE
 from runtime.palette import VOC_CLASSES, check_palette, voc_palette
-from runtime.triton_contract import (INPUT_IMAGE, MODEL_NAME, OUTPUT_LABELS, OUTPUT_PROBABILITIES,
-                                     config_parameters)
+from runtime.triton_contract import (CONFIG_MAX_SIZE, CONFIG_PROFILE, INPUT_IMAGE, MODEL_NAME, OUTPUT_LABELS,
+                                     OUTPUT_PROBABILITIES, PADDED_IMAGE, SCORES, config_parameters)
 
 PAD_MODEL, NETWORK_MODEL, CRF_MODEL = "deeplab_pad", "deeplab_network", "deeplab_crf"
-#: tensor names inside the ensemble and of the steps (the engine's are the ONNX graph's)
-PADDED_IMAGE, NETWORK_INPUT, NETWORK_OUTPUT, CRF_SCORES = "PADDED_IMAGE", "image", "scores", "SCORES"
+#: the engine's tensor names (the ONNX graph's)
+NETWORK_INPUT, NETWORK_OUTPUT = engine_meta.INPUT_NAME, engine_meta.OUTPUT_NAME
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 #: copied beside each Python model (its model directory is on the Python backend's sys.path)
 PACKAGES = ("runtime", "crf")
-
-
-def _q(text: str) -> str:
-    """A protobuf text-format string literal."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def _tensor(name: str, dtype: str, dims: Sequence[int]) -> str:
@@ -160,7 +156,7 @@ def write_gpu_repository(plan_path: str | Path, out_dir: str | Path, *, max_batc
         _header(PAD_MODEL, batch, backend="python")
         + _tensors("input", [image_in]) + _tensors("output", [_tensor(PADDED_IMAGE, "TYPE_UINT8", [-1, -1, 3])])
         + _instances("KIND_CPU", instances)
-        + _parameters({"profile": json.dumps(profile), "max_size": str(int(max_size))}))
+        + _parameters({CONFIG_PROFILE: json.dumps(profile), CONFIG_MAX_SIZE: str(int(max_size))}))
 
     # deeplab_network: the plan as it is, with its sidecar beside it for engine_meta.check_compatible
     version = root / NETWORK_MODEL / "1"
@@ -178,7 +174,7 @@ def write_gpu_repository(plan_path: str | Path, out_dir: str | Path, *, max_batc
     _python_model(root / CRF_MODEL, "crf_model.py")
     (root / CRF_MODEL / "config.pbtxt").write_text(
         _header(CRF_MODEL, batch, backend="python")
-        + _tensors("input", [_tensor(CRF_SCORES, "TYPE_FP32", [c, -1, -1]), image_in])
+        + _tensors("input", [_tensor(SCORES, "TYPE_FP32", [c, -1, -1]), image_in])
         + _tensors("output", outputs) + _instances("KIND_GPU", instances)
         + _parameters({"FORCE_CPU_ONLY_INPUT_TENSORS": "no", **params}))
 
@@ -187,7 +183,7 @@ def write_gpu_repository(plan_path: str | Path, out_dir: str | Path, *, max_batc
     steps = [
         (PAD_MODEL, {INPUT_IMAGE: INPUT_IMAGE}, {PADDED_IMAGE: "padded_image"}),
         (NETWORK_MODEL, {NETWORK_INPUT: "padded_image"}, {NETWORK_OUTPUT: "scores"}),
-        (CRF_MODEL, {CRF_SCORES: "scores", INPUT_IMAGE: INPUT_IMAGE},
+        (CRF_MODEL, {SCORES: "scores", INPUT_IMAGE: INPUT_IMAGE},
          {OUTPUT_LABELS: OUTPUT_LABELS, **({OUTPUT_PROBABILITIES: OUTPUT_PROBABILITIES} if probabilities else {})}),
     ]
     step_text = ",\n".join(

@@ -52,6 +52,14 @@ class DevicePipeline:
             self.k.launch("crf_crop_scores", c * h * w, src, I32(c), I32(hp), I32(wp), I32(h), I32(w), dst)
         return dst
 
+    def upload(self, scores: np.ndarray) -> Buffer:
+        """Scores handed on the host (e.g. a batch's padded N x C x Hp x Wp, the source of ``crop``)
+        copied into a reused buffer of the kernels."""
+        a = np.ascontiguousarray(scores, np.float32)
+        buf = self._buffer("uploaded", a.nbytes)
+        self.k.upload(buf, a)
+        return buf
+
     def download(self, scores: Buffer, c: int, h: int, w: int) -> np.ndarray:
         """Cropped scores to the host (a new C x h x w float32 array)."""
         return self.k.download(scores, (c, h, w), np.float32)

@@ -11,6 +11,8 @@ Request parameters (all optional; the model's defaults are the CRFParams in its 
     ("bi_w", "bi_xy_std", "bi_rgb_std", "pos_w", "pos_xy_std", "iterations", "normalization").
 Config parameters of the model: "class_names" and "palette" (JSON lists), "crf_defaults" (JSON object),
 "max_pixels" (the largest image, H x W, the model takes; a larger one is refused).
+The GPU ensemble (export/triton_gpu.py) passes PADDED_IMAGE and SCORES between its steps; its pad
+step's config parameters are "profile" (the engine's, JSON) and "max_size".
 Never imports torch or tritonclient.
 """
 from __future__ import annotations
@@ -33,6 +35,12 @@ CONFIG_CLASS_NAMES = "class_names"
 CONFIG_PALETTE = "palette"
 CONFIG_CRF_DEFAULTS = "crf_defaults"
 CONFIG_MAX_PIXELS = "max_pixels"
+#: The GPU ensemble's step tensors: the pad step's output, the CRF step's input of engine scores.
+PADDED_IMAGE = "PADDED_IMAGE"
+SCORES = "SCORES"
+#: Config parameters of the GPU ensemble's pad step.
+CONFIG_PROFILE = "profile"
+CONFIG_MAX_SIZE = "max_size"
 #: Default of max_pixels: 4096 x 4096 (the input alone is 48 MB, the CRF then runs on a shrunken copy).
 DEFAULT_MAX_PIXELS = 4096 * 4096
 #: Response parameters the served model sets with its own stage times (milliseconds).
@@ -41,6 +49,20 @@ TIMING_PARAMETERS = ("preprocess_ms", "network_ms", "crf_ms", "postprocess_ms")
 
 class RequestError(ValueError):
     """A request the model refuses (the server answers it with an error status)."""
+
+
+def request_parameters(text: str | None) -> dict:
+    """A request's parameters from the JSON object text the Python backend hands a model
+    (InferenceRequest.parameters()); RequestError when the text is not one."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise RequestError(f"request parameters are not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise RequestError(f"request parameters must be a JSON object, got {text!r}")
+    return value
 
 
 def crf_params_from_request(parameters: Mapping[str, Any], defaults: CRFParams | None) -> CRFParams | None:

@@ -76,7 +76,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         from runtime.triton_contract import (INPUT_IMAGE, OUTPUT_PROBABILITIES, RequestError, check_image_batch,
-                                             crf_params_from_request)
+                                             crf_params_from_request, request_parameters)
 
         responses = [None] * len(requests)
         groups = {}  # (CRF params, probabilities wanted) -> [(request index, images)]
@@ -86,11 +86,7 @@ class TritonPythonModel:
                 if tensor is None:
                     raise RequestError("no %s input" % INPUT_IMAGE)
                 images = check_image_batch(tensor.as_numpy(), self.max_pixels)
-                try:
-                    params = json.loads(request.parameters() or "{}")
-                except ValueError as e:
-                    raise RequestError("request parameters are not JSON: %s" % e)
-                crf = crf_params_from_request(params, self.crf_defaults)
+                crf = crf_params_from_request(request_parameters(request.parameters()), self.crf_defaults)
             except RequestError as e:
                 responses[k] = self._error(str(e))
                 continue

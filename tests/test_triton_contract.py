@@ -6,7 +6,7 @@ import pytest
 
 from crf import CRFParams
 from runtime.triton_contract import (RequestError, check_image_batch, config_parameters, crf_params_from_request,
-                                     read_config_parameters)
+                                     read_config_parameters, request_parameters)
 
 
 def test_crf_off_by_request_or_by_model_default():
@@ -31,6 +31,15 @@ def test_request_fields_replace_the_defaults_and_foreign_parameters_are_ignored(
 def test_bad_request_parameters_are_refused_by_name(params, words):
     with pytest.raises(RequestError, match=words):
         crf_params_from_request(params, CRFParams())
+
+
+def test_request_parameter_text_is_a_json_object():
+    assert request_parameters('{"crf": false, "bi_w": 3}') == {"crf": False, "bi_w": 3}
+    assert request_parameters("") == {} and request_parameters(None) == {}
+    with pytest.raises(RequestError, match="request parameters are not JSON"):
+        request_parameters("{crf: false")
+    with pytest.raises(RequestError, match="request parameters must be a JSON object, got '\\[1, 2\\]'"):
+        request_parameters("[1, 2]")
 
 
 def test_config_parameters_round_trip_as_triton_hands_them_over():

@@ -17,11 +17,9 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from crf.backend import CPUKernels, GPUKernels
-from ensemble_steps import CRFStep, StepError, dlpack_view, request_parameters
-from runtime.triton_contract import (INPUT_IMAGE, OUTPUT_LABELS, OUTPUT_PROBABILITIES, crf_params_from_request,
-                                     read_config_parameters)
-
-INPUT_SCORES = "SCORES"
+from ensemble_steps import CRFStep, StepError, dlpack_view
+from runtime.triton_contract import (INPUT_IMAGE, OUTPUT_LABELS, OUTPUT_PROBABILITIES, SCORES,
+                                     crf_params_from_request, read_config_parameters, request_parameters)
 
 
 class TritonPythonModel:
@@ -47,10 +45,10 @@ class TritonPythonModel:
 
     def _one(self, request):
         params = crf_params_from_request(request_parameters(request.parameters()), self.defaults)
-        scores_t = pb_utils.get_input_tensor_by_name(request, INPUT_SCORES)
+        scores_t = pb_utils.get_input_tensor_by_name(request, SCORES)
         image_t = pb_utils.get_input_tensor_by_name(request, INPUT_IMAGE)
         if scores_t is None or image_t is None:
-            raise StepError(f"both {INPUT_SCORES} and {INPUT_IMAGE} are needed")
+            raise StepError(f"both {SCORES} and {INPUT_IMAGE} are needed")
         view = dlpack_view(scores_t.to_dlpack())
         if view.shape[1:2] != (len(self.class_names),):
             raise StepError(f"SCORES {list(view.shape)} do not have the model's {len(self.class_names)} classes")

@@ -18,7 +18,6 @@ nvcc for the GPU kernels: nothing else of the toolkit's dependencies (no OpenCV,
 from __future__ import annotations
 
 import ctypes
-import json
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -30,10 +29,12 @@ from runtime.contract import DEFAULT_MAX_SIZE, ImageError, pad_image
 from runtime.device_pipeline import DevicePipeline
 from runtime.network import SizeBounds, network_size
 from runtime.onnx_backend import nonfinite_scores_error
+from runtime.triton_contract import RequestError, request_parameters  # noqa: F401 (re-exported)
 
 
-class StepError(ValueError):
-    """A request a step refuses; the model answers it with this message as an error response."""
+#: A request a step refuses; the model answers it with this message as an error response (the
+#: served model's RequestError: request parameters are parsed by runtime.triton_contract for both).
+StepError = RequestError
 
 
 # -- deeplab_pad -----------------------------------------------------------------------------------
@@ -139,7 +140,6 @@ class CRFStep:
         self.k = kernels
         self.device_id = device_id
         self.pipeline = DevicePipeline(kernels, crf=True)
-        self._uploaded: Optional[Buffer] = None  # scores handed on the host, copied for the kernels
 
     def addressable(self, view: DLView) -> bool:
         """Whether the kernels can read the tensor where it is (else it is copied from the host)."""
@@ -164,12 +164,7 @@ class CRFStep:
             raise StepError(f"SCORES are on GPU {view.device_id}, which {kernels} kernels cannot read: on a "
                             "server with several GPUs, pin deeplab_network and deeplab_crf to the same GPU "
                             "(instance_group gpus), or serve one GPU per server")
-        with self.k.active():
-            if self._uploaded is None or self._uploaded.nbytes < host.nbytes:
-                self._uploaded = None  # the smaller one is freed with the context current
-                self._uploaded = self.k.alloc(host.nbytes)
-            self.k.upload(self._uploaded, np.ascontiguousarray(host, np.float32))
-        return self._uploaded
+        return self.pipeline.upload(host)
 
     def run(self, scores: Buffer, shape: Tuple[int, int, int, int], images: np.ndarray,
             params: Optional[CRFParams], probabilities: bool, name: str = "request"
@@ -214,14 +209,4 @@ class CRFStep:
         """Release the pooled buffers with the context current (pycuda frees device memory only then)."""
         with self.k.active():
             self.pipeline = DevicePipeline(self.k, crf=False)
-            self._uploaded = None
 
-
-def request_parameters(text: Optional[str]) -> Dict[str, Any]:
-    """A request's parameters (pb_utils' InferenceRequest.parameters() gives a JSON object text)."""
-    if not text:
-        return {}
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise StepError(f"request parameters must be a JSON object, got {text!r}")
-    return value

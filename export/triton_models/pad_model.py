@@ -10,16 +10,14 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from ensemble_steps import bounds_from_profile, pad_batch
-from runtime.triton_contract import INPUT_IMAGE
-
-OUTPUT_PADDED = "PADDED_IMAGE"
+from runtime.triton_contract import CONFIG_MAX_SIZE, CONFIG_PROFILE, INPUT_IMAGE, PADDED_IMAGE
 
 
 class TritonPythonModel:
     def initialize(self, args):
         parameters = json.loads(args["model_config"]).get("parameters", {})
-        self.bounds = bounds_from_profile(json.loads(parameters["profile"]["string_value"]))
-        self.max_size = int(parameters["max_size"]["string_value"])
+        self.bounds = bounds_from_profile(json.loads(parameters[CONFIG_PROFILE]["string_value"]))
+        self.max_size = int(parameters[CONFIG_MAX_SIZE]["string_value"])
 
     def execute(self, requests):
         responses = []
@@ -27,7 +25,7 @@ class TritonPythonModel:
             try:
                 images = pb_utils.get_input_tensor_by_name(request, INPUT_IMAGE).as_numpy()
                 padded = pad_batch(images, self.bounds, self.max_size)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT_PADDED, padded)]))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(PADDED_IMAGE, padded)]))
             except Exception as e:  # one bad request must not fail the others of the batch
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[], error=pb_utils.TritonError(f"deeplab_pad: {e}")))
