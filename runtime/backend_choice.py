@@ -25,6 +25,25 @@ def is_plan(path: str | Path) -> bool:
     return Path(path).suffix.lower() in PLAN_SUFFIXES
 
 
+def model_precision(path: str | Path, metadata: Optional[dict] = None) -> str:
+    """The precision a model was exported or built at: a plan's sidecar's ("unknown (why)" without a
+    readable one), else the ONNX metadata's "precision" entry (export/precision.py writes it; an
+    FP32 export carries none)."""
+    if not is_plan(path):
+        return str((metadata or {}).get("precision", "fp32"))
+    import warnings
+
+    from .engine_meta import SidecarError, read_sidecar
+
+    try:
+        with warnings.catch_warnings():  # a missing sidecar is said in the answer
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sidecar = read_sidecar(path)
+    except SidecarError as e:
+        return f"unknown ({e})"
+    return sidecar.precision if sidecar is not None else "unknown (no sidecar)"
+
+
 def open_network(path: str | Path, backend: str = "auto", threads: Optional[int] = None) -> Any:
     """The network backend that ``backend`` means for the model at ``path`` (see the module doc)."""
     if backend not in BACKENDS:

@@ -396,3 +396,17 @@ def test_engine_from_an_onnx_needs_no_torch(tmp_path):
     assert out.returncode == 2 and "--precision apply to exporting weights" in out.stderr
     out = run(str(tmp_path / "absent.onnx"), "--engine", str(tmp_path / "m.engine"))
     assert out.returncode == 2 and "no such file" in out.stderr
+
+
+def test_model_precision_from_metadata_or_sidecar(meta, tmp_path):
+    """runtime.backend_choice.model_precision, what the benchmark and the evaluation report."""
+    from runtime.backend_choice import model_precision
+
+    assert model_precision("m.onnx", {}) == "fp32" and model_precision("m.onnx", {"precision": "int8"}) == "int8"
+    plan = tmp_path / "m.engine"
+    plan.write_bytes(b"not loaded here")
+    assert model_precision(plan) == "unknown (no sidecar)"
+    engine_meta.write_sidecar(plan, replace(meta, precision="int8+fp16"))
+    assert model_precision(plan) == "int8+fp16"
+    (tmp_path / "m.engine.json").write_text("{not json")
+    assert model_precision(plan).startswith("unknown (")

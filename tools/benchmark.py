@@ -186,22 +186,10 @@ def benchmark_images(config: BenchConfig, image=None) -> list:
 
 
 def model_precision(seg) -> str:
-    """The precision the model was exported or built at: an ONNX export's metadata ``precision``
-    (export/precision.py writes it; an FP32 export carries none), a plan's sidecar's."""
-    meta = seg.network.metadata
-    if "precision" in meta:
-        return str(meta["precision"])
-    from runtime.backend_choice import is_plan
+    """The precision the Segmenter's model was exported or built at (runtime.backend_choice.model_precision)."""
+    from runtime.backend_choice import model_precision as precision_of
 
-    if is_plan(seg.model_path):
-        from runtime.engine_meta import SidecarError, read_sidecar
-
-        try:
-            sidecar = read_sidecar(seg.model_path)
-        except SidecarError as e:
-            return f"unknown ({e})"
-        return sidecar.precision if sidecar is not None else "unknown (no sidecar)"
-    return "fp32"
+    return precision_of(seg.model_path, seg.network.metadata)
 
 
 def absent_stages(pipeline: str, crf: bool) -> Dict[str, str]:

@@ -8,15 +8,10 @@ PyTorch without torch) is kept with the reason instead of a Segmenter.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-#: ONNX metadata key naming an export's precision (export/precision.py); absent on FP32 exports.
-PRECISION_KEY = "precision"
-PLAN_SUFFIXES = (".engine", ".plan")
 
 
 @dataclass
@@ -60,23 +55,17 @@ def open_model(path: str | Path) -> Contender:
     an ONNX model that cannot be opened raises (ModelFormatError, FileNotFoundError)."""
     from runtime import Segmenter
 
-    path = Path(path)
-    if path.suffix.lower() in PLAN_SUFFIXES:
-        from runtime.engine_meta import read_sidecar
+    from runtime.backend_choice import is_plan, model_precision
 
-        try:
-            with warnings.catch_warnings():  # no sidecar: the precision is unknown, loading says the rest
-                warnings.simplefilter("ignore", RuntimeWarning)
-                meta = read_sidecar(path)
-        except ValueError:
-            meta = None
-        precision = meta.precision if meta is not None else "unknown"
+    path = Path(path)
+    if is_plan(path):
+        precision = model_precision(path)
         try:
             return Contender(path.name, str(path), "tensorrt", precision, Segmenter(path, crf=None))
         except Exception as e:  # TensorRT's own errors, or TensorRTUnavailable: the reason is the message
             return Contender(path.name, str(path), "tensorrt", precision, skipped=" ".join(str(e).split()))
     seg = Segmenter(path, crf=None)
-    return Contender(path.name, str(path), "onnx", seg.network.metadata.get(PRECISION_KEY, "fp32"), seg)
+    return Contender(path.name, str(path), "onnx", model_precision(path, seg.network.metadata), seg)
 
 
 def open_pytorch(checkpoint: str | Path) -> Contender:
