@@ -55,9 +55,11 @@ class ServerError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """$DEEPLAB_CACHE (as the CRF's compiled kernels), default ~/.cache/deeplab-v1-toolkit, /triton."""
-    base = os.environ.get("DEEPLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deeplab-v1-toolkit")
-    return Path(base) / "triton"
+    """triton/ in the toolkit's cache folder, the one the CRF's compiled kernels use
+    (crf.backend.cache_dir(): default ~/.cache/deeplab-v1-toolkit)."""
+    from crf.backend import cache_dir as toolkit_cache
+
+    return toolkit_cache() / "triton"
 
 
 def _pip_install_once(target: Path, packages, no_deps: bool) -> Path:
