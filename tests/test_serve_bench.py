@@ -6,7 +6,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import pytest
 
 from benchmarks import serve_bench
 from conftest import ROOT
+from tools import serve
 from triton_fixture import MODEL, NO_SERVE_EXTRA, processes_on, repo, require_server, server  # noqa: F401
 
 SCRIPT = ROOT / "benchmarks" / "serve_bench.py"
@@ -114,12 +114,6 @@ def test_the_server_it_starts_stops_at_the_end_and_on_ctrl_c(tmp_path):
     assert not (tmp_path / "never.json").exists()
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("args, words", [
     (["--concurrency", "0"], "a client count is 1..256, got 0"),
     (["--concurrency", "1,x"], "expected client counts such as 1,2,4,8"),
@@ -157,7 +151,7 @@ def test_bad_combinations_and_files_exit_2(tmp_path, capsys):
 
 def test_no_server_at_the_url_exits_1(capsys):
     pytest.importorskip("tritonclient.http", reason=NO_SERVE_EXTRA)
-    port = _closed_port()
+    port = serve.free_port()  # nothing listens there once it returns
     assert serve_bench.main(["--url", f"127.0.0.1:{port}", "--duration", "1"]) == 1
     assert f"cannot use model 'deeplab' at 127.0.0.1:{port} over http" in capsys.readouterr().err
 
