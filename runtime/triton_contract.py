@@ -112,10 +112,12 @@ def read_config_parameters(parameters: Mapping[str, Any]) -> tuple[list, list, C
             None if defaults is None else CRFParams.from_dict(defaults))
 
 
-def check_image_batch(batch: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def check_image_batch(batch: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The IMAGE tensor of one request as the model gets it (N x H x W x 3 uint8), or RequestError
     saying what is wrong. Triton checks dtype and rank against the config first; this is the
-    model's own check, for what the config cannot say (empty or oversized images)."""
+    model's own check, for what the config cannot say (empty or oversized images). The served
+    model and the GPU ensemble's pad step both call it; ``max_pixels=None``: no size cap here (the
+    pad step checks sizes against the engine's profile itself)."""
     a = np.asarray(batch)
     if a.dtype != np.uint8:
         raise RequestError(f"{INPUT_IMAGE} must be UINT8, got {a.dtype}")
@@ -124,6 +126,6 @@ def check_image_batch(batch: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nd
     n, h, w = a.shape[:3]
     if n == 0 or h == 0 or w == 0:
         raise RequestError(f"{INPUT_IMAGE} is empty: shape {list(a.shape)}")
-    if h * w > max_pixels:
+    if max_pixels is not None and h * w > max_pixels:
         raise RequestError(f"{INPUT_IMAGE} of {h}x{w} has more than the model's max_pixels ({max_pixels})")
     return a

@@ -355,8 +355,10 @@ def test_pad_step_pads_as_the_runtime_and_refuses_what_it_would_shrink(repo):
     assert small.shape == (2, 65, 65, 3)  # up to the profile's minimum
     with pytest.raises(steps.StepError, match="image 1200x70 exceeds max_size 1025 and the engine's profile"):
         steps.pad_batch(np.zeros((1, 1200, 70, 3), np.uint8), bounds)
-    with pytest.raises(steps.StepError, match="IMAGE must be N x H x W x 3 uint8"):
+    with pytest.raises(steps.StepError, match="IMAGE must be UINT8"):
         steps.pad_batch(np.zeros((1, 10, 10, 3), np.float32), bounds)
+    with pytest.raises(steps.StepError, match="IMAGE is empty"):
+        steps.pad_batch(np.zeros((1, 0, 10, 3), np.uint8), bounds)
 
 
 @pytest.mark.parametrize("crf_on", [True, False])

@@ -29,7 +29,7 @@ from runtime.contract import DEFAULT_MAX_SIZE, ImageError, pad_image
 from runtime.device_pipeline import DevicePipeline
 from runtime.network import SizeBounds, network_size
 from runtime.onnx_backend import nonfinite_scores_error
-from runtime.triton_contract import RequestError, request_parameters  # noqa: F401 (re-exported)
+from runtime.triton_contract import RequestError, check_image_batch, request_parameters  # noqa: F401 (re-exported)
 
 
 #: A request a step refuses; the model answers it with this message as an error response (the
@@ -50,8 +50,7 @@ def bounds_from_profile(profile: Optional[Dict[str, List[int]]]) -> Optional[Siz
 
 def pad_batch(images: np.ndarray, bounds: Optional[SizeBounds], max_size: int = DEFAULT_MAX_SIZE) -> np.ndarray:
     """One request's N x H x W x 3 uint8 images padded as runtime.Segmenter pads them for this engine."""
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or 0 in images.shape:
-        raise StepError(f"IMAGE must be N x H x W x 3 uint8 BGR, got {images.dtype} {list(images.shape)}")
+    images = check_image_batch(images, max_pixels=None)
     n, h, w = images.shape[:3]
     size = network_size(h, w, max_size, bounds)
     if size.scale < 1.0:
