@@ -67,6 +67,20 @@ def default_crf_max_pixels(num_classes: int) -> int:
 
 
 @dataclass
+class _Run:
+    """One network run of a seg() call: images of one padded size, at most max_batch of them."""
+    prepared: list  # every image of the call: (image, network image, scale, padded size)
+    names: list  # every image's name in messages
+    idx: list  # which of them this run takes
+    batch: np.ndarray  # their padded network inputs, N x H x W x 3
+    t_pre: float  # preprocess milliseconds per image
+    return_probabilities: bool
+    return_scores: bool
+    results: list  # the call's results, filled in at idx
+    tick: Callable[[str], None]
+
+
+@dataclass
 class Segmentation:
     """Result of one image. labels: H x W uint8 class ids. probabilities: C x H x W float32 (CRF
     marginals, or the network's softmax without CRF), only when asked for. timings: milliseconds
@@ -363,7 +377,7 @@ class Segmenter:
             t1 = time.perf_counter()
             batch = np.stack([pad_image(prepared[i][1], ph, pw) for i in idx])
             t_pad = (time.perf_counter() - t1) * 1e3 / len(idx)
-            args = (prepared, names, idx, batch, t_pre + t_pad, return_probabilities, return_scores, results, tick)
+            run = _Run(prepared, names, idx, batch, t_pre + t_pad, return_probabilities, return_scores, results, tick)
             if self._device is not None:
                 # The batch runs with the device's context current: buffers it lets go of (a crop
                 # outgrown by the next image's) are freed there, where pycuda can free them. Out of
@@ -371,7 +385,7 @@ class Segmenter:
                 out_of_memory = None
                 with self._device_lock, self.network.kernels.active():
                     try:
-                        self._run_on_device(*args)
+                        self._run_on_device(run)
                     except OutOfDeviceMemory as e:
                         out_of_memory = str(e)
                 if out_of_memory is not None:
@@ -379,28 +393,28 @@ class Segmenter:
                                             "the Segmenter is still usable: try fewer or smaller images "
                                             "(max_batch, max_size)")
             else:
-                self._run_on_host(*args)
+                self._run_on_host(run)
         return results  # type: ignore[return-value]
 
-    def _run_on_host(self, prepared, names, idx, batch, t_pre, return_probabilities, return_scores, results,
-                     tick) -> None:
+    def _run_on_host(self, run: _Run) -> None:
         t1 = time.perf_counter()
-        scores = self.network(batch)
-        t_net = (time.perf_counter() - t1) * 1e3 / len(idx)
-        for _ in idx:
-            tick("network")
-        problems = _shape_problems(scores.shape, len(idx), self.num_classes, *batch.shape[1:3])
+        scores = self.network(run.batch)
+        t_net = (time.perf_counter() - t1) * 1e3 / len(run.idx)
+        for _ in run.idx:
+            run.tick("network")
+        problems = _shape_problems(scores.shape, len(run.idx), self.num_classes, *run.batch.shape[1:3])
         if problems:
             raise ModelFormatError(f"{self.model_path}: " + "; ".join(problems))
-        for j, i in enumerate(idx):
-            img, net_img, s, _ = prepared[i]
-            timings = {"preprocess": t_pre, "network": t_net}
+        for j, i in enumerate(run.idx):
+            img, net_img, s, _ = run.prepared[i]
+            timings = {"preprocess": run.t_pre, "network": t_net}
             t2 = time.perf_counter()
             nh, nw = net_img.shape[:2]
             sc = scores[j, :, :nh, :nw]  # crop top-left
             timings["postprocess"] = (time.perf_counter() - t2) * 1e3
-            results[i] = self._finish_on_host(sc, img, s, names[i], timings, return_probabilities, return_scores)
-            tick("crf")
+            run.results[i] = self._finish_on_host(sc, img, s, run.names[i], timings, run.return_probabilities,
+                                                  run.return_scores)
+            run.tick("crf")
 
     def _finish_on_host(self, sc: np.ndarray, img: np.ndarray, s: float, name: str, timings: dict,
                         return_probabilities: bool, return_scores: bool) -> Segmentation:
@@ -431,8 +445,7 @@ class Segmenter:
         return Segmentation(labels, probs if return_probabilities else None, timings, img,
                             sc if return_scores else None, crf_scale)
 
-    def _run_on_device(self, prepared, names, idx, batch, t_pre, return_probabilities, return_scores, results,
-                       tick) -> None:
+    def _run_on_device(self, run: _Run) -> None:
         """The scores stay where the network wrote them; per image: crop (device), then the CRF on
         the device when it runs at the image's full size, else the host steps from the downloaded crop."""
         dev = self._device
@@ -441,30 +454,29 @@ class Segmenter:
         events = self.stage_events
         k.marks = [] if events else None
         try:
-            self._device_calls(dev, k, events, prepared, names, idx, batch, t_pre, return_probabilities,
-                               return_scores, results, tick)
+            self._device_calls(dev, k, events, run)
         finally:
             with k.active():  # marks left by a failed call (CUDA events) go with the context current
                 k.marks = None
 
-    def _device_calls(self, dev, k, events, prepared, names, idx, batch, t_pre, return_probabilities, return_scores,
-                      results, tick) -> None:
+    def _device_calls(self, dev: DevicePipeline, k, events: bool, run: _Run) -> None:
+        idx, results = run.idx, run.results
         k.mark("start")
         t1 = time.perf_counter()
-        buf, shape = self.network.run_into(batch)
+        buf, shape = self.network.run_into(run.batch)
         k.synchronize()  # once per batch, so that "network" times the network, not a later stage
         t_net = (time.perf_counter() - t1) * 1e3 / len(idx)
         # the batch's upload and network, shared by its images (as t_net)
         per_batch = {stage: ms / len(idx) for stage, ms in k.stage_times()}
         for _ in idx:
-            tick("network")
-        problems = _shape_problems(shape, len(idx), self.num_classes, *batch.shape[1:3])
+            run.tick("network")
+        problems = _shape_problems(shape, len(idx), self.num_classes, *run.batch.shape[1:3])
         if problems:
             raise ModelFormatError(f"{self.model_path}: " + "; ".join(problems))
         c = self.num_classes
         for j, i in enumerate(idx):
-            img, net_img, s, _ = prepared[i]
-            timings = {"preprocess": t_pre, "network": t_net}
+            img, net_img, s, _ = run.prepared[i]
+            timings = {"preprocess": run.t_pre, "network": t_net}
             t2 = time.perf_counter()
             nh, nw = net_img.shape[:2]
             crop = dev.crop(buf, shape, j, nh, nw)
@@ -474,19 +486,20 @@ class Segmenter:
             if not on_device:  # a host step follows: the crop comes back
                 sc = dev.download(crop, c, nh, nw)
                 timings["postprocess"] = (time.perf_counter() - t2) * 1e3
-                results[i] = self._finish_on_host(sc, img, s, names[i], timings, return_probabilities, return_scores)
+                results[i] = self._finish_on_host(sc, img, s, run.names[i], timings, run.return_probabilities,
+                                                  run.return_scores)
                 if events:
                     results[i].timings.update(_device_stage_timings(per_batch, k.stage_times()))
-                tick("crf")
+                run.tick("crf")
                 continue
             assert self.crf_params is not None  # dev.driver exists only with the CRF
             timings["postprocess"] = (time.perf_counter() - t2) * 1e3
             t2 = time.perf_counter()
-            labels, probs = dev.labels(crop, img, c, self.crf_params, return_probabilities, names[i])
+            labels, probs = dev.labels(crop, img, c, self.crf_params, run.return_probabilities, run.names[i])
             timings["crf"] = (time.perf_counter() - t2) * 1e3
-            scores = dev.download(crop, c, nh, nw) if return_scores else None
+            scores = dev.download(crop, c, nh, nw) if run.return_scores else None
             timings["total"] = sum(timings.values())
             if events:  # after the total: these split the same time differently
                 timings.update(_device_stage_timings(per_batch, k.stage_times()))
             results[i] = Segmentation(labels, probs, timings, img, scores, 1.0)
-            tick("crf")
+            run.tick("crf")
