@@ -22,7 +22,8 @@ cuda_root=$(cd "${cuda_root:-${CUDA_HOME:-/usr/local/cuda}}" && pwd -P)
 # The driver library: the linker needs libcuda.so; the machine may only have libcuda.so.1 outside
 # the linker's search path (e.g. /usr/local/nvidia/lib64), so link against a symlink to it.
 libcuda=${LIBCUDA:-}
-[[ -n $libcuda ]] || libcuda=$( (ldconfig -p 2>/dev/null || true) | sed -n 's/.*libcuda\.so\.1 .*=> //p' | head -1)
+# the 64-bit entry (x86-64, AArch64): a machine with 32-bit driver libraries lists both
+[[ -n $libcuda ]] || libcuda=$( (ldconfig -p 2>/dev/null || true) | sed -n 's/.*libcuda\.so\.1 ([^)]*64[^)]*) => //p' | head -1)
 if [[ -z $libcuda ]]; then
   for f in /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 /usr/lib64/libcuda.so.1; do
     [[ -e $f ]] && { libcuda=$f; break; }

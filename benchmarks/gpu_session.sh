@@ -72,10 +72,13 @@ export PYTHONPATH=/tmp/site:$PWD
 ld=$(sed -n 's/^device-install: export LD_LIBRARY_PATH=//p' "$OUT/pycuda-install.log" | tail -1)
 [[ -n $ld ]] && export LD_LIBRARY_PATH=$ld
 
-# what the tests import besides pycuda (the machine's image has them; a missing one is named here)
-if python3 -c "import numpy, cv2, onnx, onnxruntime, safetensors, torch, pytest, hypothesis, tqdm" > "$OUT/preflight.log" 2>&1 \
+# What this run imports besides pycuda, and nothing else (a package it never imports must not fail
+# the run). safetensors reads the bundled model and is not among the packages the machine is known
+# to have: its wheel travels in .whl/ and is installed into /tmp/site with pycuda's dependencies.
+# A missing one is named.
+if python3 -c "import numpy, cv2, onnx, onnxruntime, safetensors, torch, pytest" > "$OUT/preflight.log" 2>&1 \
    && python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'" >> "$OUT/preflight.log" 2>&1; then
-  step "python packages" ok "numpy cv2 onnx onnxruntime safetensors torch(cuda) pytest hypothesis tqdm"
+  step "python packages" ok "numpy cv2 onnx onnxruntime safetensors torch(cuda) pytest"
 else
   step "python packages" FAIL "$(tail -1 "$OUT/preflight.log")"
 fi
