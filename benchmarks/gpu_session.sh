@@ -5,7 +5,8 @@ usage() {
 usage: bash benchmarks/gpu_session.sh [--help]
 
 Runs on a machine with an NVIDIA GPU, the CUDA toolkit (nvcc, compute-sanitizer) and PyTorch with CUDA,
-from the project root, with .whl/ holding pycuda's source and its dependencies' wheels (see docs/gpu.md).
+from the project root, with .whl/ filled by benchmarks/gpu_prepare.sh (pycuda's source, wheels of its
+dependencies and of safetensors; see docs/gpu.md).
 Takes about 5-9 minutes.
 
 Steps, each logged under $OUT (default out/gpu):
@@ -57,8 +58,13 @@ fi
 
 # 2. pycuda: without it every GPU test would skip, so a failed build ends the run here.
 t=$SECONDS
+# What .whl/ must carry, checked before the build's minutes are spent.
 if ! ls .whl/pycuda-*.tar.gz > /dev/null 2>&1; then
-  step "pycuda build" FAIL ".whl/pycuda-*.tar.gz missing: run ../shared/gpu/prepare.sh and carry .whl"
+  step "pycuda build" FAIL ".whl/pycuda-*.tar.gz missing: run benchmarks/gpu_prepare.sh and carry .whl"
+  summary; exit 1
+fi
+if ! ls .whl/safetensors-*.whl > /dev/null 2>&1 && ! python3 -c "import safetensors" 2> /dev/null; then
+  step "python packages" FAIL "safetensors neither installed nor in .whl/: run benchmarks/gpu_prepare.sh and carry .whl"
   summary; exit 1
 fi
 if bash benchmarks/device-install.sh > "$OUT/pycuda-install.log" 2>&1; then
@@ -113,7 +119,7 @@ for tool in memcheck initcheck; do
   timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 /tmp/crf_once.py > /tmp/san.log 2>&1
   rc=$?
   tail -40 /tmp/san.log >> "$OUT/sanitizer.log"
-  if grep -qi "device not supported\|not supported on this device\|unable to .*device" /tmp/san.log; then
+  if grep -qi "device not supported\|not supported on this device" /tmp/san.log; then
     step "sanitizer $tool" refused "the device refused compute-sanitizer ($(grep -im1 'not supported' /tmp/san.log | cut -c1-80))"
   elif [[ $rc == 0 ]] && grep -q "ERROR SUMMARY: 0 errors" /tmp/san.log; then
     step "sanitizer $tool" ok "0 errors ($(( SECONDS - t )) s)"

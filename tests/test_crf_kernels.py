@@ -560,3 +560,20 @@ def test_gpu_session_script_help_and_loud_failure(tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert "pycuda build" in out.stdout and ".whl/pycuda-*.tar.gz missing" in out.stdout
     assert "RESULT: FAILED" in out.stdout and (tmp_path / "o" / "nvidia-smi.txt").exists()
+
+
+def test_gpu_session_script_stops_before_building_when_safetensors_is_not_carried(tmp_path):
+    """The bundled model is read with safetensors, which the GPU machine may lack: without it
+    installed or carried in .whl/, the script stops before spending minutes on the pycuda build."""
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(ROOT / "benchmarks" / "gpu_session.sh", tmp_path / "benchmarks")
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "pycuda-2026.1.tar.gz").write_bytes(b"")  # never unpacked: the check comes first
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "safetensors.py").write_text("raise ImportError('not on this machine')\n")
+    out = subprocess.run(["bash", str(tmp_path / "benchmarks" / "gpu_session.sh")], capture_output=True, text=True,
+                         env=dict(os.environ, OUT=str(tmp_path / "o"), PYTHONPATH=str(blocked)), timeout=60)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "safetensors neither installed nor in .whl/" in out.stdout and "RESULT: FAILED" in out.stdout
+    assert not (tmp_path / "o" / "pycuda-install.log").exists()  # the build never started

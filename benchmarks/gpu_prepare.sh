@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Prepare, on a machine with PyPI access, what the GPU machine (no network, Python 3.12) needs for
+# benchmarks/gpu_session.sh, in <repo>/.whl/ (git-ignored): pycuda's source and its dependencies'
+# wheels, and safetensors (the bundled model is read with it; the GPU machine is not known to have
+# it). The pycuda part is the shared recipe (../shared/gpu/prepare.sh) with this project's
+# benchmarks/device-install.sh. Usage, from the project root:
+#   bash benchmarks/gpu_prepare.sh            # then carry ".whl" in the device run
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+exclude=$(git rev-parse --git-path info/exclude)
+grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
+mkdir -p .whl
+python3 -m pip download -q --no-deps --no-binary=pycuda -d .whl "pycuda==2026.1"
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d .whl pytools platformdirs mako markupsafe typing_extensions siphash24 setuptools wheel safetensors
+cp benchmarks/device-install.sh .whl/
+ls -la .whl
