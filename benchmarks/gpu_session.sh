@@ -12,7 +12,7 @@ Takes about 5-9 minutes.
 Steps, each logged under $OUT (default out/gpu):
   1. nvidia-smi                                   -> nvidia-smi.txt
   2. build pycuda from source (benchmarks/device-install.sh, sources from .whl/)  -> pycuda-install.log
-     (failure stops the run)
+     (failure stops the run); the Python packages the run imports are checked  -> same log
   3. the GPU tests, REQUIRE_GPU=1: a skipped GPU test is a failure  -> gpu-tests.log
   4. compute-sanitizer memcheck and initcheck over a small CRF call  -> sanitizer.log
      ("Device not supported", as on gVisor machines, is recorded as refused, not as a failure)
@@ -82,11 +82,14 @@ ld=$(sed -n 's/^device-install: export LD_LIBRARY_PATH=//p' "$OUT/pycuda-install
 # the run). safetensors reads the bundled model and is not among the packages the machine is known
 # to have: its wheel travels in .whl/ and is installed into /tmp/site with pycuda's dependencies.
 # A missing one is named.
-if python3 -c "import numpy, cv2, onnx, onnxruntime, safetensors, torch, pytest" > "$OUT/preflight.log" 2>&1 \
-   && python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'" >> "$OUT/preflight.log" 2>&1; then
+# (Logged at the end of pycuda-install.log: the device tool brings back at most 8 files from $OUT,
+# and this run writes 7.)
+echo "### python packages" >> "$OUT/pycuda-install.log"
+if python3 -c "import numpy, cv2, onnx, onnxruntime, safetensors, torch, pytest" >> "$OUT/pycuda-install.log" 2>&1 \
+   && python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'" >> "$OUT/pycuda-install.log" 2>&1; then
   step "python packages" ok "numpy cv2 onnx onnxruntime safetensors torch(cuda) pytest"
 else
-  step "python packages" FAIL "$(tail -1 "$OUT/preflight.log")"
+  step "python packages" FAIL "$(tail -1 "$OUT/pycuda-install.log")"
 fi
 
 # 3. GPU tests (all of them: files without GPU tests are deselected by -m gpu)

@@ -577,3 +577,15 @@ def test_gpu_session_script_stops_before_building_when_safetensors_is_not_carrie
     assert out.returncode == 1, out.stdout + out.stderr
     assert "safetensors neither installed nor in .whl/" in out.stdout and "RESULT: FAILED" in out.stdout
     assert not (tmp_path / "o" / "pycuda-install.log").exists()  # the build never started
+
+
+def test_gpu_session_writes_few_enough_files_for_the_device_tool_to_bring_back():
+    """The GPU machine's tool returns at most 8 files from $OUT, named in letters, digits, '.', '_'
+    and '-': every file the script writes there must come back."""
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    names = {re.sub(r"\$\([^)]*\)|\$\{[^}]*\}", "X", n) for n in re.findall(r'"\$OUT/([^"]+)"', text)}
+    assert "gpu_X_X.json" in names and "gpu-tests.log" in names  # the report's name (date, GPU) and a log
+    assert len(names) <= 8, sorted(names)
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names), sorted(names)
