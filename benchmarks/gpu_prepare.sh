@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepare, on a machine with PyPI access, what the GPU machine (no network, Python 3.12) needs for
 # benchmarks/gpu_session.sh, in <repo>/.whl/ (git-ignored): pycuda's source and its dependencies'
-# wheels, and safetensors (the bundled model is read with it; the GPU machine is not known to have
-# it), with benchmarks/device-install.sh copied beside them. Usage, from the project root:
+# wheels, and safetensors (the bundled model is read with it; the GPU machine's image lists it, and
+# carrying it keeps the run from depending on that), with benchmarks/device-install.sh copied beside
+# them. Usage, from the project root:
 #   bash benchmarks/gpu_prepare.sh            # then carry ".whl" in the device run
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)

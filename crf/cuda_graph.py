@@ -2,7 +2,7 @@
 
 pycuda has no graph API, so this calls the driver directly (the same library pycuda loaded):
 stream capture records the launches made on a stream into a graph, which is instantiated once and
-then replayed with one ``cuGraphLaunch`` per mean-field iteration instead of ~17 kernel launches
+then replayed with one ``cuGraphLaunch`` per mean-field iteration instead of 12 kernel launches
 (the host work per launch is what a 2 ms CRF cannot afford ~170 times). Every failure is a
 ``CudaGraphError``; GPUKernels.capture() then falls back to plain launches with one warning.
 

@@ -414,7 +414,7 @@ class DenseCRFDriver:
                                        *self._update_args(lattices[1]), q))
             self.last_iteration = iteration
             # On the GPU one iteration is captured as a CUDA graph and replayed: one launch per
-            # iteration instead of ~17 (host work per launch is what a millisecond CRF cannot afford).
+            # iteration instead of 12 (host work per launch is what a millisecond CRF cannot afford).
             self._replay = k.capture(iteration) if params.iterations > 1 else None
             for _ in range(params.iterations):
                 if self._replay is not None:

@@ -513,7 +513,7 @@ def test_gpu_graph_replay_equals_launches_and_holds_the_iteration():
     graph = drv.run(s, img, h, w, 21, CRFParams())[0]
     assert k.graph_error is None, k.graph_error
     assert k.graph_launches - g0 == 10 and np.array_equal(direct, graph)
-    assert k.launches - l0 < n_direct - 100  # ~17 launch calls captured instead of ~170 made
+    assert k.launches - l0 < n_direct - 100  # 12 launch calls captured instead of ~170 made
     with k.active():  # cuFuncGetName needs the context current
         nodes = drv._replay.graph.kernel_nodes()
     launched = sorted((spec[0], spec[1], BLOCK) for spec in (launch.spec for launch in drv.last_iteration))
