@@ -7,6 +7,7 @@ what is missing, unexpected or mis-shaped instead of loading half a network.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Mapping
 
@@ -108,8 +109,22 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             raise WeightsError(f"cannot read safetensors file {p}: {e}") from e
         meta = {k: json.loads(v) for k, v in raw.items() if k in ("deeplab_config", "class_names", "palette")}
         return state, meta
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive (PyTorch >= 1.6) or, before that, a pickle (protocol 2+ opens
+    # with 0x80). Anything else is not a checkpoint: torch.load's own message for it is about pickle
+    # opcodes and weights_only, which misleads.
+    if magic != b"PK\x03\x04" and not magic.startswith(b"\x80"):
+        raise WeightsError(f"{p} is not a PyTorch checkpoint (neither the zip archive nor the pickle that "
+                           "torch.save writes); weights are read from .safetensors, .pt/.pth and .caffemodel files")
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses objects other than tensors and plain containers; its long advice
+        # (load with weights_only=False) would run code from the file.
+        raise WeightsError(f"cannot read PyTorch checkpoint {p}: it holds Python objects other than tensors, "
+                           "which are not loaded (that would run code from the file): save the model's "
+                           f"state_dict() instead{_unpickler_reason(e)}") from e
     except Exception as e:
         raise WeightsError(f"cannot read PyTorch checkpoint {p}: {e}") from e
     meta = {}
@@ -119,6 +134,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{p} is not a state dict (a mapping of names to tensors)")
     return obj, meta
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The part of torch's weights_only refusal that names what was refused ("Unsupported global:
+    GLOBAL __main__.A was not an allowed global by default."), as ": ..." or ""."""
+    for line in str(e).splitlines():
+        _, found, reason = line.partition("WeightsUnpickler error:")
+        if found and reason.strip():
+            return ": " + reason.strip().split(". ")[0]
+    return ""
 
 
 def infer_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
