@@ -81,8 +81,12 @@ def check_finite(state: Mapping[str, torch.Tensor], source: str = "weights") -> 
 # Our checkpoint format: safetensors (or .pt/.pth) + metadata describing the model.
 
 def save_checkpoint(model: DeepLabV1, path: str | Path, class_names=None, palette=None) -> None:
-    """Save weights plus the config, class names and palette needed to rebuild and label them."""
-    from safetensors.torch import save_file
+    """Save weights plus the config, class names and palette needed to rebuild and label them.
+    Written whole or not at all, with the umask's permissions (safetensors' own save_file writes
+    in place, owner-only)."""
+    from safetensors.torch import save
+
+    from runtime.output_files import write_bytes_atomically
 
     meta = {"deeplab_config": json.dumps(model.config.to_dict())}
     if class_names is not None:
@@ -90,7 +94,7 @@ def save_checkpoint(model: DeepLabV1, path: str | Path, class_names=None, palett
     if palette is not None:
         meta["palette"] = json.dumps([list(map(int, c)) for c in palette])
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata=meta)
+    write_bytes_atomically(path, save(tensors, metadata=meta))
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
