@@ -18,7 +18,7 @@ import numpy as np
 from crf import CRFParams
 
 from .contract import as_bgr_uint8, load_image
-from .palette import blend, check_palette, colour_mask
+from .palette import blend, check_class_id, check_palette, colour_mask
 from .segmenter import Segmentation
 from .triton_contract import (INPUT_IMAGE, MODEL_NAME, OUTPUT_LABELS, OUTPUT_PROBABILITIES, PARAM_CRF,
                               TIMING_PARAMETERS, read_config_parameters)
@@ -120,10 +120,10 @@ class TritonSegmenter:
 
     # -- segNet-style accessors, as Segmenter's ----------------------------------------------
     def class_name(self, i: int) -> str:
-        return self.class_names[i]
+        return self.class_names[check_class_id(i, self.num_classes)]
 
     def class_color(self, i: int) -> tuple:
-        return tuple(int(v) for v in self.palette[i])
+        return tuple(int(v) for v in self.palette[check_class_id(i, self.num_classes)])
 
     def mask(self, result: Segmentation) -> np.ndarray:
         """Colour mask (H x W x 3 BGR uint8) of a result."""
