@@ -40,6 +40,14 @@ def _stats_ms(before: dict, after: dict) -> dict:
     return {"server_queue": queue / 1e6, "server_compute": compute / 1e6}
 
 
+def _check_url(url: str) -> None:
+    """host:port as the Triton clients take it; they would take "http://..." or a port out of range
+    only to fail later with their own message (and a traceback from their destructor)."""
+    host, sep, port = str(url).rpartition(":")
+    if "://" in str(url) or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"url must be host:port without a scheme, e.g. 127.0.0.1:8000, got {url!r}")
+
+
 class TritonSegmenter:
     """Segment images on a Triton server serving the model of tools/triton_repo.py.
 
@@ -66,6 +74,7 @@ class TritonSegmenter:
 
         if crf is not _SERVER_DEFAULT and crf is not None and not isinstance(crf, CRFParams):
             raise TypeError(f"crf must be CRFParams or None, got {type(crf).__name__}")
+        _check_url(url)
         self._module = client_module
         self._server_exception = InferenceServerException
         self.protocol, self.model, self.url = protocol, model, url
@@ -97,6 +106,9 @@ class TritonSegmenter:
             return fn(*args, **kwargs)
         except self._server_exception as e:
             raise TritonServerError(f"{self.url} model {self.model!r}: {e.message()}") from None
+        except OSError as e:  # refused, unknown host, timed out: the HTTP client raises these as they are
+            raise TritonServerError(f"cannot reach a Triton server at {self.url} ({self.protocol}): {e} "
+                                    "(is it running? tools/serve.py starts one)") from None
 
     def _inference_stats(self) -> dict:
         if self.protocol == "http":
