@@ -86,6 +86,9 @@ def refine(scores: np.ndarray, image: np.ndarray, params: CRFParams = CRFParams(
 
 
 def _run(src: np.ndarray, image: np.ndarray, params: CRFParams, backend: str, is_logits: bool) -> np.ndarray:
+    if not isinstance(params, CRFParams):  # a dict of fields would fail deep inside with an AttributeError
+        raise TypeError(f"params must be CRFParams, got {type(params).__name__}: CRFParams(**fields) or "
+                        "CRFParams.load(path) makes one")
     name = resolve_backend(backend)
     c, h, w = src.shape
     if name == "numpy":

@@ -124,10 +124,23 @@ def _check_versioned_options(options: BuildOptions, precision: str = "fp32") -> 
 
 def _onnx_nodes_and_metadata(onnx_path: Path) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """(name, op_type) of the graph's nodes in order (TensorRT 8.x parser errors give only the
-    index) and the metadata_props export/onnx_export.py wrote (class names, palette)."""
-    import onnx
+    index) and the metadata_props export/onnx_export.py wrote (class names, palette).
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    Without the onnx package (a Jetson installs the runtime alone: ``pip install .``) ONNX Runtime
+    reads the metadata and the node list is empty: parser errors then give the node index only."""
+    try:
+        import onnx
+    except ImportError:
+        from runtime.onnx_backend import ModelFormatError, OnnxRuntimeNetwork
+
+        try:
+            return [], OnnxRuntimeNetwork(onnx_path).metadata
+        except ModelFormatError as e:
+            raise EngineBuildError(str(e)) from e
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and onnx's own errors for what is not a model
+        raise EngineBuildError(f"{onnx_path} is not a loadable ONNX model: {e}") from e
     nodes = [(n.name, n.op_type) for n in model.graph.node]
     return nodes, {p.key: p.value for p in model.metadata_props}
 

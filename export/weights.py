@@ -7,6 +7,7 @@ what is missing, unexpected or mis-shaped instead of loading half a network.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Mapping
 
@@ -80,8 +81,12 @@ def check_finite(state: Mapping[str, torch.Tensor], source: str = "weights") -> 
 # Our checkpoint format: safetensors (or .pt/.pth) + metadata describing the model.
 
 def save_checkpoint(model: DeepLabV1, path: str | Path, class_names=None, palette=None) -> None:
-    """Save weights plus the config, class names and palette needed to rebuild and label them."""
-    from safetensors.torch import save_file
+    """Save weights plus the config, class names and palette needed to rebuild and label them.
+    Written whole or not at all, with the umask's permissions (safetensors' own save_file writes
+    in place, owner-only)."""
+    from safetensors.torch import save
+
+    from runtime.output_files import write_bytes_atomically
 
     meta = {"deeplab_config": json.dumps(model.config.to_dict())}
     if class_names is not None:
@@ -89,7 +94,7 @@ def save_checkpoint(model: DeepLabV1, path: str | Path, class_names=None, palett
     if palette is not None:
         meta["palette"] = json.dumps([list(map(int, c)) for c in palette])
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata=meta)
+    write_bytes_atomically(path, save(tensors, metadata=meta))
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -108,8 +113,22 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             raise WeightsError(f"cannot read safetensors file {p}: {e}") from e
         meta = {k: json.loads(v) for k, v in raw.items() if k in ("deeplab_config", "class_names", "palette")}
         return state, meta
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive (PyTorch >= 1.6) or, before that, a pickle (protocol 2+ opens
+    # with 0x80). Anything else is not a checkpoint: torch.load's own message for it is about pickle
+    # opcodes and weights_only, which misleads.
+    if magic != b"PK\x03\x04" and not magic.startswith(b"\x80"):
+        raise WeightsError(f"{p} is not a PyTorch checkpoint (neither the zip archive nor the pickle that "
+                           "torch.save writes); weights are read from .safetensors, .pt/.pth and .caffemodel files")
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses objects other than tensors and plain containers; its long advice
+        # (load with weights_only=False) would run code from the file.
+        raise WeightsError(f"cannot read PyTorch checkpoint {p}: it holds Python objects other than tensors, "
+                           "which are not loaded (that would run code from the file): save the model's "
+                           f"state_dict() instead{_unpickler_reason(e)}") from e
     except Exception as e:
         raise WeightsError(f"cannot read PyTorch checkpoint {p}: {e}") from e
     meta = {}
@@ -119,6 +138,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{p} is not a state dict (a mapping of names to tensors)")
     return obj, meta
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The part of torch's weights_only refusal that names what was refused ("Unsupported global:
+    GLOBAL __main__.A was not an allowed global by default."), as ": ..." or ""."""
+    for line in str(e).splitlines():
+        _, found, reason = line.partition("WeightsUnpickler error:")
+        if found and reason.strip():
+            return ": " + reason.strip().split(". ")[0]
+    return ""
 
 
 def infer_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:

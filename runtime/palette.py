@@ -1,6 +1,7 @@
 """Class names, colour palettes, colour masks, overlays and indexed (VOC-style) PNG files."""
 from __future__ import annotations
 
+import numbers
 import struct
 import zlib
 from pathlib import Path
@@ -14,6 +15,16 @@ VOC_CLASSES = (
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )
+
+
+def check_class_id(i: int, num_classes: int) -> int:
+    """``i`` as a class id of a ``num_classes``-class model (numpy integers too); out of range is an
+    IndexError naming the range, since a negative id would silently count from the end."""
+    if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+        raise TypeError(f"class id must be an integer, got {type(i).__name__}")
+    if not 0 <= i < num_classes:
+        raise IndexError(f"class id {i} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+    return int(i)
 
 
 def voc_palette(n: int = 256) -> np.ndarray:

@@ -38,7 +38,7 @@ from .contract import DEFAULT_MAX_SIZE, ImageError, ImageLike, as_bgr_uint8, loa
 from .device_pipeline import DevicePipeline
 from .network import check_input_size, is_device_network, network_image, network_size
 from .onnx_backend import ModelFormatError, nonfinite_scores_error
-from .palette import VOC_CLASSES, blend, check_palette, colour_mask, voc_palette
+from .palette import VOC_CLASSES, blend, check_class_id, check_palette, colour_mask, voc_palette
 
 log = logging.getLogger("deeplab")
 
@@ -290,10 +290,10 @@ class Segmenter:
 
     # -- segNet-style accessors ---------------------------------------------------------------
     def class_name(self, i: int) -> str:
-        return self.class_names[i]
+        return self.class_names[check_class_id(i, self.num_classes)]
 
     def class_color(self, i: int) -> tuple[int, int, int]:
-        return tuple(int(v) for v in self.palette[i])  # type: ignore[return-value]
+        return tuple(int(v) for v in self.palette[check_class_id(i, self.num_classes)])  # type: ignore[return-value]
 
     def mask(self, result: Segmentation) -> np.ndarray:
         """Colour mask (H x W x 3 BGR uint8) of a result."""

@@ -18,7 +18,7 @@ import numpy as np
 from crf import CRFParams
 
 from .contract import as_bgr_uint8, load_image
-from .palette import blend, check_palette, colour_mask
+from .palette import blend, check_class_id, check_palette, colour_mask
 from .segmenter import Segmentation
 from .triton_contract import (INPUT_IMAGE, MODEL_NAME, OUTPUT_LABELS, OUTPUT_PROBABILITIES, PARAM_CRF,
                               TIMING_PARAMETERS, read_config_parameters)
@@ -38,6 +38,14 @@ def _stats_ms(before: dict, after: dict) -> dict:
     queue = ns(after, "queue") - ns(before, "queue")
     compute = sum(ns(after, k) - ns(before, k) for k in ("compute_input", "compute_infer", "compute_output"))
     return {"server_queue": queue / 1e6, "server_compute": compute / 1e6}
+
+
+def _check_url(url: str) -> None:
+    """host:port as the Triton clients take it; they would take "http://..." or a port out of range
+    only to fail later with their own message (and a traceback from their destructor)."""
+    host, sep, port = str(url).rpartition(":")
+    if "://" in str(url) or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"url must be host:port without a scheme, e.g. 127.0.0.1:8000, got {url!r}")
 
 
 class TritonSegmenter:
@@ -66,6 +74,7 @@ class TritonSegmenter:
 
         if crf is not _SERVER_DEFAULT and crf is not None and not isinstance(crf, CRFParams):
             raise TypeError(f"crf must be CRFParams or None, got {type(crf).__name__}")
+        _check_url(url)
         self._module = client_module
         self._server_exception = InferenceServerException
         self.protocol, self.model, self.url = protocol, model, url
@@ -97,6 +106,9 @@ class TritonSegmenter:
             return fn(*args, **kwargs)
         except self._server_exception as e:
             raise TritonServerError(f"{self.url} model {self.model!r}: {e.message()}") from None
+        except OSError as e:  # refused, unknown host, timed out: the HTTP client raises these as they are
+            raise TritonServerError(f"cannot reach a Triton server at {self.url} ({self.protocol}): {e} "
+                                    "(is it running? tools/serve.py starts one)") from None
 
     def _inference_stats(self) -> dict:
         if self.protocol == "http":
@@ -120,10 +132,10 @@ class TritonSegmenter:
 
     # -- segNet-style accessors, as Segmenter's ----------------------------------------------
     def class_name(self, i: int) -> str:
-        return self.class_names[i]
+        return self.class_names[check_class_id(i, self.num_classes)]
 
     def class_color(self, i: int) -> tuple:
-        return tuple(int(v) for v in self.palette[i])
+        return tuple(int(v) for v in self.palette[check_class_id(i, self.num_classes)])
 
     def mask(self, result: Segmentation) -> np.ndarray:
         """Colour mask (H x W x 3 BGR uint8) of a result."""

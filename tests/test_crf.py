@@ -143,3 +143,8 @@ def test_bad_inputs():
         refine(s.astype(np.int32), img)
     with pytest.raises(ValueError, match="backend"):
         refine(s, img, backend="cuda-magic")
+    with pytest.raises(TypeError, match=r"params must be CRFParams, got dict: CRFParams\(\*\*fields\) or "
+                       r"CRFParams.load\(path\) makes one"):
+        refine(s, img, {"bi_w": 3.0})
+    with pytest.raises(TypeError, match="params must be CRFParams, got NoneType"):
+        refine_unary(unary_from_scores(s), img, None)

@@ -85,6 +85,18 @@ def test_class_names_palette_and_helpers(seg):
     assert (o[bg] == r.image[bg]).all() and not (o[~bg] == r.image[~bg]).all()
 
 
+def test_class_ids_out_of_range_are_refused_with_the_range(seg):
+    """A negative id used to count from the end (class_name(-1) == "star"), a large one raised a bare
+    'tuple index out of range'."""
+    assert seg.class_name(np.uint8(4)) == "star" and seg.class_color(np.int64(0)) == seg.class_color(0)
+    for bad in (-1, 5, 99):
+        for helper in (seg.class_name, seg.class_color):
+            with pytest.raises(IndexError, match=rf"class id {bad} is out of range: the model has 5 classes \(0..4\)"):
+                helper(bad)
+    with pytest.raises(TypeError, match="class id must be an integer, got float"):
+        seg.class_name(1.0)
+
+
 def test_overrides(bundled_onnx):
     s = Segmenter(bundled_onnx, crf=None, class_names=list("abcde"), palette=voc_palette(5))
     assert s.class_names == tuple("abcde") and s.class_color(1) == (128, 0, 0)

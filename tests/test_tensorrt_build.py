@@ -398,6 +398,52 @@ def test_engine_from_an_onnx_needs_no_torch(tmp_path):
     assert out.returncode == 2 and "no such file" in out.stderr
 
 
+def test_engine_from_an_onnx_on_a_runtime_only_install(tmp_path):
+    """A Jetson that installed the runtime alone has neither torch nor onnx: the .onnx's metadata
+    is read by ONNX Runtime (the same as onnx reads), and a file that is no ONNX model is refused
+    in one line whichever reads it (exit 1, no traceback)."""
+    onnx_model = ROOT / "models" / "deeplab_shapes.onnx"
+    not_a_model = tmp_path / "model.onnx"
+    not_a_model.write_text("hello\n")
+    code = ("import sys, runpy\nsys.modules['torch'] = sys.modules['onnx'] = None  # pip install . only\n"
+            "sys.argv = ['export.py'] + sys.argv[1:]\nrunpy.run_path('tools/export.py', run_name='__main__')\n")
+
+    def run(*args, block=True):
+        cmd = [sys.executable, "-c", code, *args] if block else [sys.executable, "tools/export.py", *args]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+    out = run(str(onnx_model), "--engine", str(tmp_path / "m.engine"))
+    assert out.returncode == 1 and "no TensorRT engine built" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    for block in (True, False):
+        out = run(str(not_a_model), "--engine", str(tmp_path / "m.engine"), block=block)
+        errors = [line for line in out.stderr.splitlines() if line.strip()]
+        assert out.returncode == 1 and len(errors) == 1, out.stderr
+        assert errors[0].startswith(f"error: no TensorRT engine built: {not_a_model} is not a loadable ONNX model")
+    # exporting weights is what needs torch and onnx: said before any work, with the install command
+    out = run(str(BUNDLED), "--out", str(tmp_path / "m.onnx"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "error: exporting weights (an .onnx with --engine needs none of these) needs torch, onnx (not " \
+           "installed): pip install torch --index-url https://download.pytorch.org/whl/cpu" in out.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_engine_path_that_cannot_be_written_is_refused_at_parse_time(tmp_path):
+    (tmp_path / "plans").mkdir()
+    res = export_cli(ROOT / "models" / "deeplab_shapes.onnx", "--engine", tmp_path / "plans")
+    assert res.returncode == 2 and f"--engine {tmp_path / 'plans'}: {tmp_path / 'plans'} is a folder" in res.stderr
+    res = export_cli(ROOT / "models" / "deeplab_shapes.onnx", "--engine", tmp_path / "m.engine",
+                     "--timing-cache", tmp_path / "plans")
+    assert res.returncode == 2 and "--timing-cache" in res.stderr and "is a folder" in res.stderr
+
+
+def test_onnx_metadata_without_the_onnx_package_equals_onnx_s(bundled_onnx, monkeypatch):
+    nodes, with_onnx = _onnx_nodes_and_metadata(bundled_onnx)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    assert nodes and _onnx_nodes_and_metadata(bundled_onnx) == ([], with_onnx)
+    assert "class_names" in with_onnx
+
+
 def test_model_precision_from_metadata_or_sidecar(meta, tmp_path):
     """runtime.backend_choice.model_precision, what the benchmark and the evaluation report."""
     from runtime.backend_choice import model_precision

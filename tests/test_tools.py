@@ -184,3 +184,52 @@ def test_segment_side_by_side(tmp_path, bundled_onnx):
     assert step[changed].mean() > 15  # a different colour blended in
     assert step[unchanged].mean() < 6  # JPEG noise only
     assert np.abs(left - image)[40:].mean() < 6  # the left panel is the input (JPEG noise on a noisy image)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--iters", "0"], "argument --iters: must be >= 1, got 0"),
+    (["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+    (["--size", "32"], "--size must be of the form 8k+1 (the network's stride is 8), got 32"),
+    (["--size", "1"], "argument --size: must be >= 9, got 1"),
+    (["--width", "-1"], "--width must be in (0, 1], got -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--threads", "-2"], "argument --threads: must be >= 0, got -2"),
+    (["--out", "{tmp}"], "--out {tmp}: {tmp} is a folder"),
+])
+def test_train_arguments_are_checked_before_training(tmp_path, args, message):
+    """Mistakes that used to surface as a traceback, the folder one after the whole training run."""
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = ["--out", tmp_path / "m.safetensors"] if "--out" not in args else []
+    res = run("tools/train.py", *args, *out, check=False)
+    assert res.returncode == 2 and message.format(tmp=tmp_path) in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "m.safetensors").exists()
+
+
+def test_train_without_torch_helps_and_says_what_to_install(tmp_path):
+    code = ("import sys, runpy\nsys.modules['torch'] = None\nsys.argv = ['train.py'] + sys.argv[1:]\n"
+            "runpy.run_path('tools/train.py', run_name='__main__')\n")
+    res = run("-c", code, "--help")
+    assert "--iters" in res.stdout
+    res = run("-c", code, "--out", tmp_path / "m.safetensors", check=False)
+    assert res.returncode == 2 and "training needs torch (not installed): pip install torch" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_train_saves_a_loadable_checkpoint_whole(tmp_path):
+    from export.weights import load_model
+
+    out = tmp_path / "sub" / "m.safetensors"
+    res = run("tools/train.py", "--iters", "1", "--batch", "1", "--size", "33", "--out", out)
+    assert f"saved {out}" in res.stdout
+    model, meta = load_model(out)
+    assert model.config.num_classes == 5 and meta["class_names"][0] == "background"
+    assert [p.name for p in out.parent.iterdir()] == ["m.safetensors"]  # no temporary file left
+    assert out.stat().st_mode & 0o044 == 0o044 & ~_umask()  # the umask's permissions, not owner-only
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,5 +1,6 @@
 """The served model's request/config parameters (runtime/triton_contract.py) and CRFParams as JSON."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -79,3 +80,34 @@ def test_the_models_own_image_checks(array, words):
     with pytest.raises(RequestError, match=words):
         check_image_batch(array, max_pixels=19)
     assert check_image_batch(np.zeros((2, 4, 4, 3), np.uint8), max_pixels=19).shape == (2, 4, 4, 3)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_client_without_a_server_says_where_it_looked(protocol):
+    """Nothing listens on the port: one TritonServerError naming the address, for HTTP as for gRPC
+    (HTTP used to raise a bare ConnectionRefusedError)."""
+    pytest.importorskip("tritonclient." + protocol)
+    from runtime.triton_client import TritonSegmenter, TritonServerError
+
+    url = f"127.0.0.1:{_free_port()}"
+    where = re.escape(url)
+    with pytest.raises(TritonServerError, match=rf"cannot reach a Triton server at {where} \(http\): .*refused|"
+                       rf"{where} model 'deeplab': failed to connect"):
+        TritonSegmenter(url, protocol=protocol, timeout=5)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "127.0.0.1", "127.0.0.1:99999", ":8000", ""])
+def test_client_url_must_be_host_and_port(url):
+    pytest.importorskip("tritonclient.http")
+    from runtime.triton_client import TritonSegmenter
+
+    with pytest.raises(ValueError, match=rf"url must be host:port without a scheme, e\.g\. 127\.0\.0\.1:8000, got '{url}'"):
+        TritonSegmenter(url)

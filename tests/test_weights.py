@@ -86,6 +86,29 @@ def test_not_a_state_dict(tmp_path):
         load_model(tmp_path / "absent.pth")
 
 
+def test_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    """Random bytes or text under a .pth / .jpg name: said to be no checkpoint, not torch.load's
+    pickle-opcode message that advises weights_only=False."""
+    (tmp_path / "x.jpg").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "t.pth").write_text("hello\n")
+    for name in ("x.jpg", "t.pth"):
+        with pytest.raises(WeightsError, match=r"is not a PyTorch checkpoint \(neither the zip archive") as e:
+            load_model(tmp_path / name)
+        assert "weights_only" not in str(e.value)
+
+
+class _NotATensor:
+    pass
+
+
+def test_checkpoint_with_python_objects_is_refused_without_running_them(tmp_path):
+    torch.save({"conv1_1.weight": torch.zeros(1), "extra": _NotATensor()}, tmp_path / "obj.pt")
+    with pytest.raises(WeightsError, match=r"holds Python objects other than tensors.*state_dict\(\) instead: "
+                       r"Unsupported global: GLOBAL .*_NotATensor") as e:
+        load_model(tmp_path / "obj.pt")
+    assert "weights_only" not in str(e.value)
+
+
 @pytest.mark.parametrize("legacy", [True, False], ids=["V1-layers", "layer"])
 def test_caffemodel_round_trip_full_largefov(tmp_path, legacy):
     """A synthetic caffemodel with the real DeepLab-LargeFOV layer names and blob shapes."""

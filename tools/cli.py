@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 
 
 def int_at_least(low: int):
@@ -38,3 +39,20 @@ def refuse_unwritable(ap: argparse.ArgumentParser, outputs: dict) -> None:
         problem = output_file_problem(path) if path else None
         if problem:
             ap.error(f"{flag} {path}: {problem}")
+
+
+EXPORT_INSTALL = ("pip install torch --index-url https://download.pytorch.org/whl/cpu && "
+                  "pip install -e '.[export]'")
+
+
+def require_packages(ap: argparse.ArgumentParser, packages: tuple, purpose: str) -> None:
+    """ap.error (exit status 2) naming the packages of ``packages`` that cannot be imported and how
+    to install them, instead of an ImportError traceback halfway through the work."""
+    missing = []
+    for name in packages:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        ap.error(f"{purpose} needs {', '.join(missing)} (not installed): {EXPORT_INSTALL}")

@@ -21,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if __package__:  # imported: tools.export from a checkout, deeplab_tools.export when installed
-    from .cli import int_at_least  # noqa: E402
+    from .cli import int_at_least, refuse_unwritable, require_packages  # noqa: E402
 else:  # run as a script: python tools/export.py
-    from tools.cli import int_at_least  # noqa: E402
+    from tools.cli import int_at_least, refuse_unwritable, require_packages  # noqa: E402
 
 
 def parse_class_names(s: str) -> list[str]:
@@ -124,6 +124,8 @@ def main(argv=None) -> int:
         ap.error("--int8-activations applies to --precision int8")
     if args.int8_activations == "asymmetric" and args.engine:
         ap.error("TensorRT takes symmetric int8 only (zero-point 0): leave out --int8-activations asymmetric")
+    require_packages(ap, ("torch", "onnx", "safetensors"),
+                     "exporting weights (an .onnx with --engine needs none of these)")
     calibration = None
     if args.calibration:
         from export.precision import CalibrationError
@@ -235,6 +237,7 @@ def engine_settings(ap: argparse.ArgumentParser, args: argparse.Namespace):
                                    ("--timing-cache", args.timing_cache)) if on]
     if engine_only and not args.engine:
         ap.error(f"{', '.join(engine_only)} apply to the TensorRT engine: add --engine PATH")
+    refuse_unwritable(ap, {"--engine": args.engine, "--timing-cache": args.timing_cache})
     try:
         profile = ShapeProfile(args.min_size, args.opt_size, args.max_size, args.max_batch)
         options = BuildOptions(fp16=args.fp16, hardware_compatible=args.hardware_compatible,

@@ -15,16 +15,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from export.model import DeepLabPipeline, DeepLabV1, ModelConfig  # noqa: E402
-from export.weights import save_checkpoint  # noqa: E402
 if __package__:  # imported: tools.train from a checkout, deeplab_tools.train when installed
+    from .cli import int_at_least, refuse_unwritable, require_packages
     from .scenes import CLASS_NAMES, PALETTE, make_scene
 else:  # run as a script: python tools/train.py
+    from tools.cli import int_at_least, refuse_unwritable, require_packages  # noqa: E402
     from tools.scenes import CLASS_NAMES, PALETTE, make_scene  # noqa: E402
 
 
@@ -39,6 +36,8 @@ def scene_crop(seed: int, size: int):
 
 
 def batch(seeds, size):
+    import torch
+
     pairs = [scene_crop(int(s), size) for s in seeds]
     images = torch.from_numpy(np.stack([p[0] for p in pairs]))
     labels = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
@@ -48,14 +47,30 @@ def batch(seeds, size):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="models/deeplab_shapes.safetensors")
-    ap.add_argument("--width", type=float, default=0.125, help="channel width multiplier")
-    ap.add_argument("--iters", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=12)
-    ap.add_argument("--size", type=int, default=161, help="training crop side (8k+1)")
+    ap.add_argument("--width", type=float, default=0.125, help="channel width multiplier, in (0, 1]")
+    ap.add_argument("--iters", type=int_at_least(1), default=3000)
+    ap.add_argument("--batch", type=int_at_least(1), default=12)
+    ap.add_argument("--size", type=int_at_least(9), default=161, help="training crop side (8k+1)")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
+    ap.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0 = default)")
     args = ap.parse_args(argv)
+    # Refused before training: a mistake found when saving would cost the whole run.
+    if args.size % 8 != 1:
+        ap.error(f"--size must be of the form 8k+1 (the network's stride is 8), got {args.size}")
+    if not 0 < args.width <= 1:
+        ap.error(f"--width must be in (0, 1], got {args.width}")
+    if not args.lr > 0 or args.lr == float("inf"):
+        ap.error(f"--lr must be a finite number > 0, got {args.lr}")
+    refuse_unwritable(ap, {"--out": args.out})
+    require_packages(ap, ("torch", "safetensors"), "training")
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from export.model import DeepLabPipeline, DeepLabV1, ModelConfig
+    from export.weights import save_checkpoint
+
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
