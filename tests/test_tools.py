@@ -233,3 +233,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_tools_print_warnings_as_one_plain_line(tmp_path):
+    """A library warning reaches a tool's user as "warning: <message>", without the file, line and
+    source line of the code that warned."""
+    plan = tmp_path / "fake.engine"
+    plan.write_text("not an engine")
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "triton_repo.py"), str(plan), "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 1
+    assert "warning: " in out.stderr and "has no metadata sidecar" in out.stderr, out.stderr
+    assert "RuntimeWarning" not in out.stderr and "engine_meta.read_sidecar(" not in out.stderr, out.stderr

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.backend_choice import BACKENDS  # noqa: E402
 
 if __package__:  # imported: tools.benchmark from a checkout, deeplab_tools.benchmark when installed
-    from .cli import int_at_least, refuse_unwritable  # noqa: E402
+    from .cli import int_at_least, plain_warnings, refuse_unwritable  # noqa: E402
 else:  # run as a script: python tools/benchmark.py
-    from tools.cli import int_at_least, refuse_unwritable  # noqa: E402
+    from tools.cli import int_at_least, plain_warnings, refuse_unwritable  # noqa: E402
 
 #: Stages in pipeline order; "total" is the pipeline's own sum of its stages.
 STAGES = ("preprocess", "upload", "network", "crf", "download", "postprocess", "total")
@@ -601,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    plain_warnings()
     ap = build_parser()
     args = ap.parse_args(argv)
     from runtime.contract import ImageError, load_image

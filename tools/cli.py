@@ -3,6 +3,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import warnings
+
+
+def plain_warnings() -> None:
+    """Warnings as one line each, "warning: <message>", for a tool's user: Python's default form
+    adds the file, line number and source line of the library code that warned."""
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
 
 
 def int_at_least(low: int):

@@ -30,11 +30,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if __package__:  # imported: tools.evaluate from a checkout, deeplab_tools.evaluate when installed
-    from .cli import crf_params_file, int_at_least, refuse_unwritable  # noqa: E402
+    from .cli import crf_params_file, int_at_least, plain_warnings, refuse_unwritable  # noqa: E402
     from .metrics import confusion, mean_iou, scores  # noqa: E402,F401  (confusion, mean_iou: re-exported)
     from .voc import IGNORE_LABEL, DatasetError, Sample, SkipImage, VOCDataset, listed  # noqa: E402
 else:  # run as a script: python tools/evaluate.py
-    from tools.cli import crf_params_file, int_at_least, refuse_unwritable  # noqa: E402
+    from tools.cli import crf_params_file, int_at_least, plain_warnings, refuse_unwritable  # noqa: E402
     from tools.metrics import confusion, mean_iou, scores  # noqa: E402,F401
     from tools.voc import IGNORE_LABEL, DatasetError, Sample, SkipImage, VOCDataset, listed  # noqa: E402
 
@@ -246,6 +246,7 @@ def float_list(text: str) -> tuple:
 
 
 def main(argv=None) -> int:
+    plain_warnings()
     if __package__:
         from .contenders import open_model, open_pytorch
         from .crf_search import GRIDS

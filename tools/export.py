@@ -21,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if __package__:  # imported: tools.export from a checkout, deeplab_tools.export when installed
-    from .cli import int_at_least, refuse_unwritable, require_packages  # noqa: E402
+    from .cli import int_at_least, plain_warnings, refuse_unwritable, require_packages  # noqa: E402
 else:  # run as a script: python tools/export.py
-    from tools.cli import int_at_least, refuse_unwritable, require_packages  # noqa: E402
+    from tools.cli import int_at_least, plain_warnings, refuse_unwritable, require_packages  # noqa: E402
 
 
 def parse_class_names(s: str) -> list[str]:
@@ -68,6 +68,7 @@ def calibration_set(spec: str, count: int):
 
 
 def main(argv=None) -> int:
+    plain_warnings()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("weights", help=".safetensors, .pt/.pth, .caffemodel, or a VGG-16 state dict with --from-vgg16; "
                     "or an .onnx from this tool with --engine (builds only the engine: no torch needed)")

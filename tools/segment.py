@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.contract import IMAGE_SUFFIXES  # noqa: E402
 
 if __package__:  # imported: tools.segment from a checkout, deeplab_tools.segment when installed
-    from .cli import crf_params_file, int_at_least  # noqa: E402
+    from .cli import crf_params_file, int_at_least, plain_warnings  # noqa: E402
 else:  # run as a script: python tools/segment.py
-    from tools.cli import crf_params_file, int_at_least  # noqa: E402
+    from tools.cli import crf_params_file, int_at_least, plain_warnings  # noqa: E402
 
 
 def expand(inputs: list[str]) -> list[tuple[Path, Path]]:
@@ -121,6 +121,7 @@ def side_by_side(panels: list[tuple[str, "np.ndarray"]]) -> "np.ndarray":
 
 
 def main(argv=None) -> int:
+    plain_warnings()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     ap.add_argument("--model", required=True, help="ONNX model exported by tools/export.py")

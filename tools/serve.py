@@ -41,6 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.triton_contract import MODEL_NAME  # noqa: E402
 from runtime.triton_model import SITE_ENV  # noqa: E402
 
+if __package__:  # imported: tools.serve from a checkout, deeplab_tools.serve when installed
+    from .cli import plain_warnings
+else:  # run as a script: python tools/serve.py
+    from tools.cli import plain_warnings  # noqa: E402
+
 #: The wheel that carries a CPU-capable tritonserver with the Python backend.
 SERVER_WHEEL = "nvidia-pytriton==0.7.0"
 #: The served model's environment for the wheel's server (its Python backend needs numpy < 2); the
@@ -429,6 +434,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    plain_warnings()
     args = parse_args(argv)
 
     def on_signal(signum, frame):

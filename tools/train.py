@@ -18,10 +18,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __package__:  # imported: tools.train from a checkout, deeplab_tools.train when installed
-    from .cli import int_at_least, refuse_unwritable, require_packages
+    from .cli import int_at_least, plain_warnings, refuse_unwritable, require_packages
     from .scenes import CLASS_NAMES, PALETTE, make_scene
 else:  # run as a script: python tools/train.py
-    from tools.cli import int_at_least, refuse_unwritable, require_packages  # noqa: E402
+    from tools.cli import int_at_least, plain_warnings, refuse_unwritable, require_packages  # noqa: E402
     from tools.scenes import CLASS_NAMES, PALETTE, make_scene  # noqa: E402
 
 
@@ -45,6 +45,7 @@ def batch(seeds, size):
 
 
 def main(argv=None) -> int:
+    plain_warnings()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="models/deeplab_shapes.safetensors")
     ap.add_argument("--width", type=float, default=0.125, help="channel width multiplier, in (0, 1]")

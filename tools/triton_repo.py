@@ -21,9 +21,9 @@ from runtime.onnx_backend import ModelFormatError  # noqa: E402
 from runtime.triton_contract import DEFAULT_MAX_PIXELS  # noqa: E402
 
 if __package__:  # imported: tools.triton_repo from a checkout, deeplab_tools.triton_repo when installed
-    from .cli import int_at_least  # noqa: E402
+    from .cli import int_at_least, plain_warnings  # noqa: E402
 else:  # run as a script: python tools/triton_repo.py
-    from tools.cli import int_at_least  # noqa: E402
+    from tools.cli import int_at_least, plain_warnings  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    plain_warnings()
     args = parse_args(argv)
     try:
         folder = write_repository(args.model, args.out, instances=args.instances, max_batch=args.max_batch,
