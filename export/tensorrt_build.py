@@ -131,10 +131,10 @@ def _onnx_nodes_and_metadata(onnx_path: Path) -> tuple[list[tuple[str, str]], di
     try:
         import onnx
     except ImportError:
-        from runtime.onnx_backend import ModelFormatError, OnnxRuntimeNetwork
+        from runtime.onnx_backend import ModelFormatError, read_model_metadata
 
         try:
-            return [], OnnxRuntimeNetwork(onnx_path).metadata
+            return [], read_model_metadata(onnx_path)
         except ModelFormatError as e:
             raise EngineBuildError(str(e)) from e
     try:

@@ -232,3 +232,10 @@ class OnnxRuntimeNetwork:
                 raise OutOfDeviceMemory(f"{self.name}: out of memory running a {n}x{h}x{w} batch: {e}") from e
             raise
         return out, shape
+
+
+def read_model_metadata(path: str | Path) -> Dict[str, str]:
+    """The metadata_props an exported ONNX carries (class names, palette, model config), read with
+    ONNX Runtime where the onnx package is not installed; ModelFormatError for a file that is not one
+    of our models."""
+    return OnnxRuntimeNetwork(path).metadata
