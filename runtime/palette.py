@@ -5,6 +5,7 @@ import numbers
 import struct
 import zlib
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -67,6 +68,30 @@ def blend(image_bgr: np.ndarray, labels: np.ndarray, palette_rgb: np.ndarray, al
     sel = labels != 0 if skip_background else np.ones(labels.shape, bool)
     out[sel] = (1 - alpha) * out[sel] + alpha * colours[sel]
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+class ClassAccessors:
+    """jetson-inference segNet's accessors, shared by runtime.Segmenter and runtime.TritonSegmenter:
+    a class's name and colour, a result's colour mask and overlay. The class using it sets
+    ``class_names``, ``palette`` (RGB, C x 3 uint8) and ``num_classes``."""
+
+    class_names: Sequence[str]
+    palette: np.ndarray
+    num_classes: int
+
+    def class_name(self, i: int) -> str:
+        return self.class_names[check_class_id(i, self.num_classes)]
+
+    def class_color(self, i: int) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.palette[check_class_id(i, self.num_classes)])  # type: ignore[return-value]
+
+    def mask(self, result) -> np.ndarray:
+        """Colour mask (H x W x 3 BGR uint8) of a result (a Segmentation)."""
+        return colour_mask(result.labels, self.palette)
+
+    def overlay(self, result, alpha: float = 0.5, skip_background: bool = True) -> np.ndarray:
+        """The segmented image with class colours blended in (BGR uint8)."""
+        return blend(result.image, result.labels, self.palette, alpha, skip_background)
 
 
 def write_indexed_png(path: str | Path, labels: np.ndarray, palette_rgb: np.ndarray) -> None:

@@ -38,7 +38,7 @@ from .contract import DEFAULT_MAX_SIZE, ImageError, ImageLike, as_bgr_uint8, loa
 from .device_pipeline import DevicePipeline
 from .network import check_input_size, is_device_network, network_image, network_size
 from .onnx_backend import ModelFormatError, nonfinite_scores_error
-from .palette import VOC_CLASSES, blend, check_class_id, check_palette, colour_mask, voc_palette
+from .palette import VOC_CLASSES, ClassAccessors, check_palette, voc_palette
 
 log = logging.getLogger("deeplab")
 
@@ -174,7 +174,7 @@ def check_network_output(network, source: str) -> None:
         raise ModelFormatError(f"{source}: " + "; ".join(problems))
 
 
-class Segmenter:
+class Segmenter(ClassAccessors):
     """DeepLab v1 segmentation with the dense CRF, for embedded apps.
 
     model_path: an .onnx exported by tools/export.py, or a TensorRT plan (.engine / .plan) built by
@@ -287,21 +287,6 @@ class Segmenter:
         view = copy.copy(self)
         view.crf_params = crf
         return view
-
-    # -- segNet-style accessors ---------------------------------------------------------------
-    def class_name(self, i: int) -> str:
-        return self.class_names[check_class_id(i, self.num_classes)]
-
-    def class_color(self, i: int) -> tuple[int, int, int]:
-        return tuple(int(v) for v in self.palette[check_class_id(i, self.num_classes)])  # type: ignore[return-value]
-
-    def mask(self, result: Segmentation) -> np.ndarray:
-        """Colour mask (H x W x 3 BGR uint8) of a result."""
-        return colour_mask(result.labels, self.palette)
-
-    def overlay(self, result: Segmentation, alpha: float = 0.5, skip_background: bool = True) -> np.ndarray:
-        """The segmented image with class colours blended in (BGR uint8)."""
-        return blend(result.image, result.labels, self.palette, alpha, skip_background)
 
     # -- segmentation ---------------------------------------------------------------------------
     def __call__(self, images, return_probabilities: bool = False, return_scores: bool = False,

@@ -18,7 +18,7 @@ import numpy as np
 from crf import CRFParams
 
 from .contract import as_bgr_uint8, load_image
-from .palette import blend, check_class_id, check_palette, colour_mask
+from .palette import ClassAccessors, check_palette
 from .segmenter import Segmentation
 from .triton_contract import (INPUT_IMAGE, MODEL_NAME, OUTPUT_LABELS, OUTPUT_PROBABILITIES, PARAM_CRF,
                               TIMING_PARAMETERS, read_config_parameters)
@@ -48,7 +48,7 @@ def _check_url(url: str) -> None:
         raise ValueError(f"url must be host:port without a scheme, e.g. 127.0.0.1:8000, got {url!r}")
 
 
-class TritonSegmenter:
+class TritonSegmenter(ClassAccessors):
     """Segment images on a Triton server serving the model of tools/triton_repo.py.
 
     url: "host:port" of the server's HTTP or gRPC endpoint (``protocol`` "http" or "grpc").
@@ -129,21 +129,6 @@ class TritonSegmenter:
             time.sleep(0.005)
             after = self._call(self._inference_stats)
         return after
-
-    # -- segNet-style accessors, as Segmenter's ----------------------------------------------
-    def class_name(self, i: int) -> str:
-        return self.class_names[check_class_id(i, self.num_classes)]
-
-    def class_color(self, i: int) -> tuple:
-        return tuple(int(v) for v in self.palette[check_class_id(i, self.num_classes)])
-
-    def mask(self, result: Segmentation) -> np.ndarray:
-        """Colour mask (H x W x 3 BGR uint8) of a result."""
-        return colour_mask(result.labels, self.palette)
-
-    def overlay(self, result: Segmentation, alpha: float = 0.5, skip_background: bool = True) -> np.ndarray:
-        """The segmented image with class colours blended in (BGR uint8)."""
-        return blend(result.image, result.labels, self.palette, alpha, skip_background)
 
     # -- segmentation ---------------------------------------------------------------------------
     def __call__(self, images, return_probabilities: bool = False):
