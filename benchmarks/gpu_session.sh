@@ -79,9 +79,8 @@ ld=$(sed -n 's/^device-install: export LD_LIBRARY_PATH=//p' "$OUT/pycuda-install
 [[ -n $ld ]] && export LD_LIBRARY_PATH=$ld
 
 # What this run imports besides pycuda, and nothing else (a package it never imports must not fail
-# the run). safetensors reads the bundled model and is not among the packages the machine is known
-# to have: its wheel travels in .whl/ and is installed into /tmp/site with pycuda's dependencies.
-# A missing one is named.
+# the run). safetensors reads the bundled model: the machine's image lists it, and its wheel travels
+# in .whl/ too (installed into /tmp/site with pycuda's dependencies). A missing one is named.
 # (Logged at the end of pycuda-install.log: the device tool brings back at most 8 files from $OUT,
 # and this run writes 7.)
 echo "### python packages" >> "$OUT/pycuda-install.log"
