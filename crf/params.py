@@ -2,10 +2,24 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 NORMALIZATIONS = ("after", "symmetric")
+#: Largest kernel weight: far below float32's range (energies are float32), and already enough to
+#: make the pairwise term absolute.
 MAX_WEIGHT = 1e6
+#: Most mean-field iterations: DeepLab runs 10 and the marginals settle within ~20; the bound keeps a
+#: typo (or a hostile request) from holding the CRF for minutes.
+MAX_ITERATIONS = 100
+#: Largest spatial bandwidth (bi_xy_std, pos_xy_std), in pixels: 10x the side of the largest image
+#: the runtime reads by default (runtime.contract.DEFAULT_MAX_PIXELS); beyond it the kernel is flat.
+MAX_XY_STD = 1e5
+#: Largest colour bandwidth (bi_rgb_std), in 0..255 colour units: beyond it the kernel is flat.
+MAX_RGB_STD = 1e4
+#: Upper bound of each float field.
+UPPER_BOUNDS = {"bi_w": MAX_WEIGHT, "pos_w": MAX_WEIGHT, "bi_xy_std": MAX_XY_STD, "pos_xy_std": MAX_XY_STD,
+                "bi_rgb_std": MAX_RGB_STD}
 
 
 @dataclass(frozen=True)
@@ -16,6 +30,10 @@ class CRFParams:
     sigma_beta (0..255 colour units). pos_w / pos_xy_std: smoothness kernel weight w2 and sigma_gamma.
     normalization: "after" (the 2011 code DeepLab shipped: per-pixel 1/norm after filtering) or
     "symmetric" (pydensecrf's default: D^-1/2 K D^-1/2).
+
+    Bounds (ValueError naming the field and the bound otherwise): weights in (0, 1e6], spatial
+    bandwidths in (0, 1e5] pixels, the colour bandwidth in (0, 1e4], iterations 0..100; numbers
+    only (a bool is refused).
     """
 
     bi_w: float = 5.0
@@ -27,18 +45,23 @@ class CRFParams:
     normalization: str = "after"
 
     def __post_init__(self) -> None:
-        for name in ("bi_w", "bi_xy_std", "bi_rgb_std", "pos_w", "pos_xy_std"):
+        # Strict types: a bool is an int to Python but never a weight or a count here, and a string
+        # "5" is a typo in a JSON file. numpy scalars are accepted and stored as Python numbers.
+        for name, upper in UPPER_BOUNDS.items():
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise ValueError(f"CRFParams.{name} must be a number, got {type(v).__name__} {v!r}")
+            if not math.isfinite(v) or v <= 0:
                 raise ValueError(f"CRFParams.{name} must be a finite number > 0, got {v!r}")
-        for name in ("bi_w", "pos_w"):
-            # Energies are float32: a weight near float32's maximum overflows them to inf (NaN
-            # marginals). Far below that, a weight of 1e6 already makes the pairwise term absolute.
-            if getattr(self, name) > MAX_WEIGHT:
-                raise ValueError(f"CRFParams.{name} (kernel weight) must be at most {MAX_WEIGHT:g}, "
-                                 f"got {getattr(self, name)!r}")
-        if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 0:
-            raise ValueError(f"CRFParams.iterations must be an int >= 0, got {self.iterations!r}")
+            if v > upper:
+                raise ValueError(f"CRFParams.{name} must be at most {upper:g}, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        it = self.iterations
+        if isinstance(it, bool) or not isinstance(it, numbers.Integral):
+            raise ValueError(f"CRFParams.iterations must be a whole number, got {type(it).__name__} {it!r}")
+        if not 0 <= it <= MAX_ITERATIONS:
+            raise ValueError(f"CRFParams.iterations must be in 0..{MAX_ITERATIONS}, got {it!r}")
+        object.__setattr__(self, "iterations", int(it))
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"CRFParams.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
