@@ -175,27 +175,6 @@ def test_label_values_outside_the_classes_are_reported_not_scored(tmp_path, onnx
     assert json.loads((tmp_path / "e.json").read_text())["out_of_range"]["pixels"] == expected
 
 
-def test_images_whose_label_map_differs_in_size_are_skipped(tmp_path, onnx_model, capsys):
-    ids = make_voc(tmp_path)
-    write_indexed_png(tmp_path / "SegmentationClass" / f"{ids[1]}.png", np.zeros((40, 50), np.uint8), voc_palette(256))
-    data = evaluate([onnx_model], VOCDataset(tmp_path), CRFParams(), progress=False)
-    assert data["images"] == 3
-    assert data["skipped"] == [f"{ids[1]}: image 81x73, label map 40x50 (H x W)"]
-    status, out, err = run_main(["--model", ONNX, "--dataset", tmp_path], capsys)
-    assert status == 0 and f"skipped 1 image(s) whose label map is not the image's size: {ids[1]}: image 81x73" in out
-    assert f"skipped: {ids[1]}" in err
-    (tmp_path / "ImageSets" / "Segmentation" / "one.txt").write_text(ids[1])
-    with pytest.raises(DatasetError, match=f"no image could be scored .*{ids[1]}: image 81x73"):
-        evaluate([onnx_model], VOCDataset(tmp_path, "one"), CRFParams(), progress=False)
-
-
-def test_unreadable_image_stops_with_its_path(tmp_path, capsys):
-    ids = make_voc(tmp_path, n=2)
-    (tmp_path / "JPEGImages" / f"{ids[1]}.jpg").write_bytes(b"not a jpeg")
-    status, _, err = run_main(["--model", ONNX, "--dataset", tmp_path], capsys)
-    assert status == 2 and "error: cannot decode image file" in err and f"{ids[1]}.jpg" in err
-
-
 def worse_model(path):
     """The bundled export with fc8's background bias lowered by 4: objects swallow the background."""
     import onnx

@@ -13,6 +13,10 @@ label 255 is not scored; --images takes the first N ids). Each network runs once
 models on the same images against the first (exit status 1 when one loses more than --tolerance
 mIoU points); --search-crf searches the CRF's appearance kernel (docs/evaluation.md).
 
+An image that cannot be scored (unreadable, a label file that is not a class-id PNG, a label map of
+another size, a failure in the network or the CRF) is skipped with its reason, the others are
+scored, the JSON lists it under "skipped" ({"id", "file", "reason"}), and the exit status is 1.
+
 Held-out scenes use seeds 1,000,000 + i (training uses seeds below 10,000,000 * 1 + iterations *
 batch, starting at 0, so the sets are disjoint for any realistic run) and sizes drawn from the seed
 between 193 and 385 pixels per side, so most are not of the form 8k+1 and none is square by design.
@@ -32,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __package__:  # imported: tools.evaluate from a checkout, deeplab_tools.evaluate when installed
     from .cli import crf_params_file, int_at_least, plain_warnings, refuse_unwritable  # noqa: E402
     from .metrics import confusion, mean_iou, scores  # noqa: E402,F401  (confusion, mean_iou: re-exported)
-    from .voc import IGNORE_LABEL, DatasetError, Sample, SkipImage, VOCDataset, listed  # noqa: E402
+    from .voc import IGNORE_LABEL, DatasetError, Sample, SkipImage, VOCDataset, listed, reason_of  # noqa: E402
 else:  # run as a script: python tools/evaluate.py
     from tools.cli import crf_params_file, int_at_least, plain_warnings, refuse_unwritable  # noqa: E402
     from tools.metrics import confusion, mean_iou, scores  # noqa: E402,F401
-    from tools.voc import IGNORE_LABEL, DatasetError, Sample, SkipImage, VOCDataset, listed  # noqa: E402
+    from tools.voc import IGNORE_LABEL, DatasetError, Sample, SkipImage, VOCDataset, listed, reason_of  # noqa: E402
 
 HELD_OUT_SEED = 1_000_000
 DEFAULT_SCENES = 100
@@ -76,14 +80,33 @@ def open_source(dataset: str | None, split: str = "val", images: int | None = No
 
 @dataclass
 class DataReport:
-    """What the data held besides scorable pixels: images skipped (label map not the image's size),
-    pixels marked 255, and label values outside the model's classes (not scored either)."""
+    """What the data held besides scorable pixels: images skipped ({"id", "file", "reason"}: unreadable,
+    no usable label map, or failing in the network or the CRF), pixels marked 255, and label values
+    outside the model's classes (not scored either). Counts are over the images scored."""
 
+    total: int = 0
     skipped: list = field(default_factory=list)
     ignored_pixels: int = 0
     out_of_range_pixels: int = 0
     out_of_range_images: list = field(default_factory=list)
     out_of_range_values: set = field(default_factory=set)
+
+    def skip(self, name: str, file, reason: str) -> None:
+        """Record an image that is not scored and say so on stderr, one line, as it happens."""
+        from tqdm import tqdm
+
+        self.skipped.append({"id": name, "file": file, "reason": reason})
+        tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
+
+    def count(self, sample: Sample, num_classes: int) -> None:
+        """Add a scored image's ignored and out-of-range label pixels."""
+        truth = sample.truth
+        self.ignored_pixels += int((truth == IGNORE_LABEL).sum())
+        outside = (truth >= num_classes) & (truth != IGNORE_LABEL)
+        if outside.any():
+            self.out_of_range_pixels += int(outside.sum())
+            self.out_of_range_images.append(sample.name)
+            self.out_of_range_values.update(int(v) for v in np.unique(truth[outside]))
 
     def to_dict(self) -> dict:
         return {"skipped": self.skipped, "ignored_pixels": self.ignored_pixels,
@@ -92,9 +115,6 @@ class DataReport:
 
     def lines(self, num_classes: int) -> list[str]:
         out = []
-        if self.skipped:
-            out.append(f"skipped {len(self.skipped)} image(s) whose label map is not the image's size: "
-                       + listed(self.skipped))
         if self.out_of_range_pixels:
             out.append(f"label values outside 0..{num_classes - 1} (and not {IGNORE_LABEL}): "
                        f"{self.out_of_range_pixels} pixels in {len(self.out_of_range_images)} image(s) "
@@ -102,34 +122,36 @@ class DataReport:
                        "not scored")
         return out
 
+    def summary(self) -> str:
+        """The run's last line: how many images were scored, and which were skipped."""
+        done = f"scored {self.total - len(self.skipped)} of {self.total} images"
+        if not self.skipped:
+            return done
+        return f"{done}; skipped {len(self.skipped)}: " + listed([s["id"] for s in self.skipped])
 
-def checked_samples(source, num_classes: int, report: DataReport, progress: bool = True, desc: str = "evaluate"):
-    """The source's samples in order, with a progress bar; images to skip and label values outside
-    the class range are recorded in ``report`` (and said on stderr) instead of stopping the run."""
+
+def checked_samples(source, report: DataReport, progress: bool = True, desc: str = "evaluate"):
+    """The source's samples in order, with a progress bar. An image that cannot be loaded, for any
+    reason, is recorded in ``report`` as skipped (and said on stderr) instead of stopping the run."""
     from tqdm import tqdm
 
+    report.total = len(source)
     for i in tqdm(range(len(source)), desc=desc, unit="img", file=sys.stderr, disable=not progress):
         try:
-            sample = source.load(i)
+            yield source.load(i)
         except SkipImage as e:
-            report.skipped.append(str(e))
-            tqdm.write(f"skipped: {e}", file=sys.stderr)
-            continue
-        truth = sample.truth
-        report.ignored_pixels += int((truth == IGNORE_LABEL).sum())
-        outside = (truth >= num_classes) & (truth != IGNORE_LABEL)
-        if outside.any():
-            report.out_of_range_pixels += int(outside.sum())
-            report.out_of_range_images.append(sample.name)
-            report.out_of_range_values.update(int(v) for v in np.unique(truth[outside]))
-        yield sample
+            report.skip(e.name, e.file, e.reason)
+        except Exception as e:  # any other fault of this one image: the others are still scored
+            report.skip(f"image {i}", None, reason_of(e))
 
 
 def evaluate(contenders: list, source, crf_params, progress: bool = True) -> dict:
     """Score every contender that can run (tools.contenders) on the same images, without and with
     the CRF (one network pass per image; the CRF refines its scores). The reference is the first
     contender that runs: each row gets its mIoU difference to it (points) and the % of pixels whose
-    label equals its label. Returns a JSON-ready dict."""
+    label equals its label. An image that fails (loading, any contender's network or CRF) is skipped
+    for all contenders, so that they are still compared on the same images; with none left, the
+    scores are None. Returns a JSON-ready dict."""
     from crf import refine
 
     active = [c for c in contenders if c.segmenter is not None]
@@ -143,36 +165,42 @@ def evaluate(contenders: list, source, crf_params, progress: bool = True) -> dic
     conf = {id(c): {m: np.zeros((n, n), np.int64) for m in MODES} for c in active}
     equal = {id(c): {m: 0 for m in MODES} for c in active}
     report, pixels, images = DataReport(), 0, 0
-    for sample in checked_samples(source, n, report, progress):
-        ref_labels = None
+    for sample in checked_samples(source, report, progress):
+        try:
+            labels = {}
+            for c in active:
+                r = c.segmenter(sample.image, return_scores=True)
+                labels[id(c)] = {"no CRF": r.labels,
+                                 "CRF": refine(r.scores, r.image, crf_params).argmax(0).astype(np.uint8)}
+        except Exception as e:  # this image only; added to no contender's counts, so all skip it
+            report.skip(sample.name, sample.file, reason_of(e))
+            continue
+        ref_labels = labels[id(active[0])]
         for c in active:
-            r = c.segmenter(sample.image, return_scores=True)
-            labels = {"no CRF": r.labels, "CRF": refine(r.scores, r.image, crf_params).argmax(0).astype(np.uint8)}
-            if ref_labels is None:
-                ref_labels = labels
             for m in MODES:
-                conf[id(c)][m] += confusion(labels[m], sample.truth, n)
-                equal[id(c)][m] += int((labels[m] == ref_labels[m]).sum())
+                conf[id(c)][m] += confusion(labels[id(c)][m], sample.truth, n)
+                equal[id(c)][m] += int((labels[id(c)][m] == ref_labels[m]).sum())
+        report.count(sample, n)
         pixels += sample.truth.size
         images += 1
-    if not images:
-        raise DatasetError(f"no image could be scored in {source.description}: " + listed(report.skipped))
-    if not conf[id(active[0])]["no CRF"].sum():
+    if images and not conf[id(active[0])]["no CRF"].sum():
         raise DatasetError(f"no labelled pixels in {source.description}: every label is {IGNORE_LABEL} "
                            f"or outside 0..{n - 1}")
     rows = []
     for c in contenders:
         row = {"name": c.name, "path": c.path, "kind": c.kind, "precision": c.precision, "skipped": c.skipped}
         if c.segmenter is not None:
-            row.update({m: scores(conf[id(c)][m], ref.class_names) for m in MODES})
-            row["labels_equal_pct"] = {m: 100 * equal[id(c)][m] / pixels for m in MODES}
+            row.update({m: scores(conf[id(c)][m], ref.class_names) if images else None for m in MODES})
+            row["labels_equal_pct"] = {m: 100 * equal[id(c)][m] / pixels for m in MODES} if images else None
         rows.append(row)
     reference = next(r for r in rows if not r["skipped"])
     for row in rows:
         if not row["skipped"]:
-            row["delta"] = {m: 100 * (row[m]["mean_iou"] - reference[m]["mean_iou"]) for m in MODES}
+            row["delta"] = ({m: 100 * (row[m]["mean_iou"] - reference[m]["mean_iou"]) for m in MODES}
+                            if images else None)
     return {"dataset": source.description, "images": images, "class_names": list(ref.class_names),
-            "crf": crf_params.to_dict(), **report.to_dict(), "notes": report.lines(n), "contenders": rows}
+            "crf": crf_params.to_dict(), **report.to_dict(), "notes": report.lines(n),
+            "summary": report.summary(), "contenders": rows}
 
 
 def flag_regressions(result: dict, tolerance: float) -> list[str]:
@@ -180,7 +208,7 @@ def flag_regressions(result: dict, tolerance: float) -> list[str]:
     than ``tolerance`` points below the reference's."""
     flagged = []
     for row in result["contenders"]:
-        row["flagged"] = bool(row["skipped"] is None and min(row["delta"].values()) < -tolerance)
+        row["flagged"] = bool(row["skipped"] is None and row["delta"] and min(row["delta"].values()) < -tolerance)
         if row["flagged"]:
             flagged.append(row["name"])
     result["tolerance"] = tolerance
@@ -215,7 +243,12 @@ def print_parity(result: dict) -> None:
 
 def search(contender, source, crf_params, grid: dict, progress: bool = True) -> dict:
     """The CRF search (tools/crf_search.py) on the source's images: the network runs once per image
-    and its scores are kept in memory (C x H x W float32 each) while the CRF runs per grid point."""
+    and its scores are kept in memory (C x H x W float32 each) while the CRF runs per grid point.
+    An image that fails to load or in the network, or whose scores the CRF refuses (NaN, inf), is
+    skipped before the search, so that every grid point is scored on the same images; with none
+    left, the search is not run and the results are None."""
+    from crf import check_inputs
+
     if __package__:
         from .crf_search import search_crf
     else:
@@ -225,13 +258,19 @@ def search(contender, source, crf_params, grid: dict, progress: bool = True) -> 
         raise ValueError(f"{contender.name}: {contender.skipped}")
     seg, report = contender.segmenter, DataReport()
     cached = []
-    for sample in checked_samples(source, seg.num_classes, report, progress, "network"):
-        r = seg(sample.image, return_scores=True)
+    for sample in checked_samples(source, report, progress, "network"):
+        try:
+            r = seg(sample.image, return_scores=True)
+            check_inputs(r.scores, r.image)
+        except Exception as e:  # this image only
+            report.skip(sample.name, sample.file, reason_of(e))
+            continue
+        report.count(sample, seg.num_classes)
         cached.append((r.scores, r.image, sample.truth))
-    if not cached:
-        raise DatasetError(f"no image could be scored in {source.description}: " + listed(report.skipped))
-    return {**search_crf(cached, seg.num_classes, crf_params, grid, progress), "dataset": source.description,
-            **report.to_dict(), "notes": report.lines(seg.num_classes)}
+    found = search_crf(cached, seg.num_classes, crf_params, grid, progress) if cached else {
+        "crf": None, "mean_iou": None, "default_mean_iou": None, "no_crf_mean_iou": None, "grid": [], "images": 0}
+    return {**found, "dataset": source.description, **report.to_dict(), "notes": report.lines(seg.num_classes),
+            "summary": report.summary()}
 
 
 def float_list(text: str) -> tuple:
@@ -307,12 +346,16 @@ def main(argv=None) -> int:
             grid = {**GRIDS[args.search_grid], **{a: v for a, v in (("bi_w", args.search_w1), (
                 "bi_xy_std", args.search_xy), ("bi_rgb_std", args.search_rgb)) if v}}
             result = search(contenders[0], source, crf_params, grid, progress)
-            best = CRFParams.from_dict(result["crf"])
             print("\n".join([source.description] + result["notes"]))
-            print(f"{len(result['grid'])} grid points on {result['images']} images: best mIoU "
-                  f"{100 * result['mean_iou']:.2f} with {best}")
-            print(f"starting CRF: mIoU {100 * result['default_mean_iou']:.2f} ({crf_params}); "
-                  f"no CRF: {100 * result['no_crf_mean_iou']:.2f}")
+            if result["images"]:
+                best = CRFParams.from_dict(result["crf"])
+                print(f"{len(result['grid'])} grid points on {result['images']} images: best mIoU "
+                      f"{100 * result['mean_iou']:.2f} with {best}")
+                print(f"starting CRF: mIoU {100 * result['default_mean_iou']:.2f} ({crf_params}); "
+                      f"no CRF: {100 * result['no_crf_mean_iou']:.2f}")
+            else:
+                print("no image could be scored: nothing searched (\"crf\": null)")
+            # Written even when images were skipped, or all were: the file says which and why.
             write_bytes_atomically(args.search_crf, json.dumps(result, indent=2, allow_nan=False).encode())
             print(f"wrote {args.search_crf}")
             status = 0
@@ -321,7 +364,10 @@ def main(argv=None) -> int:
             print(f"{result['images']} images: {source.description}; CRF {crf_params}")
             for line in result["notes"]:
                 print(line)
-            if args.parity:
+            status = 0
+            if not result["images"]:
+                print("no image could be scored: no scores")
+            elif args.parity:
                 flagged = flag_regressions(result, args.tolerance)
                 print_parity(result)
                 status = 1 if flagged else 0
@@ -329,16 +375,17 @@ def main(argv=None) -> int:
                     print(f"FAILED: {', '.join(flagged)} more than {args.tolerance:g} mIoU points below the reference")
             else:
                 print_scores(result)
+            if not args.parity:
                 row = result.pop("contenders")[0]
                 result.update({"model": row["path"], "precision": row["precision"],
                                "no CRF": row["no CRF"], "CRF": row["CRF"]})
-                status = 0
-    except ValueError as e:  # DatasetError, ImageError, ModelFormatError: their messages name the file
+        if args.json:
+            write_bytes_atomically(args.json, json.dumps(result, indent=2, allow_nan=False).encode())
+    except ValueError as e:  # DatasetError, ModelFormatError: their messages name the file
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        write_bytes_atomically(args.json, json.dumps(result, indent=2, allow_nan=False).encode())
-    return status
+    print(result["summary"])
+    return 1 if result["skipped"] else status
 
 
 if __name__ == "__main__":

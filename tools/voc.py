@@ -3,16 +3,19 @@
     ROOT/ImageSets/Segmentation/<split>.txt   one id per line
     ROOT/JPEGImages/<id>.jpg                  the image
     ROOT/SegmentationClass/<id>.png           the labels: a palettised PNG whose palette indices are
-                                              the class ids (255: not labelled), or 8-bit greyscale
+                                              the class ids (255: not labelled), or greyscale
 
-OpenCV decodes a palettised PNG to colours, never to its indices (and Pillow is not a dependency),
-so the indices are recovered from the file's own palette (PLTE chunk): each decoded colour maps back
-to the palette entry of that colour. Where entries repeat a colour (palettes padded with black),
-the lowest index is taken: padding always follows the entries in use.
+OpenCV decodes a palettised PNG to its palette's colours, never to its indices (and Pillow is not a
+dependency). Mapping the colours back would lose every index whose colour repeats an earlier one
+(palettes padded with black, or all-grey ones), so the file is decoded with its palette replaced
+by the identity palette (entry i = grey i): the decoded grey values are the indices themselves,
+whatever the file's colours. Greyscale PNGs under 8 bits go the same way, as libpng would scale
+their values to 0..255 (a 1-bit 1 would become 255, "not labelled").
 """
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,16 +35,32 @@ class DatasetError(ValueError):
 
 
 class SkipImage(DatasetError):
-    """One image that cannot be scored (its label map is not its size); the others go on."""
+    """One image that cannot be scored (unreadable, a label map that is not one, or not the image's
+    size): ``name`` (its id), ``file`` (the file at fault) and ``reason``; the others go on."""
+
+    def __init__(self, name: str, file, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.name, self.file, self.reason = name, None if file is None else str(file), reason
+
+
+def reason_of(error: BaseException) -> str:
+    """One line saying why: the message of an expected error (ValueError: they name the file),
+    the type too for anything else ("PermissionError: ...", "MemoryError")."""
+    text = " ".join(str(error).split())
+    if isinstance(error, ValueError) and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One scored image: ``image`` H x W x 3 uint8 BGR, ``truth`` H x W class ids (255: ignored)."""
+    """One scored image: ``image`` H x W x 3 uint8 BGR, ``truth`` H x W class ids (255: ignored),
+    ``file`` the image's path (None for generated scenes)."""
 
     name: str
     image: np.ndarray
     truth: np.ndarray
+    file: str | None = None
 
 
 def listed(ids: list, more: int | None = None) -> str:
@@ -51,55 +70,58 @@ def listed(ids: list, more: int | None = None) -> str:
     return text + (f", ... ({total} in all)" if total > SHOW_IDS else "")
 
 
-def _chunks(data: bytes):
-    """(type, payload) of each PNG chunk after the signature."""
-    pos = len(_PNG_SIGNATURE)
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _with_identity_palette(data: bytes) -> bytes:
+    """The PNG ``data`` (palettised or greyscale, 1 to 8 bits) as a palettised PNG of the same pixel
+    data whose palette maps index i to grey i: decoded, its values are the sample values.
+    Ancillary chunks go (tRNS, bKGD, hIST refer to the old palette; none changes a pixel's index);
+    IDAT and IEND keep their bytes and CRCs, so a damaged file is still refused by the decoder."""
+    depth = data[24]
+    out = [data[:8], _chunk(b"IHDR", data[16:24] + bytes([depth, _PALETTE]) + data[26:29])]
+    out.append(_chunk(b"PLTE", np.repeat(np.arange(1 << min(depth, 8), dtype=np.uint8), 3).tobytes()))
+    pos = 8
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        yield kind, data[pos + 8:pos + 8 + length]
+        if kind in (b"IDAT", b"IEND"):
+            out.append(data[pos:pos + 12 + length])
         pos += 12 + length
+    return b"".join(out)
 
 
 def read_label_png(path: str | Path) -> np.ndarray:
-    """A label PNG as H x W class ids: palette indices (uint8) of a palettised PNG, the values of a
-    greyscale one (uint8, or uint16 at 16 bits). Colour PNGs are refused: their values are not ids."""
+    """A label PNG as H x W class ids: the palette indices (uint8) of a palettised PNG, whatever its
+    colours; the sample values of a greyscale one (uint8, or uint16 at 16 bits). Colour PNGs are
+    refused: their values are colours, not ids."""
     import cv2
 
     from runtime.contract import incomplete_file_reason
 
     path = Path(path)
     data = path.read_bytes()
-    if not data.startswith(_PNG_SIGNATURE) or len(data) < 33:
+    if not data.startswith(_PNG_SIGNATURE) or len(data) < 33 or data[12:16] != b"IHDR":
         raise DatasetError(f"label file is not a PNG: {path}")
+    depth, colour_type = data[24], data[25]  # IHDR: width, height, bit depth, colour type
+    if colour_type not in (_GREY, _PALETTE):
+        raise DatasetError(f"label PNG {path} has colour type {colour_type} (RGB or with alpha): label PNGs "
+                           "hold class ids, palettised (as VOC's) or greyscale")
     problem = incomplete_file_reason(data)
+    if colour_type == _PALETTE or depth < 8:
+        data = _with_identity_palette(data)
     decoded = None if problem else cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if decoded is None:
         raise DatasetError(f"cannot decode the label PNG ({problem or 'corrupt data'}): {path}")
-    colour_type = data[25]  # IHDR: width, height, bit depth, then the colour type
-    if colour_type == _GREY:
-        return decoded
-    if colour_type != _PALETTE:
-        raise DatasetError(f"label PNG {path} has colour type {colour_type} (RGB or with alpha): label PNGs "
-                           "hold class ids, palettised (as VOC's) or 8-bit greyscale")
-    plte = next((payload for kind, payload in _chunks(data) if kind == b"PLTE"), b"")
-    palette = np.frombuffer(plte[:len(plte) // 3 * 3], np.uint8).reshape(-1, 3).astype(np.int32)
-    keys = (palette[:, 0] << 16) | (palette[:, 1] << 8) | palette[:, 2]
-    index_of = {}
-    for i in range(len(keys) - 1, -1, -1):  # backwards: the lowest index of a repeated colour wins
-        index_of[int(keys[i])] = i
-    bgr = decoded[..., :3].astype(np.int32)  # a tRNS chunk adds an alpha channel
-    colours, inverse = np.unique((bgr[..., 2] << 16) | (bgr[..., 1] << 8) | bgr[..., 0], return_inverse=True)
-    lookup = np.array([index_of.get(int(c), -1) for c in colours], np.int32)
-    if (lookup < 0).any():
-        raise DatasetError(f"label PNG {path}: decoded colours that are not in its palette")
-    return lookup.astype(np.uint8)[inverse.reshape(-1)].reshape(decoded.shape[:2])
+    return decoded[..., 0] if decoded.ndim == 3 else decoded  # the identity palette: any channel
 
 
 class VOCDataset:
     """The ids of ``split`` under ``root`` (the first ``limit`` of them), checked at once: a missing
     split file, folder, image or label file raises DatasetError naming it (ids: the first few and
-    the count). ``load(i)`` reads one Sample; an image and label map of different sizes raise
-    SkipImage naming the id and both sizes."""
+    the count). ``load(i)`` reads one Sample; whatever stops that image from being scored (an
+    unreadable image, a label file that is not a label PNG, a label map of another size) raises
+    SkipImage naming the id, the file and the reason, so that the caller can go on to the next."""
 
     def __init__(self, root: str | Path, split: str = "val", limit: int | None = None):
         self.root = root = Path(root)
@@ -130,12 +152,23 @@ class VOCDataset:
         return len(self.ids)
 
     def load(self, i: int) -> Sample:
+        """Sample i; SkipImage (id, file, reason) for anything that stops it being scored."""
         from runtime.contract import load_image
 
         name = self.ids[i]
-        image = load_image(self.root / "JPEGImages" / f"{name}.jpg")
-        truth = read_label_png(self.root / "SegmentationClass" / f"{name}.png")
+        image_file = self.root / "JPEGImages" / f"{name}.jpg"
+        label_file = self.root / "SegmentationClass" / f"{name}.png"
+        image = _read(name, image_file, load_image)
+        truth = _read(name, label_file, read_label_png)
         if truth.shape != image.shape[:2]:
-            raise SkipImage(f"{name}: image {image.shape[0]}x{image.shape[1]}, "
+            raise SkipImage(name, label_file, f"image {image.shape[0]}x{image.shape[1]}, "
                             f"label map {truth.shape[0]}x{truth.shape[1]} (H x W)")
-        return Sample(name, image, truth)
+        return Sample(name, image, truth, str(image_file))
+
+
+def _read(name: str, file: Path, read):
+    """read(file), any failure raised as SkipImage naming the id and the file."""
+    try:
+        return read(file)
+    except Exception as e:  # whatever it is, it is this one image's: the caller skips it
+        raise SkipImage(name, file, reason_of(e)) from e
