@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Union
 
 import numpy as np
+
+from .image_headers import declared_size, incomplete_file_reason
 
 #: Per-channel mean of the released DeepLab models, in B, G, R order.
 MEAN_BGR = (104.008, 116.669, 122.675)
@@ -32,6 +34,13 @@ OUTPUT_STRIDE = 8
 DEFAULT_MAX_SIZE = 1025
 #: File name suffixes taken as images where a folder is read (segmenting, INT8 calibration).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+#: Largest image (pixels) read or segmented by default: 100 MP, e.g. 12,000 x 8,333. A file whose
+#: header declares more is refused before it is decoded (a decompression bomb: a few KB that decode
+#: to gigabytes); ``load_image(max_pixels=)`` and ``Segmenter(max_pixels=)`` change it.
+DEFAULT_MAX_PIXELS = 100_000_000
+#: Bytes per allowed pixel above which a file is refused before it is read: no 8- or 16-bit image
+#: format needs more (16-bit RGBA uncompressed is 8), so a larger file is not an image we can take.
+_MAX_FILE_BYTES_PER_PIXEL = 16
 
 ImageLike = Union[np.ndarray, str, Path]
 
@@ -40,85 +49,80 @@ class ImageError(ValueError):
     """An input image that cannot be segmented, with the reason."""
 
 
-def load_image(path: str | Path) -> np.ndarray:
+class ImageTooLarge(ImageError):
+    """An image with more pixels than the limit (``max_pixels``), or one whose segmentation would
+    take more memory than the Segmenter's ``memory_budget``: refused before anything large is
+    allocated. ``pixels`` and ``limit`` say by how much."""
+
+    def __init__(self, message: str, pixels: int, limit: int):
+        super().__init__(message)
+        self.pixels, self.limit = pixels, limit
+
+
+def check_pixels(height: int, width: int, max_pixels: int, source: str) -> None:
+    """ImageTooLarge unless height x width <= max_pixels."""
+    if height * width > max_pixels:
+        raise ImageTooLarge(f"{source}: {width}x{height} = {height * width:,} pixels, above the limit of "
+                            f"{max_pixels:,} (max_pixels)", height * width, max_pixels)
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+               check_size: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
     """Read an image file as H x W x 3 uint8 BGR (OpenCV order).
 
-    A JPEG or PNG file that ends early is refused (decoders fill the missing rows with grey and
-    only warn). 16-bit files are scaled to 8 bits (x / 257, rounded); the EXIF orientation of a
-    file is applied; alpha is dropped and grayscale replicated, as for arrays.
+    A file whose header declares more than ``max_pixels`` pixels is refused (ImageTooLarge) before
+    it is decoded; so is a file larger than 16 bytes per allowed pixel, before it is read. A JPEG or
+    PNG file that ends early is refused (decoders fill the missing rows with grey and only warn).
+    Every decoder failure is an ImageError naming the file. ``check_size(height, width)``, where
+    given, is called with the declared size before decoding too (it raises to refuse the image). 16-bit files are scaled to 8 bits
+    (x / 257, rounded); the EXIF orientation of a file is applied; alpha is dropped and grayscale
+    replicated, as for arrays.
     """
     import cv2
 
     p = Path(path)
     if not p.is_file():
         raise ImageError(f"image file not found: {p}")
-    data = p.read_bytes()
+    try:
+        nbytes = p.stat().st_size
+        limit = _MAX_FILE_BYTES_PER_PIXEL * max_pixels + (1 << 20)
+        if nbytes > limit:
+            raise ImageTooLarge(f"{p}: a {nbytes:,}-byte file, larger than any image of at most {max_pixels:,} "
+                                "pixels (max_pixels)", nbytes // _MAX_FILE_BYTES_PER_PIXEL, max_pixels)
+        data = p.read_bytes()
+    except OSError as e:
+        raise ImageError(f"cannot read image file ({e.strerror or e}): {p}") from e
     if not data:
         raise ImageError(f"empty image file: {p}")
     problem = incomplete_file_reason(data)
     if problem:
         raise ImageError(f"cannot decode image file ({problem}): {p}")
+    declared = declared_size(data)
+    if declared is not None:
+        check_pixels(*declared, max_pixels, str(p))
+        if check_size is not None:
+            check_size(*declared)
     # IMREAD_COLOR applies the EXIF orientation (IMREAD_UNCHANGED would not); ANYDEPTH keeps
     # 16-bit samples so that they are scaled rather than truncated by the decoder.
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    except cv2.error as e:  # OpenCV's own limits and decoder failures
+        reason = " ".join(str(e).split())[-200:]
+        raise ImageError(f"cannot decode image file ({reason}): {p}") from e
+    del data
     if img is None:
         raise ImageError(f"cannot decode image file (corrupt or not an image): {p}")
+    if declared is None:  # a format whose header we do not read: checked once decoded
+        check_pixels(*img.shape[:2], max_pixels, str(p))
+        if check_size is not None:
+            check_size(*img.shape[:2])
     if img.dtype == np.uint16:
-        img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        # x / 257 rounded, in one uint8 result (no 4-byte-per-sample temporary)
+        img = cv2.convertScaleAbs(img, alpha=1 / 257)
     elif img.dtype != np.uint8:
         raise ImageError(f"{p}: {img.dtype} samples; only 8- and 16-bit image files are read "
                          "(convert it to 8 bits, or pass a uint8 array)")
     return as_bgr_uint8(img, source=str(p))
-
-
-def incomplete_file_reason(data: bytes) -> str | None:
-    """Why a JPEG or PNG file is cut short (None when complete or another format)."""
-    if data[:2] == b"\xff\xd8":
-        return _jpeg_problem(data)
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return _png_problem(data)
-    return None
-
-
-def _jpeg_problem(data: bytes) -> str | None:
-    # Walk the marker segments (their lengths skip EXIF thumbnails, which hold their own end
-    # marker) to the first start-of-scan. Entropy-coded data never contains FF D9 (an FF there is
-    # followed by 00 or a restart marker), so the end-of-image marker must follow; bytes after it
-    # (padding, camera trailers) are allowed.
-    pos, n = 2, len(data)
-    while pos + 1 < n:
-        if data[pos] != 0xFF:
-            return f"corrupt JPEG: no marker at byte {pos}"
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-        elif marker == 0xD9:
-            return None
-        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            pos += 2
-        elif pos + 4 > n:
-            break
-        else:
-            length = int.from_bytes(data[pos + 2:pos + 4], "big")
-            if marker == 0xDA:
-                return None if data.find(b"\xff\xd9", pos + 2 + length) >= 0 else \
-                    "truncated JPEG: no end-of-image marker"
-            pos += 2 + length
-    return "truncated JPEG: it ends inside its headers"
-
-
-def _png_problem(data: bytes) -> str | None:
-    # Chunks are length, type, data, CRC; a complete file ends with the IEND chunk.
-    pos, n = 8, len(data)
-    while pos + 8 <= n:
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        end = pos + 12 + length
-        if end > n:
-            return f"truncated PNG: {data[pos + 4:pos + 8].decode('ascii', 'replace')} chunk is cut short"
-        if data[pos + 4:pos + 8] == b"IEND":
-            return None
-        pos = end
-    return "truncated PNG: no IEND chunk"
 
 
 def as_bgr_uint8(image: np.ndarray, source: str = "image") -> np.ndarray:

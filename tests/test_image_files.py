@@ -112,3 +112,84 @@ def test_grayscale_and_alpha_files(scene, tmp_path):
     bgra = np.dstack([scene, np.arange(scene.shape[1], dtype=np.uint8)[None].repeat(scene.shape[0], 0)])
     (tmp_path / "a.png").write_bytes(encode(".png", bgra))
     assert np.array_equal(load_image(tmp_path / "a.png"), scene)  # alpha dropped, colours untouched
+
+
+# -- decompression bombs: the declared size is checked before any decoder runs ------------------
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import zlib
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_declaring(width: int, height: int, idat: bytes = b"garbage") -> bytes:
+    """A complete PNG file (IEND present) whose header declares width x height gray pixels."""
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".webp", ".tif", ".ppm", ".pgm"])
+@pytest.mark.parametrize("h,w", [(1, 1), (37, 53), (300, 7)])
+def test_declared_size_is_what_the_decoder_makes(ext, h, w):
+    from runtime.image_headers import declared_size
+
+    img = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    data = encode(ext, img[:, :, 0] if ext == ".pgm" else img)
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert declared_size(data) == decoded.shape[:2] == (h, w)
+
+
+def test_lossless_webp_and_alpha_png_sizes():
+    from runtime.image_headers import declared_size
+
+    img = np.zeros((23, 41, 4), np.uint8)
+    assert declared_size(encode(".png", img)) == (23, 41)
+    ok, buf = cv2.imencode(".webp", img[:, :, :3], [cv2.IMWRITE_WEBP_QUALITY, 101])
+    assert declared_size(buf.tobytes()) == (23, 41)
+
+
+def test_decompression_bomb_is_refused_from_its_header(tmp_path):
+    from runtime.contract import ImageTooLarge
+
+    f = tmp_path / "bomb.png"
+    f.write_bytes(png_declaring(70000, 70000))  # 4.9 G pixels in a few bytes; its data is not even valid
+    with pytest.raises(ImageTooLarge) as e:
+        load_image(f)
+    assert str(f) in str(e.value) and e.value.pixels == 70000 * 70000 and e.value.limit == 100_000_000
+
+
+def test_the_pixel_limit_is_configurable_and_checked_before_decoding(tmp_path):
+    from runtime.contract import ImageTooLarge
+
+    f = tmp_path / "ok.png"
+    f.write_bytes(png_declaring(200, 100))
+    with pytest.raises(ImageTooLarge, match="ok.png") as e:
+        load_image(f, max_pixels=19_999)  # refused before its (invalid) data is decoded
+    assert e.value.limit == 19_999
+    with pytest.raises(ImageError, match="ok.png"):
+        load_image(f, max_pixels=20_000)  # now decoded: its data is garbage
+
+
+def test_decoder_errors_become_image_errors_naming_the_file(tmp_path):
+    # Above OpenCV's own pixel limit (2^30) the decoder raises cv2.error: it must come out as ImageError.
+    f = tmp_path / "big.png"
+    f.write_bytes(png_declaring(40000, 40000))
+    with pytest.raises(ImageError, match="big.png") as e:
+        load_image(f, max_pixels=2 * 10**9)
+    assert not isinstance(e.value, cv2.error)
+
+
+def test_a_file_too_large_for_any_allowed_image_is_not_read(tmp_path):
+    from runtime.contract import ImageTooLarge
+
+    f = tmp_path / "huge.png"
+    with open(f, "wb") as fh:  # sparse: 64 MB that take no disk
+        fh.truncate(64 << 20)
+    with pytest.raises(ImageTooLarge, match="huge.png"):
+        load_image(f, max_pixels=1000)
+
+
+def test_sixteen_bit_scaling_is_exact_for_every_value(tmp_path):
+    x = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    cv2.imwrite(str(tmp_path / "s.png"), np.stack([x] * 3, axis=2))
+    got = load_image(tmp_path / "s.png")[:, :, 0]
+    assert np.array_equal(got, ((x.astype(np.uint32) + 128) // 257).astype(np.uint8))
