@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -83,23 +84,34 @@ def calibration_digest(items: Iterable[tuple[str, bytes]]) -> str:
 
 
 def calibration_from_folder(folder: str | Path, count: int = DEFAULT_CALIBRATION_IMAGES) -> CalibrationSet:
-    """The first ``count`` image files of ``folder`` (not recursive) by name, loaded as the runtime
-    loads them. The hash covers the files used: their names and file bytes."""
+    """The first ``count`` readable image files of ``folder`` (not recursive) by name, loaded as the
+    runtime loads them. A file that cannot be read is skipped with a warning naming it and why (one
+    bad file must not stop an export), and the next one is taken; none readable is a
+    CalibrationError. The hash covers the files used: their names and file bytes."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CalibrationError(f"calibration folder not found: {folder}")
     if count < 1:
         raise CalibrationError(f"the number of calibration images must be >= 1, got {count}")
-    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)[:count]
-    if not files:
+    candidates = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not candidates:
         raise CalibrationError(f"no images in the calibration folder {folder} "
                                f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    try:
-        images = tuple(load_image(f) for f in files)
-    except ImageError as e:
-        raise CalibrationError(f"calibration image: {e}") from e
+    files, images, skipped = [], [], []
+    for f in candidates:
+        if len(files) == count:
+            break
+        try:
+            images.append(load_image(f))
+            files.append(f)
+        except (ImageError, OSError) as e:
+            skipped.append(" ".join(str(e).split()))
+            warnings.warn(f"calibration image skipped: {skipped[-1]}", RuntimeWarning, stacklevel=2)
+    if not files:
+        raise CalibrationError(f"none of the {len(skipped)} images in the calibration folder {folder} can be read "
+                               f"(the first: {skipped[0]})")
     digest = calibration_digest((f.name, f.read_bytes()) for f in files)
-    return CalibrationSet(tuple(f.name for f in files), images, digest, str(folder))
+    return CalibrationSet(tuple(f.name for f in files), tuple(images), digest, str(folder))
 
 
 def calibration_from_arrays(named_images: Sequence[tuple[str, np.ndarray]], source: str) -> CalibrationSet:

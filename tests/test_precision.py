@@ -231,3 +231,20 @@ def test_evaluate_runs_each_precision(tmp_path, fp16_onnx, int8_onnx):
         assert evaluate_main(["--model", str(path), "--images", "2", "--json", str(tmp_path / "e.json")]) == 0
         data = json.loads((tmp_path / "e.json").read_text())
         assert data["no CRF"]["mean_iou"] > 0.5 and data["CRF"]["mean_iou"] > 0.5
+
+
+def test_an_unreadable_calibration_image_is_skipped_with_a_warning(tmp_path):
+    import shutil
+
+    from export.precision import CalibrationError, calibration_from_folder
+
+    shutil.copy(SAMPLES / "scene_0.png", tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    shutil.copy(SAMPLES / "scene_1.png", tmp_path / "c.png")
+    with pytest.warns(RuntimeWarning, match="b.png"):
+        cal = calibration_from_folder(tmp_path, 2)
+    assert cal.names == ("a.png", "c.png")  # the next readable file takes its place
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "c.png").write_bytes(b"x")
+    with pytest.warns(RuntimeWarning), pytest.raises(CalibrationError, match="none of the 3"):
+        calibration_from_folder(tmp_path)
