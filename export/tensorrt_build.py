@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from crf.backend import gpu_identity
 from runtime import engine_meta, trt_compat
 from runtime.engine_meta import EngineMeta
+from runtime.onnx_backend import ModelFormatError, metadata_json, parse_metadata
 from runtime.output_files import write_bytes_atomically
 
 if TYPE_CHECKING:
@@ -99,10 +100,10 @@ def onnx_precision(metadata: dict[str, str], source: str) -> str:
         raise EngineBuildError(f"{source}: unknown precision {precision!r} in its metadata")
     if precision == "int8":
         try:
-            activations = json.loads(metadata.get("quantization", "{}")).get("activations", "")
-        except (ValueError, AttributeError):
-            activations = ""
-        if "asymmetric" in activations:
+            settings = metadata_json(metadata, "quantization", source, dict, "a JSON object") or {}
+        except ModelFormatError as e:
+            raise EngineBuildError(str(e)) from e
+        if "asymmetric" in str(settings.get("activations", "")):
             raise EngineBuildError(
                 f"{source} has asymmetric INT8 activations (non-zero zero points), which TensorRT does not "
                 "take: export it again with --precision int8 and the default --int8-activations symmetric")
@@ -127,14 +128,16 @@ def _onnx_nodes_and_metadata(onnx_path: Path) -> tuple[list[tuple[str, str]], di
     index) and the metadata_props export/onnx_export.py wrote (class names, palette).
 
     Without the onnx package (a Jetson installs the runtime alone: ``pip install .``) ONNX Runtime
-    reads the metadata and the node list is empty: parser errors then give the node index only."""
+    reads the metadata and the node list is empty: parser errors then give the node index only.
+    EngineBuildError for a file that is not an ONNX model, or whose metadata is not JSON of its type
+    (naming the key): the sidecar takes the class names and palette from there."""
     try:
         import onnx
     except ImportError:
-        from runtime.onnx_backend import ModelFormatError, read_model_metadata
+        from runtime.onnx_backend import read_model_metadata
 
         try:
-            return [], read_model_metadata(onnx_path)
+            return [], read_model_metadata(onnx_path)  # parse_metadata's checks included
         except ModelFormatError as e:
             raise EngineBuildError(str(e)) from e
     try:
@@ -142,7 +145,19 @@ def _onnx_nodes_and_metadata(onnx_path: Path) -> tuple[list[tuple[str, str]], di
     except Exception as e:  # protobuf's DecodeError and onnx's own errors for what is not a model
         raise EngineBuildError(f"{onnx_path} is not a loadable ONNX model: {e}") from e
     nodes = [(n.name, n.op_type) for n in model.graph.node]
-    return nodes, {p.key: p.value for p in model.metadata_props}
+    metadata = {p.key: p.value for p in model.metadata_props}
+    try:
+        parse_metadata(metadata, onnx_path)
+    except ModelFormatError as e:
+        raise EngineBuildError(str(e)) from e
+    return nodes, metadata
+
+
+def check_onnx(onnx_path: str | Path) -> None:
+    """What build_engine checks of its input first, whether or not TensorRT is here: EngineBuildError
+    for a file that is not an ONNX model or whose metadata is malformed. A tool calls it to tell a
+    bad input model from a build that failed."""
+    _onnx_nodes_and_metadata(Path(onnx_path))
 
 
 def _json_list(metadata: dict[str, str], key: str) -> Any:

@@ -111,8 +111,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                 raw = f.metadata() or {}
         except Exception as e:  # safetensors raises its own error types
             raise WeightsError(f"cannot read safetensors file {p}: {e}") from e
-        meta = {k: json.loads(v) for k, v in raw.items() if k in ("deeplab_config", "class_names", "palette")}
-        return state, meta
+        return state, _checked_metadata(raw, p)
     with open(p, "rb") as f:
         magic = f.read(4)
     # torch.save writes a zip archive (PyTorch >= 1.6) or, before that, a pickle (protocol 2+ opens
@@ -133,11 +132,35 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise WeightsError(f"cannot read PyTorch checkpoint {p}: {e}") from e
     meta = {}
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        meta = {k: obj[k] for k in ("deeplab_config", "class_names", "palette") if k in obj}
+        encoded = {}
+        for k in METADATA_KEYS:
+            if k in obj:
+                try:  # as a safetensors file holds them (tuples become lists): one check for both
+                    encoded[k] = json.dumps(obj[k])
+                except (TypeError, ValueError) as e:
+                    raise WeightsError(f"{p}: metadata '{k}' is not JSON-compatible ({e})") from e
+        meta = _checked_metadata(encoded, p)
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{p} is not a state dict (a mapping of names to tensors)")
     return obj, meta
+
+
+METADATA_KEYS = ("deeplab_config", "class_names", "palette")
+
+
+def _checked_metadata(raw: Mapping[str, str], source: Path) -> dict:
+    """The checkpoint's deeplab_config, class_names and palette decoded from their JSON strings;
+    WeightsError naming the file and the key for one that is not JSON or not of its type (the
+    checks an exported ONNX's metadata gets: runtime.onnx_backend.parse_metadata)."""
+    from runtime.onnx_backend import ModelFormatError, parse_metadata
+
+    raw = {k: v for k, v in raw.items() if k in METADATA_KEYS}
+    try:
+        parse_metadata(raw, source)
+    except ModelFormatError as e:
+        raise WeightsError(str(e)) from e
+    return {k: json.loads(v) for k, v in raw.items()}
 
 
 def _unpickler_reason(e: Exception) -> str:
@@ -173,8 +196,13 @@ def load_model(path: str | Path, config: ModelConfig | None = None) -> tuple[Dee
         state, meta = read_caffemodel(p, config or ModelConfig()), {}
     else:
         state, meta = read_checkpoint(p)
+    if config is None and "deeplab_config" in meta:
+        try:
+            config = ModelConfig(**meta["deeplab_config"])
+        except (TypeError, ValueError) as e:  # unknown keys, values of the wrong type or range
+            raise WeightsError(f"{p}: metadata 'deeplab_config' is not a DeepLab model config: {e}") from e
     if config is None:
-        config = ModelConfig(**meta["deeplab_config"]) if "deeplab_config" in meta else infer_config(state)
+        config = infer_config(state)
     model = DeepLabV1(config)
     load_into(model, state, source=str(p))
     return model.eval(), meta

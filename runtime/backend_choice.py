@@ -3,10 +3,12 @@
 "auto" picks TensorRT for a plan (.engine / .plan / .trt), else ONNX Runtime with its CUDA provider
 when onnxruntime-gpu's provider is in the installed build and pycuda works (a GPU, its driver,
 nvcc for the CRF kernels), else ONNX Runtime on the CPU. A plan has no fallback (ONNX Runtime does
-not read plans): without TensorRT it fails with TensorRT's reason. When the CUDA provider is
-there but cannot run, "auto" falls back to the CPU with one warning line naming why (a CPU-only
-onnxruntime is no fallback: it is what was installed). A forced backend ("tensorrt",
-"onnxruntime-cuda", "onnxruntime") that cannot run raises with the reason.
+not read plans): without TensorRT it fails with TensorRT's reason, naming the plan. When the CUDA
+provider is there but cannot run, "auto" falls back to the CPU with one warning line naming why (a
+CPU-only onnxruntime is no fallback: it is what was installed). A forced backend ("tensorrt",
+"onnxruntime-cuda", "onnxruntime") that cannot run raises with the reason. A backend that cannot
+run here raises crf.backend.BackendUnavailable (TensorRTUnavailable is one); a model file that is
+not ours, ModelFormatError (a ValueError).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 from crf.backend import file_sha256
 
 from . import trt_compat
-from .onnx_backend import INPUT_NAME, OUTPUT_NAME
+from .onnx_backend import INPUT_NAME, OUTPUT_NAME, ModelFormatError, class_names_problem, palette_problem
 from .output_files import write_bytes_atomically
 
 SCHEMA = 1
@@ -26,8 +26,9 @@ SCHEMA = 1
 EXPECTED_IO = {INPUT_NAME: ("input", "uint8", 4, 3), OUTPUT_NAME: ("output", "float32", 4, None)}
 
 
-class SidecarError(ValueError):
-    """A sidecar that cannot be read or is not about one of our plans."""
+class SidecarError(ModelFormatError):
+    """A sidecar that cannot be read or is not about one of our plans (a ModelFormatError, so a
+    ValueError: the plan's metadata is malformed as an ONNX model's would be)."""
 
 
 class EngineMismatch(RuntimeError):
@@ -150,6 +151,16 @@ def read_sidecar(plan_path: str | Path) -> Optional[EngineMeta]:
         raise SidecarError(f"{path}: 'profile' must map min, opt and max to N, H, W, 3 shapes, got {prof!r}")
     if not all(isinstance(t, dict) for t in data["io"]):
         raise SidecarError(f"{path}: 'io' must be a list of objects, got {data['io']!r}")
+    bad_io = next((t for t in data["io"] if not all(isinstance(t.get(k), str) for k in ("name", "mode", "dtype"))
+                   or not isinstance(t.get("shape"), list)
+                   or not all(type(x) is int for x in t["shape"])), None)
+    if bad_io is not None:
+        raise SidecarError(f"{path}: 'io' entries need a string name, mode and dtype and a list of whole "
+                           f"numbers as shape, got {bad_io!r}")
+    for key, problem_of in (("class_names", class_names_problem), ("palette", palette_problem)):
+        problem = problem_of(data[key]) if data[key] is not None else None
+        if problem:
+            raise SidecarError(f"{path}: '{key}' {problem}")
     check_io(data["io"], str(path))
     return EngineMeta(**{k: data[k] for k in _FIELDS})
 

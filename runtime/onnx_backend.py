@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -30,6 +30,76 @@ OUTPUT_NAME = "scores"
 
 class ModelFormatError(ValueError):
     """A model file that is not a DeepLab graph exported by this toolkit."""
+
+
+class ModelMetadata(NamedTuple):
+    """What an exported model's metadata_props say about its labels (each None where absent)."""
+
+    num_classes: Optional[int]        # deeplab_config's "num_classes"
+    class_names: Optional[List[str]]
+    palette: Optional[np.ndarray]     # K x 3 uint8 RGB rows
+
+
+def _clip(text: object, limit: int = 80) -> str:
+    """A metadata value as quoted in a message: repr, cut to ``limit`` characters."""
+    r = repr(text)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+def metadata_json(metadata: Dict[str, str], key: str, source: object, expected: type, what: str) -> Any:
+    """The JSON value of metadata entry ``key`` (None when there is none). ModelFormatError naming
+    ``source`` and the key when it is not JSON or not ``expected`` (``what`` says what it must be)."""
+    if key not in metadata:
+        return None
+    text = metadata[key]
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError) as e:  # TypeError: a value that is not a string at all
+        raise ModelFormatError(f"{source}: metadata '{key}' is not JSON ({e}): {_clip(text)}") from e
+    if not isinstance(value, expected):
+        raise ModelFormatError(f"{source}: metadata '{key}' must be {what}, found {type(value).__name__} "
+                               f"{_clip(value)}")
+    return value
+
+
+def class_names_problem(names: list) -> Optional[str]:
+    """What is wrong with a list of class names (None when every one is a string)."""
+    bad = next((i for i, n in enumerate(names) if not isinstance(n, str)), None)
+    if bad is None:
+        return None
+    return f"must be a list of strings, found {type(names[bad]).__name__} {_clip(names[bad])} at index {bad}"
+
+
+def palette_problem(rows: list) -> Optional[str]:
+    """What is wrong with a palette as JSON carries it (None when it is [R, G, B] rows of whole
+    numbers 0..255). Checked element by element: numpy would take strings, bools and ragged rows."""
+    for i, row in enumerate(rows):
+        if not (isinstance(row, list) and len(row) == 3
+                and all(type(v) is int and 0 <= v <= 255 for v in row)):  # type(): no bools
+            return f"must be a list of [R, G, B] rows of whole numbers 0..255, found {_clip(row)} at index {i}"
+    return None
+
+
+def parse_metadata(metadata: Dict[str, str], source: object) -> ModelMetadata:
+    """The class count, class names and palette in an exported model's metadata_props (JSON
+    strings, as export/onnx_export.py writes them). ModelFormatError naming ``source`` and the key
+    for an entry that is not JSON or not of its type: deeplab_config an object whose num_classes,
+    where given, is a whole number >= 1; class_names a list of strings; palette [R, G, B] rows."""
+    config = metadata_json(metadata, "deeplab_config", source, dict, "a JSON object")
+    n = None if config is None else config.get("num_classes")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ModelFormatError(f"{source}: metadata 'deeplab_config': num_classes must be a whole number >= 1, "
+                               f"found {_clip(n)}")
+    names = metadata_json(metadata, "class_names", source, list, "a JSON list of strings")
+    problem = class_names_problem(names) if names is not None else None
+    if problem:
+        raise ModelFormatError(f"{source}: metadata 'class_names' {problem}")
+    rows = metadata_json(metadata, "palette", source, list, "a JSON list of [R, G, B] rows")
+    problem = palette_problem(rows) if rows is not None else None
+    if problem:
+        raise ModelFormatError(f"{source}: metadata 'palette' {problem}")
+    palette = None if rows is None else np.array(rows, np.uint8).reshape(-1, 3)
+    return ModelMetadata(n, names, palette)
 
 
 class NetworkOutputError(ValueError):
@@ -169,10 +239,10 @@ class OnnxRuntimeNetwork:
             raise ModelFormatError(f"{p}: output '{outs[0].name}' is {outs[0].type}; writing scores into the CRF's "
                                    "buffers needs float32 (tensor(float)), as tools/export.py exports")
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        labels = parse_metadata(self.metadata, p)  # ModelFormatError naming the file and the key
         c = outs[0].shape[1]
         if not isinstance(c, int):
-            cfg = json.loads(self.metadata.get("deeplab_config", "{}"))
-            c = cfg.get("num_classes")
+            c = labels.num_classes
         if not isinstance(c, int):
             raise ModelFormatError(f"{p}: cannot tell the number of classes")
         self.num_classes = c
@@ -237,5 +307,5 @@ class OnnxRuntimeNetwork:
 def read_model_metadata(path: str | Path) -> Dict[str, str]:
     """The metadata_props an exported ONNX carries (class names, palette, model config), read with
     ONNX Runtime where the onnx package is not installed; ModelFormatError for a file that is not one
-    of our models."""
+    of our models, or whose entries are not what parse_metadata takes."""
     return OnnxRuntimeNetwork(path).metadata

@@ -43,10 +43,18 @@ def voc_palette(n: int = 256) -> np.ndarray:
 
 
 def check_palette(palette, num_classes: int) -> np.ndarray:
-    pal = np.asarray(palette)
+    """``palette`` (RGB rows) as a K x 3 uint8 array with K >= num_classes; ValueError for anything
+    else: rows of unequal length, strings or other non-numbers, NaN, values outside 0..255."""
+    try:
+        pal = np.asarray(palette)
+    except (TypeError, ValueError) as e:  # ragged rows (numpy >= 1.24 refuses them)
+        raise ValueError(f"palette must be (>= {num_classes}) x 3 RGB, got rows numpy cannot stack: {e}") from e
     if pal.ndim != 2 or pal.shape[1] != 3 or pal.shape[0] < num_classes:
         raise ValueError(f"palette must be (>= {num_classes}) x 3 RGB, got shape {pal.shape}")
-    if pal.min() < 0 or pal.max() > 255:
+    # Integers and floats only: numpy keeps strings, objects (older numpy's ragged rows) and bools as they are.
+    if pal.dtype.kind not in "iuf":
+        raise ValueError(f"palette values must be numbers 0..255, got {pal.dtype} values")
+    if pal.size and not (np.isfinite(pal).all() and pal.min() >= 0 and pal.max() <= 255):
         raise ValueError("palette values must be in 0..255")
     return pal.astype(np.uint8)
 
@@ -94,8 +102,8 @@ class ClassAccessors:
         return blend(result.image, result.labels, self.palette, alpha, skip_background)
 
 
-def write_indexed_png(path: str | Path, labels: np.ndarray, palette_rgb: np.ndarray) -> None:
-    """Write labels as an 8-bit palettised PNG (the VOC ground-truth format) without Pillow."""
+def indexed_png_bytes(labels: np.ndarray, palette_rgb: np.ndarray) -> bytes:
+    """labels as an 8-bit palettised PNG file's bytes (the VOC ground-truth format), without Pillow."""
     if labels.dtype != np.uint8 or labels.ndim != 2:
         raise ValueError(f"labels must be H x W uint8, got {labels.dtype} {labels.shape}")
     h, w = labels.shape
@@ -107,6 +115,10 @@ def write_indexed_png(path: str | Path, labels: np.ndarray, palette_rgb: np.ndar
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     raw = np.concatenate([np.zeros((h, 1), np.uint8), labels], axis=1).tobytes()  # filter 0 per row
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
-           + chunk(b"PLTE", pal.tobytes()) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    write_bytes_atomically(path, png)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
+            + chunk(b"PLTE", pal.tobytes()) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def write_indexed_png(path: str | Path, labels: np.ndarray, palette_rgb: np.ndarray) -> None:
+    """Write labels as an 8-bit palettised PNG (the VOC ground-truth format) without Pillow."""
+    write_bytes_atomically(path, indexed_png_bytes(labels, palette_rgb))

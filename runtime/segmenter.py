@@ -31,14 +31,17 @@ import numpy as np
 
 from crf import CRFParams, refine, resolve_backend
 from crf.backend import OutOfDeviceMemory
-from crf.features import unary_from_scores
 
 from .backend_choice import open_network
-from .contract import DEFAULT_MAX_SIZE, ImageError, ImageLike, as_bgr_uint8, load_image, pad_image
+from .contract import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, ImageError, ImageLike, ImageTooLarge, as_bgr_uint8,
+                       check_pixels, load_image, pad_image)
 from .device_pipeline import DevicePipeline
+from .memory import (CRF_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET, CallMemory, call_memory,  # noqa: F401 (re-exported)
+                     crf_buffer_bytes, crf_bytes_per_pixel, crf_size, default_crf_max_pixels)
 from .network import check_input_size, is_device_network, network_image, network_size
-from .onnx_backend import ModelFormatError, nonfinite_scores_error
+from .onnx_backend import ModelFormatError, nonfinite_scores_error, parse_metadata
 from .palette import VOC_CLASSES, ClassAccessors, check_palette, voc_palette
+from .upsample import resize_scores, upsampled_argmax
 
 log = logging.getLogger("deeplab")
 
@@ -49,21 +52,6 @@ def _no_progress(stage: str) -> None:
     pass
 #: Side of the padded image the network is tried on when a model is loaded (8k+1, tiny).
 PROBE_SIZE = 17
-#: Bytes the CRF may take by default before it runs on a shrunken copy (see crf_max_pixels).
-CRF_MEMORY_BUDGET = 1.5e9
-
-
-def crf_bytes_per_pixel(num_classes: int) -> float:
-    """CRF memory per pixel by the README's formula with C-float label rows (the GPU's layout),
-    lattice vertices ~ N/5 per kernel as on photographs, the hash table at its largest
-    (4 pow2(3N/4) <= 6N) and the GPU's extra terms: ~530 bytes with 21 classes."""
-    s = num_classes
-    return 8 * s + 236 + 6 + (28 + 8 * s + 52 + 8 * s + 8) / 5 + 8 * s / 5 + 3
-
-
-def default_crf_max_pixels(num_classes: int) -> int:
-    """Largest image (pixels) the CRF runs on at full size within CRF_MEMORY_BUDGET."""
-    return int(CRF_MEMORY_BUDGET // crf_bytes_per_pixel(num_classes))
 
 
 @dataclass
@@ -97,20 +85,13 @@ class Segmentation:
     crf_scale: float = 1.0
 
 
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    return np.exp(-unary_from_scores(scores))
-
-
-def _resize_scores(scores: np.ndarray, h: int, w: int) -> np.ndarray:
-    """C x h0 x w0 -> C x h x w, bilinear align-corners-free (cv2), in chunks of <= 512 channels."""
-    import cv2
-
-    out = np.empty((scores.shape[0], h, w), np.float32)
-    for c0 in range(0, scores.shape[0], 512):
-        part = np.ascontiguousarray(scores[c0:c0 + 512].transpose(1, 2, 0))
-        r = cv2.resize(part, (w, h), interpolation=cv2.INTER_LINEAR)
-        out[c0:c0 + 512] = r.reshape(h, w, -1).transpose(2, 0, 1)
-    return out
+def _softmax_in_place(scores: np.ndarray) -> np.ndarray:
+    """softmax over the class axis of C x H x W float32 scores, written over them (no C x H x W
+    temporaries: this runs on full-size maps)."""
+    scores -= scores.max(axis=0)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=0)
+    return scores
 
 
 def _shape_problems(shape: tuple, n: int, c: int, h: int, w: int) -> list[str]:
@@ -155,17 +136,17 @@ def check_network_output(network, source: str) -> None:
     except Exception as e:  # the backend's own error types
         raise ModelFormatError(f"{source}: the network fails on a {h}x{w} probe image: {e}") from e
     problems = _shape_problems(scores.shape, n, network.num_classes, h, w)
-    meta = network.metadata
-    try:
-        config_classes = json.loads(meta.get("deeplab_config", "{}")).get("num_classes")
-        names = json.loads(meta["class_names"]) if "class_names" in meta else None
-    except (ValueError, AttributeError) as e:
-        raise ModelFormatError(f"{source}: unreadable metadata: {e}") from e
+    # ModelFormatError naming the file and the key for metadata that is not JSON or not of its type;
+    # checked here so that __init__ reads class_names and palette only once they are known good.
+    labels = parse_metadata(network.metadata, source)
+    config_classes, names = labels.num_classes, labels.class_names
     if config_classes is not None and config_classes != network.num_classes:
         problems.append(f"its metadata's config says {config_classes} classes, its output shape "
                         f"{network.num_classes}")
     if names is not None and scores.ndim == 4 and len(names) != scores.shape[1]:
         problems.append(f"its metadata lists {len(names)} class names for {scores.shape[1]} class channels")
+    if labels.palette is not None and len(labels.palette) < network.num_classes:
+        problems.append(f"its metadata's palette has {len(labels.palette)} colours for {network.num_classes} classes")
     with np.errstate(over="ignore"):
         finite = np.isfinite(scores.astype(np.float32)).all()  # as the runtime casts them
     if not problems and not finite:
@@ -200,7 +181,12 @@ class Segmenter(ClassAccessors):
     classes). A deviation from DeepLab, which always ran it at full size: the image is shrunk
     with area interpolation, the scores bilinearly, the spatial bandwidths (bi_xy_std,
     pos_xy_std) by the same factor; the marginals are resized back bilinearly and the labels are
-    their argmax. ``result.crf_scale`` says when it happened.
+    their argmax (in strips: runtime/upsample.py). ``result.crf_scale`` says when it happened.
+    max_pixels: the largest image taken (default 100 MP); a file whose header declares more is
+    refused before it is decoded (a decompression-bomb guard). memory_budget: bound (bytes, default
+    2.5e9) of the modelled peak memory of one image's segmentation (runtime/memory.py:
+    ``seg.memory_model(h, w)``); an image over max_pixels or over the budget raises ImageTooLarge
+    (an ImageError) naming its size and the limit, before anything large is allocated.
 
     The network is tried once at load on a small padded image: scores not at the input's size,
     a class count that disagrees with the metadata, or NaN/inf there raise ModelFormatError.
@@ -212,7 +198,8 @@ class Segmenter(ClassAccessors):
     def __init__(self, model_path: str | Path, crf: CRFParams | str | os.PathLike | None = _DEFAULT, backend: str = "auto",  # type: ignore[assignment]
                  class_names: Sequence[str] | None = None, palette=None, max_size: int = DEFAULT_MAX_SIZE,
                  input_size: tuple[int, int] | None = None, crf_backend: str = "auto", threads: int | None = None,
-                 max_batch: int = 8, crf_max_pixels: int | None = None, network=None):
+                 max_batch: int = 8, crf_max_pixels: int | None = None, network=None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, memory_budget: float = DEFAULT_MEMORY_BUDGET):
         path = Path(model_path)
         if isinstance(crf, (str, os.PathLike)):  # a JSON file of CRF parameters
             crf = CRFParams.load(crf)
@@ -262,6 +249,15 @@ class Segmenter(ClassAccessors):
         if crf_max_pixels is not None and crf_max_pixels < 1:
             raise ValueError(f"crf_max_pixels must be >= 1, got {crf_max_pixels}")
         self.crf_max_pixels = default_crf_max_pixels(n) if crf_max_pixels is None else int(crf_max_pixels)
+        # By default the shrunken CRF's buffers are held to CRF_MEMORY_BUDGET too; a crf_max_pixels
+        # given is a cap in pixels only.
+        self._crf_budget = CRF_MEMORY_BUDGET if crf_max_pixels is None else None
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+            raise ValueError(f"max_pixels must be a whole number >= 1, got {max_pixels!r}")
+        self.max_pixels = max_pixels
+        if not memory_budget > 0:
+            raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget!r}")
+        self.memory_budget = float(memory_budget)
         if class_names is None:
             class_names = json.loads(meta["class_names"]) if "class_names" in meta else (
                 VOC_CLASSES if n == len(VOC_CLASSES) else [f"class_{i}" for i in range(n)])
@@ -304,9 +300,43 @@ class Segmenter(ClassAccessors):
             return self._seg_batch(list(images), return_probabilities, return_scores, tick)
         return self._seg_batch([images], return_probabilities, return_scores, tick)[0]
 
-    def _prepare(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray, float, tuple[int, int]]:
+    def memory_model(self, height: int, width: int, return_probabilities: bool = False,
+                     return_scores: bool = False) -> CallMemory:
+        """Modelled peak bytes of segmenting one height x width image (runtime/memory.py)."""
+        size = network_size(height, width, self.max_size, self.size_bounds, self.input_size)
+        crf_pixels, crf_buffers = None, 0.0
+        if self.crf_params is not None:
+            sh, sw = self._crf_size(height, width)
+            crf_pixels = sh * sw
+            scale = math.sqrt(crf_pixels / (height * width))
+            crf_buffers = crf_buffer_bytes(crf_pixels, self.num_classes, self.crf_params.pos_xy_std * scale,
+                                           self.crf_params.bi_xy_std * scale)
+        return call_memory(height, width, self.num_classes, size.padded[0] * size.padded[1], crf_pixels,
+                           crf_buffers, return_probabilities, return_scores)
+
+    def _check_size(self, height: int, width: int, source: str, return_probabilities: bool,
+                    return_scores: bool) -> None:
+        """ImageTooLarge for an image above max_pixels or whose modelled peak exceeds memory_budget."""
+        check_pixels(height, width, self.max_pixels, source)
+        need = self.memory_model(height, width, return_probabilities, return_scores).total
+        if need > self.memory_budget:
+            extra = " (return_probabilities / return_scores add 4 bytes per class and pixel each)" \
+                if return_probabilities or return_scores else ""
+            raise ImageTooLarge(f"{source}: segmenting {width}x{height} needs about {need / 1e9:.2f} GB, above "
+                                f"the memory_budget of {self.memory_budget / 1e9:.2f} GB{extra}", height * width,
+                                int(self.memory_budget))
+
+    def _prepare(self, image: ImageLike, name: str, return_probabilities: bool = False,
+                 return_scores: bool = False) -> tuple[np.ndarray, np.ndarray, float, tuple[int, int]]:
         """(image, what the network sees before padding, its scale, the padded network size)."""
-        img = load_image(image) if isinstance(image, (str, Path)) else as_bgr_uint8(image)
+        def check(h: int, w: int) -> None:
+            self._check_size(h, w, name, return_probabilities, return_scores)
+
+        if isinstance(image, (str, Path)):  # checked from the file's header, before decoding
+            img = load_image(image, max_pixels=self.max_pixels, check_size=check)
+        else:
+            img = as_bgr_uint8(image)
+            check(*img.shape[:2])
         h, w = img.shape[:2]
         size = network_size(h, w, self.max_size, self.size_bounds, self.input_size)
         return img, network_image(img, size), size.scale, size.padded
@@ -318,23 +348,12 @@ class Segmenter(ClassAccessors):
         assert self.crf_backend is not None, "the CRF is off"
         return refine(scores, image, params, backend=self.crf_backend)
 
-    def _crf(self, scores: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, float]:
-        """CRF marginals at the image's size, and the factor the CRF ran at (see crf_max_pixels)."""
-        import cv2
-
-        params0 = self.crf_params
-        assert params0 is not None, "the CRF is off"
-        h, w = image.shape[:2]
-        if h * w <= self.crf_max_pixels:
-            return self._refine(scores, image, params0), 1.0
-        f = math.sqrt(self.crf_max_pixels / (h * w))
-        sh, sw = max(1, int(h * f)), max(1, int(w * f))  # rounded down: within the budget
-        scale = math.sqrt(sh * sw / (h * w))
-        params = dataclasses.replace(params0, bi_xy_std=params0.bi_xy_std * scale,
-                                     pos_xy_std=params0.pos_xy_std * scale)
-        small = self._refine(_resize_scores(scores, sh, sw), cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA),
-                             params)
-        return _resize_scores(small, h, w), scale
+    def _crf_size(self, h: int, w: int) -> tuple[int, int]:
+        """The size the CRF runs at for an h x w image (runtime.memory.crf_size): itself, or shrunk
+        to at most crf_max_pixels, and by default to what keeps its buffers in CRF_MEMORY_BUDGET."""
+        p = self.crf_params
+        assert p is not None, "the CRF is off"
+        return crf_size(h, w, self.num_classes, self.crf_max_pixels, p.pos_xy_std, p.bi_xy_std, self._crf_budget)
 
     def _seg_batch(self, images: list, return_probabilities: bool, return_scores: bool = False,
                    tick: Callable[[str], None] = _no_progress) -> list[Segmentation]:
@@ -346,10 +365,12 @@ class Segmenter(ClassAccessors):
         prepared = []
         for k, im in enumerate(images):
             try:
-                prepared.append(self._prepare(im))
+                prepared.append(self._prepare(im, names[k], return_probabilities, return_scores))
                 tick("preprocess")
             except ImageError as e:
-                raise ImageError(f"image {k} of the batch: {e}" if len(images) > 1 else str(e)) from e
+                if len(images) > 1:  # the same error (ImageTooLarge keeps its sizes), the image named
+                    e.args = (f"image {k} of the batch: {e}",)
+                raise
         t_pre = (time.perf_counter() - t0) * 1e3 / len(images)
         # Images that pad to the same network size run together, max_batch at a time.
         groups: dict[tuple[int, int], list[int]] = {}
@@ -403,32 +424,59 @@ class Segmenter(ClassAccessors):
 
     def _finish_on_host(self, sc: np.ndarray, img: np.ndarray, s: float, name: str, timings: dict,
                         return_probabilities: bool, return_scores: bool) -> Segmentation:
-        """From one image's cropped network scores (host) to its Segmentation."""
+        """From one image's cropped network scores (host, at the network's size) to its Segmentation.
+        Nothing of C x H x W at the image's full size is made unless it is returned or the CRF runs
+        at that size: labels reach full size through upsampled_argmax's bounded strips."""
+        import cv2
+
         t2 = time.perf_counter()
-        if s < 1.0:
-            sc = _resize_scores(sc, *img.shape[:2])
+        h, w = img.shape[:2]
         with np.errstate(over="ignore"):
             sc = np.ascontiguousarray(sc, np.float32)
-        # After the cast: a float64 graph output can overflow there. The float64
-        # sum is non-finite exactly when an element is (float32 values cannot overflow it).
+        # After the cast: a float64 graph output can overflow there. The float64 sum is non-finite
+        # exactly when an element is (float32 values cannot overflow it); bilinear resizing of
+        # finite scores stays finite, so checking them at the network's size is enough.
         if not np.isfinite(sc.sum(dtype=np.float64)):
             raise nonfinite_scores_error(name, sc)
+        full_scores = None  # the scores at the image's size, made only where needed
+        if return_scores or (s < 1.0 and self.crf_params is not None and h * w <= self.crf_max_pixels):
+            full_scores = resize_scores(sc, h, w) if s < 1.0 else sc
         timings["postprocess"] = timings.get("postprocess", 0.0) + (time.perf_counter() - t2) * 1e3
         t2 = time.perf_counter()
         crf_scale = 1.0
-        probs: np.ndarray | None
-        if self.crf_params is not None:
-            probs, crf_scale = self._crf(sc, img)
+        probs: np.ndarray | None = None
+        labels: np.ndarray | None = None
+        params = self.crf_params
+        if params is not None:
+            ch, cw = self._crf_size(h, w)
+            if (ch, cw) == (h, w):
+                probs = self._refine(full_scores if full_scores is not None else sc, img, params)
+            else:  # a shrunken CRF (crf_max_pixels): the network's scores go straight to its size
+                crf_scale = math.sqrt(ch * cw / (h * w))
+                small_params = dataclasses.replace(params, bi_xy_std=params.bi_xy_std * crf_scale,
+                                                   pos_xy_std=params.pos_xy_std * crf_scale)
+                small = self._refine(resize_scores(sc, ch, cw),
+                                     cv2.resize(img, (cw, ch), interpolation=cv2.INTER_AREA), small_params)
+                labels = upsampled_argmax(small, h, w)
+                probs = resize_scores(small, h, w) if return_probabilities else None
+                del small
             timings["crf"] = (time.perf_counter() - t2) * 1e3
         else:
-            probs = _softmax(sc) if return_probabilities else None
             timings["crf"] = 0.0
         t2 = time.perf_counter()
-        labels = (probs if probs is not None else sc).argmax(axis=0).astype(np.uint8)
+        if labels is None:
+            if probs is not None:
+                labels = probs.argmax(axis=0).astype(np.uint8)
+            elif s < 1.0:
+                labels = upsampled_argmax(sc, h, w)
+            else:
+                labels = sc.argmax(axis=0).astype(np.uint8)
+        if return_probabilities and probs is None:  # no CRF: the network's softmax
+            probs = _softmax_in_place(resize_scores(sc, h, w) if s < 1.0 else sc.copy())
         timings["postprocess"] += (time.perf_counter() - t2) * 1e3
         timings["total"] = sum(timings.values())
         return Segmentation(labels, probs if return_probabilities else None, timings, img,
-                            sc if return_scores else None, crf_scale)
+                            full_scores if return_scores else None, crf_scale)
 
     def _run_on_device(self, run: _Run) -> None:
         """The scores stay where the network wrote them; per image: crop (device), then the CRF on

@@ -74,10 +74,13 @@ class TensorRTNetwork:
     name = "tensorrt"
 
     def __init__(self, plan_path: str | Path, kernels: Optional[KernelBackend] = None, cuda_graph: bool = False):
-        trt_compat.load_tensorrt()  # TensorRTUnavailable with the reason, before anything else
+        path = Path(plan_path)
+        try:
+            trt_compat.load_tensorrt()  # the reason, before anything else (the file is not read)
+        except trt_compat.TensorRTUnavailable as e:
+            raise trt_compat.TensorRTUnavailable(f"{path}: this TensorRT plan cannot run here: {e}") from e
         import tensorrt as trt  # the real library now (imported here so mypy checks against the stubs)
 
-        path = Path(plan_path)
         if not path.is_file():
             raise FileNotFoundError(f"TensorRT plan not found: {path}")
         self.plan_path = path

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.backend_choice import BACKENDS  # noqa: E402
 
 if __package__:  # imported: tools.benchmark from a checkout, deeplab_tools.benchmark when installed
-    from .cli import int_at_least, plain_warnings, refuse_unwritable  # noqa: E402
+    from .cli import int_at_least, plain_warnings, refuse_unwritable, write_output  # noqa: E402
 else:  # run as a script: python tools/benchmark.py
-    from tools.cli import int_at_least, plain_warnings, refuse_unwritable  # noqa: E402
+    from tools.cli import int_at_least, plain_warnings, refuse_unwritable, write_output  # noqa: E402
 
 #: Stages in pipeline order; "total" is the pipeline's own sum of its stages.
 STAGES = ("preprocess", "upload", "network", "crf", "download", "postprocess", "total")
@@ -605,7 +605,6 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     from runtime.contract import ImageError, load_image
-    from runtime.output_files import write_bytes_atomically
 
     base = {"model": args.model, "backend": args.backend, "crf": args.crf, "size": args.size, "batch": args.batch,
             "threads": args.threads}
@@ -626,16 +625,14 @@ def main(argv=None) -> int:
     report = run_benchmark(configs, image, args.warmup, args.runs or 20, args.duration, args.block,
                            progress=not args.no_progress)
     print(format_console(report))
-    if args.json:
-        write_bytes_atomically(args.json, json.dumps(report, indent=2, allow_nan=False).encode())
-    if args.markdown:
-        write_bytes_atomically(args.markdown, format_markdown(report).encode())
-    if args.chart:
-        write_bytes_atomically(args.chart, chart_png(report, args.chart_width))
+    written = [write_output(flag, path, make()) for flag, path, make in (
+        ("--json", args.json, lambda: json.dumps(report, indent=2, allow_nan=False).encode()),
+        ("--markdown", args.markdown, lambda: format_markdown(report).encode()),
+        ("--chart", args.chart, lambda: chart_png(report, args.chart_width))) if path]
     if all(r["skipped"] is not None for r in report["configurations"]):
         print("error: no configuration could run here", file=sys.stderr)
         return 1
-    return 0
+    return 0 if all(written) else 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,18 @@ def int_at_least(low: int):
     return parse
 
 
+def int_in(low: int, high: int):
+    """An argparse type: a whole number in low..high."""
+    at_least = int_at_least(low)
+
+    def parse(s: str) -> int:
+        n = at_least(s)
+        if n > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {n}")
+        return n
+    return parse
+
+
 def crf_params_file(path: str):
     """An argparse type: CRFParams from a JSON file (crf.CRFParams.load), refused with the reason."""
     from crf import CRFParams
@@ -46,6 +58,23 @@ def refuse_unwritable(ap: argparse.ArgumentParser, outputs: dict) -> None:
         problem = output_file_problem(path) if path else None
         if problem:
             ap.error(f"{flag} {path}: {problem}")
+
+
+def write_output(flag: str, path, data: bytes) -> bool:
+    """Write an output file whole (runtime.output_files.write_bytes_atomically). False, after one
+    line "error: cannot write FLAG PATH: reason" on stderr, where the file system refuses it:
+    refuse_unwritable checked the place before the work, but a full disk, a read-only mount or a
+    folder such as /proc shows only when the file is written."""
+    import sys
+
+    from runtime.output_files import write_bytes_atomically
+
+    try:
+        write_bytes_atomically(path, data)
+    except OSError as e:
+        print(f"error: cannot write {flag} {path}: {e.strerror or e}", file=sys.stderr)
+        return False
+    return True
 
 
 EXPORT_INSTALL = ("pip install torch --index-url https://download.pytorch.org/whl/cpu && "

@@ -34,11 +34,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if __package__:  # imported: tools.evaluate from a checkout, deeplab_tools.evaluate when installed
-    from .cli import crf_params_file, int_at_least, plain_warnings, refuse_unwritable  # noqa: E402
+    from .cli import crf_params_file, int_at_least, plain_warnings, refuse_unwritable, write_output  # noqa: E402
     from .metrics import confusion, mean_iou, scores  # noqa: E402,F401  (confusion, mean_iou: re-exported)
     from .voc import IGNORE_LABEL, DatasetError, Sample, SkipImage, VOCDataset, listed, reason_of  # noqa: E402
 else:  # run as a script: python tools/evaluate.py
-    from tools.cli import crf_params_file, int_at_least, plain_warnings, refuse_unwritable  # noqa: E402
+    from tools.cli import crf_params_file, int_at_least, plain_warnings, refuse_unwritable, write_output  # noqa: E402
     from tools.metrics import confusion, mean_iou, scores  # noqa: E402,F401
     from tools.voc import IGNORE_LABEL, DatasetError, Sample, SkipImage, VOCDataset, listed, reason_of  # noqa: E402
 
@@ -321,8 +321,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from crf import CRFParams
-    from runtime.output_files import write_bytes_atomically
-
     if args.first_scene and args.dataset:
         ap.error("--first-scene applies to the generated scenes, not to --dataset (choose a --split)")
     if not args.model and not args.pytorch:
@@ -356,7 +354,9 @@ def main(argv=None) -> int:
             else:
                 print("no image could be scored: nothing searched (\"crf\": null)")
             # Written even when images were skipped, or all were: the file says which and why.
-            write_bytes_atomically(args.search_crf, json.dumps(result, indent=2, allow_nan=False).encode())
+            if not write_output("--search-crf", args.search_crf,
+                                json.dumps(result, indent=2, allow_nan=False).encode()):
+                return 1
             print(f"wrote {args.search_crf}")
             status = 0
         else:
@@ -379,8 +379,8 @@ def main(argv=None) -> int:
                 row = result.pop("contenders")[0]
                 result.update({"model": row["path"], "precision": row["precision"],
                                "no CRF": row["no CRF"], "CRF": row["CRF"]})
-        if args.json:
-            write_bytes_atomically(args.json, json.dumps(result, indent=2, allow_nan=False).encode())
+        if args.json and not write_output("--json", args.json, json.dumps(result, indent=2, allow_nan=False).encode()):
+            return 1
     except ValueError as e:  # DatasetError, ModelFormatError: their messages name the file
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -105,9 +105,13 @@ def main(argv=None) -> int:
                      help="run on DLA core N (Jetson Orin): needs --fp16 and one fixed size (min = opt = max)")
     args = ap.parse_args(argv)
     engine_profile, engine_options = engine_settings(ap, args)
+    from runtime.backend_choice import is_plan
     from runtime.output_files import output_file_problem
 
     src = Path(args.weights)
+    if is_plan(src):  # a plan holds no weights to read back: say so, not "not a PyTorch checkpoint"
+        ap.error(f"{src} is a TensorRT plan, the end of an export: give the weights (.safetensors, .pt/.pth, "
+                 ".caffemodel) or the .onnx it was built from")
     if src.suffix == ".onnx":
         return engine_from_onnx(ap, args, src, engine_profile, engine_options)
     out = Path(args.out) if args.out else src.with_suffix(".onnx")
@@ -181,6 +185,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the place was checked before the work; a full disk or read-only mount shows now
+        print(f"error: cannot write --out {out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     n_params = sum(p.numel() for p in model.parameters())
     print(f"exported {out} ({model.config.variant}, width {model.config.width}, "
           f"{model.config.num_classes} classes, {n_params / 1e6:.2f} M params, {args.precision}) in {time.perf_counter() - t0:.1f} s")
@@ -206,6 +213,13 @@ def engine_from_onnx(ap: argparse.ArgumentParser, args: argparse.Namespace, src:
         ap.error(f"--out {args.out}: {src} is not exported again (leave out --out)")
     if not src.is_file():
         ap.error(f"{src}: no such file")
+    from export.tensorrt_build import EngineBuildError, check_onnx
+
+    try:
+        check_onnx(src)
+    except EngineBuildError as e:  # the model given is at fault, not the build: exit 2, as for any bad input
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return build_engine_step(args, src, src, profile, options)
 
 

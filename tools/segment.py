@@ -9,8 +9,11 @@ network's labels alone and the labels after the CRF, colours blended as in the o
 per-stage timings. <name> is the file name without its
 extension (under a glob's folders, its path from there: "photos/**/*.jpg" -> 2024/x); inputs whose
 names coincide take their paths from the folder they share (a/x.png, b/x.png -> a/x, b/x), then
-their extensions (x.png, x.jpg -> x_png, x_jpg), so no result overwrites another. An image that
-cannot be segmented is reported on one line and the others go on (exit status 1).
+their extensions (x.png, x.jpg -> x_png, x_jpg), so no result overwrites another; every result
+lands inside --out. An image that cannot be segmented, for whatever reason, is reported on one line,
+none of its files is written, and the others go on; the run ends with a summary and exit status 1.
+Images above --max-pixels are refused before they are decoded (a decompression-bomb guard).
+Temporary files a killed run left in the output folders are removed at the start.
 """
 from __future__ import annotations
 
@@ -23,12 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.contract import IMAGE_SUFFIXES  # noqa: E402
+from crf.params import MAX_ITERATIONS  # noqa: E402
+from runtime.contract import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES  # noqa: E402
+from runtime.memory import DEFAULT_MEMORY_BUDGET  # noqa: E402
 
 if __package__:  # imported: tools.segment from a checkout, deeplab_tools.segment when installed
-    from .cli import crf_params_file, int_at_least, plain_warnings  # noqa: E402
+    from .cli import crf_params_file, int_at_least, int_in, plain_warnings  # noqa: E402
 else:  # run as a script: python tools/segment.py
-    from tools.cli import crf_params_file, int_at_least, plain_warnings  # noqa: E402
+    from tools.cli import crf_params_file, int_at_least, int_in, plain_warnings  # noqa: E402
 
 
 def expand(inputs: list[str]) -> list[tuple[Path, Path]]:
@@ -77,6 +82,9 @@ def output_names(found: list[tuple[Path, Path]]) -> list[str]:
         for i in idx:
             ext = os.path.splitext(absolute[i])[1].lstrip(".")
             names[i] = f"{names[i]}_{ext}" if ext else names[i]
+    # A name that climbs out of its base (a pattern like "a/*/../../b/*.png") would put its results
+    # outside --out: it keeps only its file name (numbered below where that is taken).
+    names = [n if _stays_inside(n) else os.path.basename(n) for n in names]
     taken = {n.casefold() for n in names}
     used: set[str] = set()
     unique = []
@@ -87,6 +95,26 @@ def output_names(found: list[tuple[Path, Path]]) -> list[str]:
         used.add(u.casefold())
         unique.append(u)
     return unique
+
+
+def _stays_inside(name: str) -> bool:
+    """Whether a relative output name stays inside the folder it is joined to."""
+    norm = os.path.normpath(name)
+    return not (os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep))
+
+
+def inside(folder: Path, target: Path) -> bool:
+    """Whether target resolves inside folder (symbolic links followed)."""
+    root = os.path.realpath(folder)
+    return os.path.commonpath([root, os.path.realpath(target)]) == root
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line: the message of an expected error, with the type for anything else."""
+    text = " ".join(str(e).split())
+    if isinstance(e, (ValueError, OSError)) and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def unit_interval(s: str) -> float:
@@ -130,13 +158,22 @@ def main(argv=None) -> int:
     crf_choice.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
     crf_choice.add_argument("--crf-params", type=crf_params_file, metavar="FILE",
                             help="CRF parameters, JSON (CRFParams fields, or what tools/evaluate.py --search-crf writes)")
-    ap.add_argument("--crf-iterations", type=int_at_least(0), help="mean-field iterations (default: 10, or the file's)")
+    ap.add_argument("--crf-iterations", type=int_in(0, MAX_ITERATIONS),
+                    help=f"mean-field iterations, 0..{MAX_ITERATIONS} (default: 10, or the file's)")
+    ap.add_argument("--max-pixels", type=int_at_least(1), default=DEFAULT_MAX_PIXELS,
+                    help="largest image taken, in pixels (default: %(default)s); larger ones are refused "
+                         "from their header, before decoding")
+    ap.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET / 1e9, metavar="GB",
+                    help="bound of one image's modelled peak memory, GB (default: %(default)s); an image over "
+                         "it is refused before it is decoded")
     ap.add_argument("--alpha", type=unit_interval, default=0.5, help="overlay opacity, 0..1")
     ap.add_argument("--side-by-side", action="store_true",
                     help="also write <name>_side_by_side.jpg: input | network alone | with CRF")
     args = ap.parse_args(argv)
+    if not args.memory_budget > 0:
+        ap.error(f"--memory-budget must be > 0 GB, got {args.memory_budget}")
 
-    from runtime.output_files import output_folder_problem
+    from runtime.output_files import output_folder_problem, remove_stale_temporaries
 
     out = Path(args.out)
     problem = output_folder_problem(out)
@@ -155,6 +192,12 @@ def main(argv=None) -> int:
     clash = next((t for pair in targets for t in pair if os.path.abspath(t) in inputs), None)
     if clash is not None:
         ap.error(f"--out {out}: a result would overwrite the input {clash}")
+    outside = next((t for pair in targets for t in pair if not inside(out, t)), None)
+    if outside is not None:  # names never climb out; a symbolic link inside --out still can
+        ap.error(f"--out {out}: a result would be written outside it, at {outside}")
+    for folder in sorted({t.parent for pair in targets for t in pair}):
+        for stale in remove_stale_temporaries(folder):
+            print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
 
     import cv2
     import numpy as np
@@ -162,19 +205,22 @@ def main(argv=None) -> int:
 
     from crf import CRFParams
     from runtime import ModelFormatError, Segmenter
-    from runtime.output_files import write_bytes_atomically
-    from runtime.palette import blend, write_indexed_png
+    from runtime.output_files import write_files_together
+    from runtime.palette import blend, indexed_png_bytes
 
     try:
         crf = args.crf_params or CRFParams()
         if args.crf_iterations is not None:
             crf = dataclasses.replace(crf, iterations=args.crf_iterations)
-        seg = Segmenter(args.model, crf=None if args.no_crf else crf)
-    except (ModelFormatError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        seg = Segmenter(args.model, crf=None if args.no_crf else crf, max_pixels=args.max_pixels,
+                        memory_budget=args.memory_budget * 1e9)
+    except (ModelFormatError, ValueError, OSError, RuntimeError, ImportError) as e:
+        # a model that cannot be opened here (not ours, broken, a TensorRT plan without TensorRT)
+        print(f"error: {args.model}: {' '.join(str(e).split())}" if args.model not in str(e) else
+              f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"network: {seg.backend}; CRF: {seg.crf_backend or 'off'}")
-    failed = 0
+    failed_files: list[str] = []
     stages = ("preprocess", "network", "crf", "postprocess", "total")
     seen: dict[str, list[float]] = {st: [] for st in stages}
     print(f"{'image':32s} " + " ".join(f"{s:>11s}" for s in stages) + "   (ms)")
@@ -203,15 +249,15 @@ def main(argv=None) -> int:
                 ok, side_jpg = cv2.imencode(".jpg", side_by_side(panels))
                 if not ok:
                     raise ValueError("cannot encode the side-by-side image")
-            write_indexed_png(mask_path, r.labels, seg.palette)
-            write_bytes_atomically(overlay_path, jpg.tobytes())
+            written = {mask_path: indexed_png_bytes(r.labels, seg.palette), overlay_path: jpg.tobytes()}
             if side_path:
-                write_bytes_atomically(side_path[0], side_jpg.tobytes())
-        except (ValueError, OSError, RuntimeError, MemoryError) as e:
+                written[side_path[0]] = side_jpg.tobytes()
+            write_files_together(written)  # all of this image's files, or none
+        except Exception as e:  # noqa: BLE001 (one image's failure, of any kind, must not stop the others)
             # One line per image: its path and the reason (messages from loading already name it).
-            reason = " ".join(str(e).split()) or type(e).__name__
+            reason = failure_reason(e)
             tqdm.write("failed: " + (reason if str(f) in reason else f"{f}: {reason}"), file=sys.stderr)
-            failed += 1
+            failed_files.append(str(f))
             continue
         bar.update(1)
         tqdm.write(f"{str(f)[-32:]:32s} " + " ".join(f"{r.timings[s]:11.1f}" for s in stages))
@@ -222,7 +268,10 @@ def main(argv=None) -> int:
     if len(seen["total"]) > 1:
         for name, q in (("median", 50), ("p90", 90), ("p99", 99)):
             print(f"{name:32s} " + " ".join(f"{np.percentile(seen[st], q):11.1f}" for st in stages))
-    print(f"wrote {len(files) - failed} masks and overlays to {out}" + (f"; {failed} failed" if failed else ""))
+    failed = len(failed_files)
+    print(f"wrote {len(files) - failed} masks and overlays to {out}"
+          + (f"; {failed} failed: {', '.join(failed_files[:5])}"
+             + (", ..." if failed > 5 else "") if failed else ""))
     return 1 if failed else 0
 
 

@@ -108,8 +108,11 @@ def main(argv=None) -> int:
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema:.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(net.eval(), args.out, class_names=CLASS_NAMES, palette=PALETTE)
+    try:
+        save_checkpoint(net.eval(), args.out, class_names=CLASS_NAMES, palette=PALETTE)
+    except OSError as e:  # checked before training, but the file system may still refuse (full, read-only)
+        print(f"error: cannot write --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"saved {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB) after {time.time() - t0:.0f} s")
     return 0
 
