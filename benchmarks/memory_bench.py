@@ -121,7 +121,9 @@ def main(argv=None) -> int:
         from runtime.output_files import write_bytes_atomically
 
         doc = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-               "model": str(args.model) if not args.classes else f"random, {args.classes} classes, width 1/8",
+               "model": (f"random, {args.classes} classes, width 1/8" if args.classes else
+                         str(args.model.resolve().relative_to(ROOT) if args.model.resolve().is_relative_to(ROOT)
+                             else args.model)),
                "image": args.image, "command": "python benchmarks/memory_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "results": rows}
         write_bytes_atomically(args.json, (json.dumps(doc, indent=1) + "\n").encode())

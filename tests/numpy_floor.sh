@@ -25,4 +25,4 @@ numpy.__version__, "OpenCV", cv2.__version__, "ONNX Runtime", onnxruntime.__vers
 "$py" -m pytest -q -p no:cacheprovider -k "not nvcc_compiles and not require_gpu" \
     tests/test_crf.py tests/test_crf_properties.py tests/test_crf_safety.py tests/test_crf_kernels.py \
     tests/test_runtime.py tests/test_model_outputs.py tests/test_image_files.py tests/test_output_files.py \
-    tests/test_tensorrt_build.py tests/test_triton_contract.py
+    tests/test_tensorrt_build.py tests/test_triton_contract.py tests/test_large_images.py tests/test_crf_params.py
