@@ -255,7 +255,7 @@ class Segmenter(ClassAccessors):
         if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
             raise ValueError(f"max_pixels must be a whole number >= 1, got {max_pixels!r}")
         self.max_pixels = max_pixels
-        if not memory_budget > 0:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
             raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget!r}")
         self.memory_budget = float(memory_budget)
         if class_names is None:

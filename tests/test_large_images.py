@@ -86,10 +86,17 @@ def test_the_shrunken_crf_is_held_to_its_byte_budget():
             ch * cw > 2_700_000  # the largest that fits (or the pixel cap)
 
 
-def test_default_segmenter_takes_the_default_largest_image(seg):
-    # max_pixels (100 MP) and memory_budget agree: the largest image allowed fits the budget, with
-    # the CRF, for up to 21 classes.
-    assert seg.memory_model(8660, 11547).total <= seg.memory_budget
+def test_default_limits_agree(seg):
+    # max_pixels (100 MP) and memory_budget agree: the largest image allowed fits the budget with the
+    # CRF, for the bundled model and for 21 classes (a VOC model at max_size 1025: 1033 x 777 padded).
+    from runtime.memory import DEFAULT_MEMORY_BUDGET, call_memory, default_crf_max_pixels
+
+    h, w = 8660, 11547
+    assert h * w <= seg.max_pixels and seg.memory_model(h, w).total <= seg.memory_budget
+    ch, cw = crf_size(h, w, 21, default_crf_max_pixels(21), 3.0, 50.0, CRF_MEMORY_BUDGET)
+    f = (ch * cw / (h * w)) ** 0.5
+    voc = call_memory(h, w, 21, 1033 * 777, ch * cw, crf_buffer_bytes(ch * cw, 21, 3.0 * f, 50.0 * f))
+    assert voc.total <= DEFAULT_MEMORY_BUDGET
 
 
 GROWTH = r"""
