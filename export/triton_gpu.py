@@ -26,8 +26,9 @@ from export.triton_repo import _pbtxt_string as _q  # one quoting for both repos
 from runtime import engine_meta
 from runtime.contract import DEFAULT_MAX_SIZE
 from runtime.palette import VOC_CLASSES, check_palette, voc_palette
-from runtime.triton_contract import (CONFIG_MAX_SIZE, CONFIG_PROFILE, INPUT_IMAGE, MODEL_NAME, OUTPUT_LABELS,
-                                     OUTPUT_PROBABILITIES, PADDED_IMAGE, SCORES, config_parameters)
+from runtime.triton_contract import (CONFIG_MAX_ITERATIONS, CONFIG_MAX_SIZE, CONFIG_PROFILE, DEFAULT_MAX_ITERATIONS,
+                                     INPUT_IMAGE, MODEL_NAME, OUTPUT_LABELS, OUTPUT_PROBABILITIES, PADDED_IMAGE,
+                                     SCORES, config_parameters)
 
 PAD_MODEL, NETWORK_MODEL, CRF_MODEL = "deeplab_pad", "deeplab_network", "deeplab_crf"
 #: the engine's tensor names (the ONNX graph's)
@@ -95,7 +96,7 @@ def _batch_limit(max_batch: int, profile: Optional[dict], plan: Path) -> int:
 def write_gpu_repository(plan_path: str | Path, out_dir: str | Path, *, max_batch: int = 8, instances: int = 1,
                          crf_defaults: Optional[CRFParams] = CRFParams(), class_names: Optional[Sequence[str]] = None,
                          palette=None, max_size: int = DEFAULT_MAX_SIZE, probabilities: bool = True,
-                         force: bool = False) -> Path:
+                         force: bool = False, max_iterations: int = DEFAULT_MAX_ITERATIONS) -> Path:
     """Write the GPU ensemble for the TensorRT plan ``plan_path`` into ``out_dir``; returns out_dir.
 
     max_batch: the models' max_batch_size (lowered, with a warning, to the profile's largest batch).
@@ -107,12 +108,16 @@ def write_gpu_repository(plan_path: str | Path, out_dir: str | Path, *, max_batc
     for every output it maps, so with it the CRF step copies the C x H x W marginals to the host for
     every request; False leaves only LABELS.
     force: replace the four models' directories when out_dir already holds them.
+    max_iterations: the most CRF iterations a request may ask for (the CRF step refuses more).
     """
     plan = Path(plan_path)
     if not plan.is_file():
         raise FileNotFoundError(f"TensorRT plan not found: {plan}")
     if instances < 1:
         raise ValueError(f"instances must be >= 1, got {instances}")
+    if crf_defaults is not None and not crf_defaults.iterations <= max_iterations:
+        raise ValueError(f"max_iterations ({max_iterations}) is below the default CRF's iterations "
+                         f"({crf_defaults.iterations})")
     meta = engine_meta.read_sidecar(plan)  # warns when there is none: then class names must be given
     num_classes = None
     if meta is not None:
@@ -176,7 +181,8 @@ def write_gpu_repository(plan_path: str | Path, out_dir: str | Path, *, max_batc
         _header(CRF_MODEL, batch, backend="python")
         + _tensors("input", [_tensor(SCORES, "TYPE_FP32", [c, -1, -1]), image_in])
         + _tensors("output", outputs) + _instances("KIND_GPU", instances)
-        + _parameters({"FORCE_CPU_ONLY_INPUT_TENSORS": "no", **params}))
+        + _parameters({"FORCE_CPU_ONLY_INPUT_TENSORS": "no", **params,
+                       CONFIG_MAX_ITERATIONS: str(int(max_iterations))}))
 
     # deeplab: the ensemble (its parameters are the ones clients read: class names, palette, CRF defaults)
     (root / MODEL_NAME / "1").mkdir(parents=True)

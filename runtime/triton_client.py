@@ -27,7 +27,14 @@ _SERVER_DEFAULT = object()
 
 
 class TritonServerError(RuntimeError):
-    """The server refused or failed a request; the message is the server's."""
+    """The server refused or failed a request; the message is the server's. ``status``: the
+    server's status as tritonclient gives it ("400" over HTTP, "StatusCode.INVALID_ARGUMENT" over
+    gRPC: a request the model refuses; "503" / "StatusCode.UNAVAILABLE": the model was busy past
+    its queue timeout, worth retrying), None where no answer came."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def _stats_ms(before: dict, after: dict) -> dict:
@@ -92,8 +99,8 @@ class TritonSegmenter(ClassAccessors):
         self.palette = check_palette(palette, self.num_classes)
         self.crf_params = defaults if crf is _SERVER_DEFAULT else crf
         self._parameters: dict = {PARAM_CRF: self.crf_params is not None}
-        if self.crf_params is not None:
-            self._parameters.update(self.crf_params.to_dict())
+        if crf is not _SERVER_DEFAULT and crf is not None:  # the server's defaults go without saying
+            self._parameters.update(crf.to_dict())
 
     def _config(self) -> dict:
         if self.protocol == "http":
@@ -105,7 +112,9 @@ class TritonSegmenter(ClassAccessors):
         try:
             return fn(*args, **kwargs)
         except self._server_exception as e:
-            raise TritonServerError(f"{self.url} model {self.model!r}: {e.message()}") from None
+            status = e.status()
+            raise TritonServerError(f"{self.url} model {self.model!r}: {e.message()}",
+                                    None if status is None else str(status)) from None
         except OSError as e:  # refused, unknown host, timed out: the HTTP client raises these as they are
             raise TritonServerError(f"cannot reach a Triton server at {self.url} ({self.protocol}): {e} "
                                     "(is it running? tools/serve.py starts one)") from None

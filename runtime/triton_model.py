@@ -35,6 +35,31 @@ if os.path.basename(__file__) == "model.py":  # loaded by the stub from a reposi
 pb_utils = None  # triton_python_backend_utils, imported in initialize (after the paths are set)
 
 
+class _Replies:
+    """One response per request of an execute call. Where the Python backend lets a model that is
+    not decoupled use response senders (Triton 2.51's does), each response is sent as soon as it
+    is made: a cheap request batched with an expensive one is then not held back until the whole
+    batch is done. Elsewhere execute returns them together (``result``)."""
+
+    def __init__(self, requests):
+        self.responses = [None] * len(requests)
+        try:
+            self.senders = [r.get_response_sender() for r in requests]
+        except Exception:  # older backends: "only when the model is using the decoupled transaction policy"
+            self.senders = None
+
+    def __setitem__(self, k: int, response) -> None:
+        self.responses[k] = response
+        if self.senders is not None:
+            self.senders[k].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def unanswered(self) -> list:
+        return [k for k, r in enumerate(self.responses) if r is None]
+
+    def result(self):
+        return None if self.senders is not None else self.responses
+
+
 class TritonPythonModel:
     """One instance per Triton model instance (a stub process); requests arrive in batches made by
     Triton's dynamic batcher and run through one Segmenter, same-size frames in one network batch."""
@@ -45,12 +70,14 @@ class TritonPythonModel:
 
         pb_utils = utils
         from runtime.segmenter import Segmenter
-        from runtime.triton_contract import CONFIG_MAX_PIXELS, DEFAULT_MAX_PIXELS, read_config_parameters
+        from runtime.triton_contract import (CONFIG_MAX_ITERATIONS, CONFIG_MAX_PIXELS, DEFAULT_MAX_ITERATIONS,
+                                             DEFAULT_MAX_PIXELS, read_config_parameters)
 
         config = json.loads(args["model_config"])
         parameters = config.get("parameters", {})
         self.class_names, self.palette, self.crf_defaults = read_config_parameters(parameters)
         self.max_pixels = int(parameters.get(CONFIG_MAX_PIXELS, {}).get("string_value", DEFAULT_MAX_PIXELS))
+        self.max_iterations = int(parameters.get(CONFIG_MAX_ITERATIONS, {}).get("string_value", DEFAULT_MAX_ITERATIONS))
         instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
         # Instances are separate processes: share the cores between them rather than oversubscribe.
         threads = max(1, (os.cpu_count() or 1) // instances)
@@ -78,25 +105,32 @@ class TritonPythonModel:
         from runtime.triton_contract import (INPUT_IMAGE, OUTPUT_PROBABILITIES, RequestError, check_image_batch,
                                              crf_params_from_request, request_parameters)
 
-        responses = [None] * len(requests)
-        groups = {}  # (CRF params, probabilities wanted) -> [(request index, images)]
-        for k, request in enumerate(requests):
-            try:
-                tensor = pb_utils.get_input_tensor_by_name(request, INPUT_IMAGE)
-                if tensor is None:
-                    raise RequestError("no %s input" % INPUT_IMAGE)
-                images = check_image_batch(tensor.as_numpy(), self.max_pixels)
-                crf = crf_params_from_request(request_parameters(request.parameters()), self.crf_defaults)
-            except RequestError as e:
-                responses[k] = self._error(str(e))
-                continue
-            want = OUTPUT_PROBABILITIES in request.requested_output_names()
-            groups.setdefault((crf, want), []).append((k, images))
-        for (crf, want), jobs in groups.items():
-            self._run_group(self.segmenter.with_crf(crf), want, jobs, responses)
-        return responses
+        replies = _Replies(requests)
+        try:
+            groups = {}  # (CRF params, probabilities wanted) -> [(request index, images)]
+            for k, request in enumerate(requests):
+                try:
+                    tensor = pb_utils.get_input_tensor_by_name(request, INPUT_IMAGE)
+                    if tensor is None:
+                        raise RequestError("no %s input" % INPUT_IMAGE)
+                    images = check_image_batch(tensor.as_numpy(), self.max_pixels)
+                    crf = crf_params_from_request(request_parameters(request.parameters()), self.crf_defaults,
+                                                  self.max_iterations)
+                except RequestError as e:
+                    replies[k] = self._error(str(e))
+                    continue
+                want = OUTPUT_PROBABILITIES in request.requested_output_names()
+                groups.setdefault((crf, want), []).append((k, images))
+            # Cheapest first: with the responses sent as they are made, a small request batched with
+            # a large one is answered without waiting for it.
+            for (crf, want), jobs in sorted(groups.items(), key=lambda item: _cost(item[0][0], item[1])):
+                self._run_group(self.segmenter.with_crf(crf), want, jobs, replies)
+        except Exception as e:  # a bug here must still answer every request, once
+            for k in replies.unanswered():
+                replies[k] = self._error("internal error: %s" % (e,), invalid=False)
+        return replies.result()
 
-    def _run_group(self, segmenter, want_probabilities: bool, jobs, responses) -> None:
+    def _run_group(self, segmenter, want_probabilities: bool, jobs, replies) -> None:
         """Every image of these requests in one Segmenter call (same-size frames share network
         batches). Should the call fail, each request runs alone, so that only the bad one fails."""
         frames = [image for _, images in jobs for image in images]
@@ -105,13 +139,15 @@ class TritonPythonModel:
         except Exception as e:  # the Segmenter's own errors name the image; find which request has it
             if len(jobs) > 1:
                 for job in jobs:
-                    self._run_group(segmenter, want_probabilities, [job], responses)
+                    self._run_group(segmenter, want_probabilities, [job], replies)
                 return
-            responses[jobs[0][0]] = self._error("segmentation failed: %s" % (e,))
+            # ValueError: the request's data refused (a CRF bandwidth too small for the image's size,
+            # ...): a client error. Anything else (out of memory, a bug) is the server's.
+            replies[jobs[0][0]] = self._error("segmentation failed: %s" % (e,), invalid=isinstance(e, ValueError))
             return
         start = 0
         for k, images in jobs:
-            responses[k] = self._response(results[start:start + len(images)], want_probabilities)
+            replies[k] = self._response(results[start:start + len(images)], want_probabilities)
             start += len(images)
 
     def _response(self, results, want_probabilities: bool):
@@ -132,8 +168,19 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=outputs, parameters=parameters)
 
     @staticmethod
-    def _error(message: str):
-        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+    def _error(message: str, invalid: bool = True):
+        """An error response: INVALID_ARG (HTTP 400) for a request the model refuses, INTERNAL
+        (500) for its own failures; a backend without error codes gets the message alone (500)."""
+        code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid else "INTERNAL", None)
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
     def finalize(self) -> None:
         self.segmenter = None
+
+
+def _cost(crf, jobs) -> int:
+    """Rough relative cost of a group: its pixels, times the CRF's lattice builds (worth ~10
+    iterations) and iterations when it runs; the network alone is about one unit."""
+    pixels = sum(images.shape[0] * images.shape[1] * images.shape[2] for _, images in jobs)
+    return pixels * (1 + (10 + crf.iterations if crf is not None else 0))

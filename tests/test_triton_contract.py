@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from crf import CRFParams
-from runtime.triton_contract import (RequestError, check_image_batch, config_parameters, crf_params_from_request,
+from runtime.triton_contract import (DEFAULT_MAX_ITERATIONS, REQUEST_MAX, REQUEST_PARAMETERS, RequestError,
+                                     check_image_batch, config_parameters, crf_params_from_request,
                                      read_config_parameters, request_parameters)
 
 
@@ -17,21 +18,60 @@ def test_crf_off_by_request_or_by_model_default():
     assert crf_params_from_request({"crf": True}, None) == CRFParams()
 
 
-def test_request_fields_replace_the_defaults_and_foreign_parameters_are_ignored():
+def test_request_fields_replace_the_defaults():
     defaults = CRFParams(bi_w=4.0, iterations=5)
-    got = crf_params_from_request({"bi_rgb_std": 3, "iterations": 2.0, "sequence_id": 7}, defaults)
+    got = crf_params_from_request({"bi_rgb_std": 3, "iterations": 2.0}, defaults)
     assert got == CRFParams(bi_w=4.0, bi_rgb_std=3, iterations=2)
+
+
+def test_unknown_request_parameters_are_refused_naming_them_and_the_known_ones():
+    """A typo ("bi_ww") used to be ignored, leaving the default in place without a word."""
+    for params in ({"bi_ww": 4.0}, {"sequence_id": 7, "crf": True}, {"crf": False, "tag": "x"}):
+        with pytest.raises(RequestError, match="unknown request parameter") as e:
+            crf_params_from_request(params, CRFParams())
+        bad = (set(params) - set(REQUEST_PARAMETERS)).pop()
+        assert repr(bad) in str(e.value)
+        assert all(name in str(e.value) for name in REQUEST_PARAMETERS)
 
 
 @pytest.mark.parametrize("params, words", [
     ({"crf": "maybe"}, "'crf' must be a bool"),
-    ({"bi_w": -1.0}, "bi_w must be a finite number > 0"),
-    ({"iterations": 2.5}, "iterations must be an int"),
-    ({"normalization": "before"}, "normalization must be one of"),
+    ({"bi_w": -1.0}, "'bi_w' must be a number in \\(0, 1000\\]"),
+    ({"bi_w": True}, "'bi_w' must be a number"),
+    ({"pos_w": "3"}, "'pos_w' must be a number"),
+    ({"bi_xy_std": float("nan")}, "'bi_xy_std' must be a number"),
+    ({"iterations": 2.5}, "'iterations' must be a whole number in 0..50"),
+    ({"iterations": -1}, "'iterations' must be a whole number in 0..50"),
+    ({"normalization": "before"}, "'normalization' must be one of"),
 ])
 def test_bad_request_parameters_are_refused_by_name(params, words):
     with pytest.raises(RequestError, match=words):
         crf_params_from_request(params, CRFParams())
+
+
+@pytest.mark.parametrize("name", sorted(REQUEST_MAX))
+def test_every_number_field_has_a_per_request_bound(name):
+    bound = REQUEST_MAX[name]
+    assert crf_params_from_request({name: bound}, CRFParams()).to_dict()[name] == bound
+    with pytest.raises(RequestError, match=rf"{name!r} must be a number in \(0, {bound:g}\], got {bound * 1.5!r}"):
+        crf_params_from_request({name: bound * 1.5}, CRFParams())
+
+
+def test_iterations_are_bounded_by_the_models_max_iterations():
+    """One request with an enormous iteration count used to hold the model instance for as long as it asked."""
+    most = DEFAULT_MAX_ITERATIONS
+    assert crf_params_from_request({"iterations": most}, CRFParams()).iterations == most
+    for huge in (DEFAULT_MAX_ITERATIONS + 1, 10 ** 9):
+        with pytest.raises(RequestError, match=f"'iterations' must be a whole number in 0..{DEFAULT_MAX_ITERATIONS}"):
+            crf_params_from_request({"iterations": huge}, CRFParams())
+    assert crf_params_from_request({"iterations": 7}, CRFParams(), max_iterations=7).iterations == 7
+    with pytest.raises(RequestError, match="in 0..7 \\(the model's max_iterations\\), got 8"):
+        crf_params_from_request({"iterations": 8}, CRFParams(), max_iterations=7)
+    # Checked even when the request turns the CRF off: a bad request is refused, not half-read.
+    with pytest.raises(RequestError, match="'iterations'"):
+        crf_params_from_request({"crf": False, "iterations": 10 ** 9}, CRFParams())
+    # The model's own defaults are the operator's, whatever a request may ask for.
+    assert crf_params_from_request({}, CRFParams(iterations=80)).iterations == 80
 
 
 def test_request_parameter_text_is_a_json_object():
@@ -74,12 +114,13 @@ def test_crf_params_json_round_trip_and_errors(tmp_path):
     (np.zeros((4, 4, 3), np.uint8), "must be N x H x W x 3"),
     (np.zeros((1, 4, 4, 2), np.uint8), "must be N x H x W x 3"),
     (np.zeros((1, 0, 4, 3), np.uint8), "is empty"),
-    (np.zeros((1, 5, 4, 3), np.uint8), "5x4 has more than the model's max_pixels \\(19\\)"),
+    (np.zeros((1, 5, 4, 3), np.uint8), "1 image\\(s\\) of 5x4 = 20 pixels, more than the model's max_pixels \\(19\\)"),
+    (np.zeros((2, 4, 3, 3), np.uint8), "2 image\\(s\\) of 4x3 = 24 pixels, more than the model's max_pixels \\(19\\)"),
 ])
 def test_the_models_own_image_checks(array, words):
     with pytest.raises(RequestError, match=words):
         check_image_batch(array, max_pixels=19)
-    assert check_image_batch(np.zeros((2, 4, 4, 3), np.uint8), max_pixels=19).shape == (2, 4, 4, 3)
+    assert check_image_batch(np.zeros((1, 4, 4, 3), np.uint8), max_pixels=19).shape == (1, 4, 4, 3)
 
 
 def _free_port() -> int:

@@ -150,6 +150,14 @@ def test_parameters_round_trip(tmp_path, repo):
     assert defaults is None and crf_params_from_request({}, defaults) is None
 
 
+def test_crf_step_bounds_the_iterations_per_request(tmp_path):
+    """The CRF step reads max_iterations from its config; the writer keeps the defaults askable."""
+    repo = write_gpu_repository(make_plan(tmp_path), tmp_path / "repo", max_iterations=12)
+    assert string_parameters(validate_repository(repo)["deeplab_crf"])["max_iterations"] == "12"
+    with pytest.raises(ValueError, match="max_iterations \\(9\\)"):
+        write_gpu_repository(make_plan(tmp_path), tmp_path / "repo2", max_iterations=9)  # defaults: 10
+
+
 def test_writer_refusals_and_batch_limit(tmp_path):
     plan = make_plan(tmp_path, profile={"min": [1, 65, 65, 3], "opt": [2, 257, 257, 3], "max": [2, 513, 513, 3]})
     with pytest.warns(RuntimeWarning, match="at most 2: max_batch 8 lowered to 2"):

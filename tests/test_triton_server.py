@@ -147,25 +147,63 @@ def test_same_size_frames_are_batched_by_the_server(server, local):
     ("wrong rank", np.zeros((1, 9, 27), np.uint8), "UINT8", None, "unexpected shape"),
     ("2 channels", np.zeros((1, 9, 9, 2), np.uint8), "UINT8", None, "unexpected shape"),
     ("empty", np.zeros((1, 0, 9, 3), np.uint8), "UINT8", None, "IMAGE is empty"),
+    ("no width", np.zeros((1, 9, 0, 3), np.uint8), "UINT8", None, "IMAGE is empty"),
     ("1 GB declared", np.zeros((1, 5, 5, 3), np.uint8), "UINT8", (1, 18258, 18258, 3), "byte size"),
     ("over max_pixels", np.zeros((1, 500, 500, 3), np.uint8), "UINT8", None, "max_pixels"),
+    ("over max_pixels together", np.zeros((2, 300, 400, 3), np.uint8), "UINT8", None, "max_pixels"),
 ])
-def test_bad_requests_get_an_error_and_the_server_keeps_serving(server, case, array, datatype, shape, words):
-    with pytest.raises(InferenceServerException, match=words):
+def test_bad_requests_get_a_400_and_the_server_keeps_serving(server, case, array, datatype, shape, words):
+    """Every one is the client's fault: 400, never 500 (an empty image used to get 500)."""
+    with pytest.raises(InferenceServerException, match=words) as e:
         _raw_infer(server, array, datatype, shape)
+    assert e.value.status() == "400", (case, e.value.status())
     good = _raw_infer(server, _small(0)[None])
     assert good.as_numpy("LABELS").shape == (1, 57, 73)
 
 
+def test_an_image_too_long_for_the_crf_lattice_gets_a_400(server):
+    """A 1 x 200000 image fits max_pixels but overflows the CRF's lattice keys: the request's fault."""
+    with pytest.raises(InferenceServerException) as e:
+        _raw_infer(server, np.zeros((1, 1, 200_000, 3), np.uint8))
+    assert e.value.status() == "400", e.value.message()
+
+
+_BAD_STATUS = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_bad_request_parameters_raise_the_servers_message(server, protocol):
+@pytest.mark.parametrize("parameters, words", [
+    ({"crf": "maybe"}, ["'crf'", "bool"]),
+    ({"bi_w": -1.0}, ["'bi_w'", "(0, 1000]"]),
+    ({"bi_xy_std": 1e9}, ["'bi_xy_std'", "(0, 10000]"]),
+    ({"iterations": 10 ** 6}, ["'iterations'", "0..50", "max_iterations"]),
+    ({"normalization": "before"}, ["'normalization'"]),
+    ({"bi_ww": 4.0}, ["unknown request parameter", "'bi_ww'", "bi_w, bi_xy_std"]),
+    ({"crf": False, "tag": "x"}, ["unknown request parameter", "'tag'"]),
+])
+def test_bad_request_parameters_get_a_400_naming_them(server, protocol, parameters, words):
     seg = TritonSegmenter(_url(server, protocol), protocol=protocol)
-    seg._parameters = {"crf": "maybe"}
-    with pytest.raises(TritonServerError, match="'crf' must be a bool"):
+    seg._parameters = parameters  # past the client's own CRFParams checks
+    t0 = time.monotonic()
+    with pytest.raises(TritonServerError) as e:
         seg(_small(0))
-    seg._parameters = {"bi_w": -1.0}
-    with pytest.raises(TritonServerError, match="bi_w must be a finite number > 0"):
-        seg(_small(0))
+    assert time.monotonic() - t0 < 5  # refused before any work, however large the request asks
+    assert e.value.status == _BAD_STATUS[protocol]
+    assert all(w in str(e.value) for w in words), str(e.value)
+    seg._parameters = {"crf": True, "iterations": 50}  # the bound itself is taken
+    assert seg(_small(0)).labels.shape == (57, 73)
+
+
+def test_the_default_repository_bounds_the_queue_wait_and_the_iterations(server):
+    """What the README promises, as the running server reads it: a request still queued after 10 s
+    is refused, whatever it asks (no override), and at most 50 CRF iterations per request."""
+    client = httpclient.InferenceServerClient(server.http_url)
+    config = client.get_model_config("deeplab")
+    client.close()
+    policy = config["dynamic_batching"]["default_queue_policy"]
+    assert policy["timeout_action"] == "REJECT" and not policy.get("allow_timeout_override", False)
+    assert int(policy["default_timeout_microseconds"]) == 10_000_000
+    assert config["parameters"]["max_iterations"]["string_value"] == "50"
 
 
 def test_a_killed_model_process_is_replaced(server, local):
@@ -193,14 +231,14 @@ def test_a_killed_model_process_is_replaced(server, local):
 
 # -- the tools' bad input -------------------------------------------------------------------------
 def test_repository_tool_refuses_a_missing_model_and_an_unwritable_folder(tmp_path, capsys):
-    assert triton_repo.main([str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "r")]) == 1
+    assert triton_repo.main([str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "r")]) == 2
     assert "nope.onnx: no such model file" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert triton_repo.main([str(MODEL), "--out", str(blocker / "r")]) == 1
+    assert triton_repo.main([str(MODEL), "--out", str(blocker / "r")]) == 2
     assert "cannot write the repository" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text('{"bi_ww": 1}')
-    assert triton_repo.main([str(MODEL), "--out", str(tmp_path / "r"), "--crf-params", str(tmp_path / "bad.json")]) == 1
+    assert triton_repo.main([str(MODEL), "--out", str(tmp_path / "r"), "--crf-params", str(tmp_path / "bad.json")]) == 2
     assert "unknown CRF parameter(s) bi_ww" in capsys.readouterr().err
     assert not (tmp_path / "r" / "deeplab").exists()
 
@@ -218,6 +256,23 @@ def test_repository_tool_writes_the_options_into_the_config(tmp_path):
     assert '"crf_defaults" value: { string_value: "null" }' in (tmp_path / "deeplab" / "config.pbtxt").read_text()
 
 
+def test_repository_tool_sets_the_request_limits(tmp_path, capsys):
+    from export.triton_config import validate_repository
+
+    assert triton_repo.main([str(MODEL), "--out", str(tmp_path), "--max-iterations", "12",
+                             "--queue-timeout", "2.5"]) == 0
+    config = validate_repository(tmp_path)["deeplab"]  # Triton's own schema
+    policy = config.dynamic_batching.default_queue_policy
+    assert policy.default_timeout_microseconds == 2_500_000 and not policy.allow_timeout_override
+    assert config.parameters["max_iterations"].string_value == "12"
+    capsys.readouterr()
+    # the model's default CRF (10 iterations) must stay askable
+    assert triton_repo.main([str(MODEL), "--out", str(tmp_path), "--max-iterations", "9"]) == 2
+    assert "max_iterations (9)" in capsys.readouterr().err
+    assert triton_repo.main([str(MODEL), "--out", str(tmp_path), "--queue-timeout", "0"]) == 2
+    assert "queue_timeout_s" in capsys.readouterr().err
+
+
 def test_a_plan_goes_to_the_gpu_writer(tmp_path, capsys):
     plan = tmp_path / "m.engine"
     plan.write_bytes(b"not a plan")
@@ -226,9 +281,9 @@ def test_a_plan_goes_to_the_gpu_writer(tmp_path, capsys):
     try:
         import export.triton_gpu  # noqa: F401
     except ImportError:
-        assert code == 1 and "needs the GPU repository writer (export/triton_gpu.py)" in err
+        assert code == 2 and "needs the GPU repository writer (export/triton_gpu.py)" in err
     else:  # the GPU writer ran: a plan without its sidecar has no class count
-        assert code == 1 and "the class count is unknown" in err
+        assert code == 2 and "the class count is unknown" in err
 
 
 def test_serve_tool_refuses_a_port_in_use_and_a_missing_repository(repo, tmp_path, capsys):
@@ -238,8 +293,9 @@ def test_serve_tool_refuses_a_port_in_use_and_a_missing_repository(repo, tmp_pat
         port = s.getsockname()[1]
         assert serve.main(["--repo", str(repo), "--http-port", str(port)]) == 1
     assert f"--http-port {port}: in use on 127.0.0.1" in capsys.readouterr().err
-    assert serve.main(["--repo", str(tmp_path)]) == 1
-    assert "not a repository with model 'deeplab'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # refused before any server starts
+        serve.main(["--repo", str(tmp_path)])
+    assert e.value.code == 2 and "not a repository with model 'deeplab'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         serve.parse_args(["--repo", str(repo), "--grpc-port", "70000"])
     assert "a port is 1..65535" in capsys.readouterr().err

@@ -45,6 +45,8 @@ def server(repo):
     serve.stop_server(srv)
     assert srv.process.poll() is not None
     assert not processes_on(repo), "a model process outlived the server"
+    assert not srv.workdir.exists(), "the server's temporary folder outlived it"
+    assert not list(serve.SHM_DIR.glob(srv.shm_prefix + "*")), "the server's shared memory outlived it"
 
 
 def processes_on(repo) -> list:

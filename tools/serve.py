@@ -15,12 +15,18 @@ or SIGTERM. Triton does not start a model process (the Python backend's stub) ag
 still reads as ready. Loading the model again through Triton's repository API
 hangs on the dead instance (Triton 2.51), so a watchdog here sees a stub go and restarts the server
 on the same ports (a few seconds; requests meanwhile are refused). Exit status 1 with the reason (and the server's last log lines) when it cannot start.
+
+What a server leaves in the file system carries the process id of its owner (the process that
+started it): its temporary folder <tmp>/deeplab-triton-<pid>-*, the Python backend's shared memory
+/dev/shm/deeplab_triton_<pid>_* (one region per model instance). Both are removed when the server
+stops, and those of an owner that no longer runs (serve.py killed with SIGKILL) at the next start.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -53,6 +59,14 @@ SERVER_WHEEL = "nvidia-pytriton==0.7.0"
 MODEL_ENV_PACKAGES = ("numpy==1.26.4", "opencv-python-headless==4.11.0.86", "onnxruntime==1.20.1")
 NGC_SERVER = Path("/opt/tritonserver/bin/tritonserver")
 HOST = "127.0.0.1"
+#: Names of what a server started here leaves behind, each with its owner's process id (see the
+#: module's docstring): the temporary folder, and the prefix given to the Python backend's shared
+#: memory regions (shm-region-prefix-name; the backend appends a UUID per region).
+TEMP_PREFIX = "deeplab-triton-"
+SHM_PREFIX = "deeplab_triton_"
+SHM_DIR = Path("/dev/shm")
+_OWNED = {"temp": re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-"), "shm": re.compile(re.escape(SHM_PREFIX) + r"(\d+)_"),
+          "staging": re.compile(r"\..+\.(\d+)\.[0-9a-f]{12}\.tmp$")}
 
 
 class ServerError(RuntimeError):
@@ -72,7 +86,8 @@ def _pip_install_once(target: Path, packages, no_deps: bool) -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    # Named with this process's id: a later start removes it should this process be killed meanwhile.
+    staging = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-input", "--target", str(staging)]
     cmd += (["--no-deps"] if no_deps else []) + list(packages)
     print(f"installing {' '.join(packages)} into {target} (once)", file=sys.stderr, flush=True)
@@ -196,6 +211,80 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def _paths_in_use() -> str:
+    """The command lines and memory maps of every process we can read, as one text: a path in it
+    is in use (a server's folder on its command line, a shared memory region mapped)."""
+    parts = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            for name in ("cmdline", "maps"):
+                try:
+                    with open(f"/proc/{entry}/{name}", "rb") as f:
+                        parts.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+                except OSError:
+                    pass
+    return "\n".join(parts)
+
+
+def remove_stale() -> list:
+    """Remove what servers started here left behind when their owner no longer runs: temporary
+    folders, shared memory regions, and pip's staging folders in the cache. Never what a running
+    owner holds, nor a path a running process still uses (a server still shutting down). Returns
+    the paths removed."""
+    places = [(Path(tempfile.gettempdir()), _OWNED["temp"]), (SHM_DIR, _OWNED["shm"])]
+    with contextlib.suppress(ImportError):
+        places.append((cache_dir(), _OWNED["staging"]))
+    candidates = []
+    for folder, pattern in places:
+        with contextlib.suppress(OSError):
+            for entry in folder.iterdir():
+                m = pattern.match(entry.name)
+                owner = int(m.group(1)) if m else 0
+                if owner > 0 and owner != os.getpid() and not _running(owner):
+                    candidates.append(entry)
+    if not candidates:
+        return []
+    in_use = _paths_in_use()
+    removed = []
+    for path in candidates:
+        if str(path) in in_use:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if not os.path.lexists(path):
+            removed.append(path)
+    return removed
+
+
+def _remove_regions(prefix: str) -> None:
+    """The shared memory regions of one server (named with its own prefix), once it has ended."""
+    with contextlib.suppress(OSError):
+        for entry in SHM_DIR.iterdir():
+            if entry.name.startswith(prefix):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+
 STUB_NAME = "triton_python_backend_stub"
 
 
@@ -232,6 +321,7 @@ class TritonServer:
     env: dict = field(default_factory=dict, repr=False)
     timeout: float = 300.0
     restarts: int = 0
+    shm_prefix: str = ""  # the Python backend's shared memory regions are /dev/shm/<shm_prefix>*
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _watchdog: threading.Thread | None = field(default=None, repr=False)
 
@@ -265,6 +355,7 @@ def _watch(server: TritonServer, interval: float = 0.5) -> None:
         print(f"a model process of {MODEL_NAME!r} died ({running} of {expected} running): restarting the server",
               file=sys.stderr, flush=True)
         _end_process_group(server.process, 2.0)  # it would wait out its exit timeout on the dead stub
+        _remove_regions(server.shm_prefix)  # what a server killed outright leaves
         try:
             _launch(server)
             _wait_ready(server)
@@ -308,9 +399,12 @@ def start_server(repo, http_port: int | None = None, grpc_port: int | None = Non
             if p not in taken:
                 ports[name] = p
                 taken.add(p)
+    for path in remove_stale():
+        print(f"removed {path} (its owner no longer runs)", file=sys.stderr, flush=True)
     install = find_server(tritonserver)
     env = dict(os.environ)
-    workdir = Path(tempfile.mkdtemp(prefix="deeplab-triton-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-"))
+    shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}_"
     try:
         backends = install.backends
         libraries = [str(p) for p in install.libraries]
@@ -329,14 +423,15 @@ def start_server(repo, http_port: int | None = None, grpc_port: int | None = Non
                "--http-address", HOST, "--http-port", str(ports["http"]),
                "--grpc-address", HOST, "--grpc-port", str(ports["grpc"]),
                "--metrics-address", HOST, "--metrics-port", str(ports["metrics"]),
-               "--exit-timeout-secs", "10"]
+               "--exit-timeout-secs", "10",
+               f"--backend-config=python,shm-region-prefix-name={shm_prefix}"]
         if backends is not None:
             cmd += ["--backend-directory", str(backends)]
+        server = TritonServer(None, ports["http"], ports["grpc"], ports["metrics"], workdir / "tritonserver.log",
+                              workdir, cmd, env, timeout, shm_prefix=shm_prefix)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    server = TritonServer(None, ports["http"], ports["grpc"], ports["metrics"], workdir / "tritonserver.log",
-                          workdir, cmd, env, timeout)
     try:
         _launch(server)
         _wait_ready(server)
@@ -400,12 +495,15 @@ def _end_process_group(process: subprocess.Popen, timeout: float) -> None:
 
 def stop_server(server: TritonServer, timeout: float = 20.0) -> int | None:
     """Stop the watchdog and the server (SIGTERM, SIGKILL after ``timeout``, then its model
-    processes); the temporary folder is removed. Returns the server's exit status."""
+    processes); its temporary folder and shared memory are removed (a server killed outright
+    leaves its regions). Returns the server's exit status."""
     server._stop.set()
     if server._watchdog is not None:
         server._watchdog.join(server.timeout)
     if server.process is not None:
         _end_process_group(server.process, timeout)
+    if server.shm_prefix:
+        _remove_regions(server.shm_prefix)
     shutil.rmtree(server.workdir, ignore_errors=True)
     return None if server.process is None else server.process.returncode
 
@@ -430,7 +528,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model-env", metavar="DIR", help="the model's packages (numpy < 2, OpenCV, ONNX Runtime) "
                     "instead of the cached environment")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the model (default 300)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not (Path(args.repo) / MODEL_NAME / "config.pbtxt").is_file():  # before any server starts
+        ap.error(f"--repo {args.repo}: not a repository with model {MODEL_NAME!r} "
+                 "(write one with tools/triton_repo.py MODEL --out DIR)")
+    return args
 
 
 def main(argv=None) -> int:
@@ -438,6 +540,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def on_signal(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: another must not cut the cleanup short
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_signal)

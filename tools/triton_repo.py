@@ -5,8 +5,8 @@
     python tools/serve.py --repo out/triton
 
 An .onnx becomes model "deeplab" on the CPU (Python backend running runtime.Segmenter, dynamic
-batching); a TensorRT .engine/.plan becomes the GPU form. Exit status 1 with the reason when the
-model or the output folder will not do.
+batching); a TensorRT .engine/.plan becomes the GPU form. Exit status 2 with the reason when the
+model or the output folder will not do, 1 when the repository written fails Triton's own checks.
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.triton_repo import DEFAULT_QUEUE_DELAY_US, RepositoryError, write_repository  # noqa: E402
+from export.triton_repo import (DEFAULT_QUEUE_DELAY_US, DEFAULT_QUEUE_TIMEOUT_S, RepositoryError,  # noqa: E402
+                                write_repository)
 from runtime.onnx_backend import ModelFormatError  # noqa: E402
-from runtime.triton_contract import DEFAULT_MAX_PIXELS  # noqa: E402
+from runtime.triton_contract import DEFAULT_MAX_ITERATIONS, DEFAULT_MAX_PIXELS  # noqa: E402
 
 if __package__:  # imported: tools.triton_repo from a checkout, deeplab_tools.triton_repo when installed
     from .cli import int_at_least, plain_warnings  # noqa: E402
@@ -37,7 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--crf-params", metavar="FILE", help="JSON CRF parameters: the model's default CRF")
     ap.add_argument("--no-crf", action="store_true", help="the CRF off unless a request turns it on")
     ap.add_argument("--max-pixels", type=int_at_least(1), default=DEFAULT_MAX_PIXELS,
-                    help=f"larger images (H x W) are refused (default {DEFAULT_MAX_PIXELS})")
+                    help=f"a request with more pixels (N x H x W) is refused (default {DEFAULT_MAX_PIXELS})")
+    ap.add_argument("--max-iterations", type=int_at_least(0), default=DEFAULT_MAX_ITERATIONS,
+                    help=f"the most CRF iterations a request may ask for (default {DEFAULT_MAX_ITERATIONS})")
+    ap.add_argument("--queue-timeout", type=float, default=DEFAULT_QUEUE_TIMEOUT_S, metavar="SECONDS",
+                    help="a request still waiting for the model after this is refused (503), "
+                    f"default {DEFAULT_QUEUE_TIMEOUT_S:g}")
     args = ap.parse_args(argv)
     if args.no_crf and args.crf_params:
         ap.error("--no-crf and --crf-params contradict each other")
@@ -50,10 +56,11 @@ def main(argv=None) -> int:
     try:
         folder = write_repository(args.model, args.out, instances=args.instances, max_batch=args.max_batch,
                                   crf_params=args.crf_params, no_crf=args.no_crf,
-                                  queue_delay_us=args.queue_delay_us, max_pixels=args.max_pixels)
+                                  queue_delay_us=args.queue_delay_us, max_pixels=args.max_pixels,
+                                  max_iterations=args.max_iterations, queue_timeout_s=args.queue_timeout)
     except (RepositoryError, ModelFormatError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {folder}")
     try:  # Triton's own model-config schema, where tritonclient (the serve extra) is installed
         from export.triton_config import ConfigError, validate_repository

@@ -3,8 +3,9 @@
 Inputs: SCORES (the TensorRT engine's padded N x C x Hp x Wp float32, left on the GPU: the config
 sets FORCE_CPU_ONLY_INPUT_TENSORS "no"), IMAGE (N x H x W x 3 uint8, the request's own). Outputs:
 LABELS N x H x W uint8, PROBABILITIES N x C x H x W float32 (only computed when requested).
-Request parameters: runtime.triton_contract (the CRF on/off and its fields); the defaults come
-from the config's parameters. The work itself is ensemble_steps.CRFStep.
+Request parameters: runtime.triton_contract (the CRF on/off and its fields, within their per-request
+bounds; iterations up to the config's "max_iterations"); the defaults come from the config's
+parameters. The work itself is ensemble_steps.CRFStep.
 
 Streams: Triton hands a Python model its GPU input tensors with no work pending on them (the
 engine's stream was synchronised before its output was released), so the CRF kernels, on their own
@@ -18,14 +19,26 @@ import triton_python_backend_utils as pb_utils
 
 from crf.backend import CPUKernels, GPUKernels
 from ensemble_steps import CRFStep, StepError, dlpack_view
-from runtime.triton_contract import (INPUT_IMAGE, OUTPUT_LABELS, OUTPUT_PROBABILITIES, SCORES,
-                                     crf_params_from_request, read_config_parameters, request_parameters)
+from runtime.triton_contract import (CONFIG_MAX_ITERATIONS, DEFAULT_MAX_ITERATIONS, INPUT_IMAGE, OUTPUT_LABELS,
+                                     OUTPUT_PROBABILITIES, SCORES, crf_params_from_request, read_config_parameters,
+                                     request_parameters)
+
+
+def error_response(step: str, e: Exception):
+    """An error response: INVALID_ARG (HTTP 400) for what the request got wrong (ValueError:
+    RequestError, StepError, the CRF's input errors), INTERNAL (500) otherwise."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if isinstance(e, ValueError) else "INTERNAL", None)
+    message = f"{step}: {e}"
+    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.class_names, _, self.defaults = read_config_parameters(config.get("parameters", {}))
+        parameters = config.get("parameters", {})
+        self.class_names, _, self.defaults = read_config_parameters(parameters)
+        self.max_iterations = int(parameters.get(CONFIG_MAX_ITERATIONS, {}).get("string_value", DEFAULT_MAX_ITERATIONS))
         self.device_id = int(args.get("model_instance_device_id", 0))
         if args.get("model_instance_kind") == "GPU":
             kernels = GPUKernels(device=self.device_id)  # compiles the kernels with nvcc on first use
@@ -39,12 +52,11 @@ class TritonPythonModel:
             try:
                 responses.append(self._one(request))
             except Exception as e:  # one bad request must not fail the others of the batch
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"deeplab_crf: {e}")))
+                responses.append(error_response("deeplab_crf", e))
         return responses
 
     def _one(self, request):
-        params = crf_params_from_request(request_parameters(request.parameters()), self.defaults)
+        params = crf_params_from_request(request_parameters(request.parameters()), self.defaults, self.max_iterations)
         scores_t = pb_utils.get_input_tensor_by_name(request, SCORES)
         image_t = pb_utils.get_input_tensor_by_name(request, INPUT_IMAGE)
         if scores_t is None or image_t is None:

@@ -27,6 +27,9 @@ class TritonPythonModel:
                 padded = pad_batch(images, self.bounds, self.max_size)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(PADDED_IMAGE, padded)]))
             except Exception as e:  # one bad request must not fail the others of the batch
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"deeplab_pad: {e}")))
+                # ValueError (StepError, a size the profile does not take): the request's fault, 400
+                code = getattr(pb_utils.TritonError, "INVALID_ARG" if isinstance(e, ValueError) else "INTERNAL", None)
+                error = (pb_utils.TritonError(f"deeplab_pad: {e}") if code is None
+                         else pb_utils.TritonError(f"deeplab_pad: {e}", code))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
         return responses
