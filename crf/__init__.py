@@ -16,10 +16,10 @@ import warnings
 
 import numpy as np
 
-from .features import CRFInputError, check_inputs, unary_from_scores
+from .features import CRFInputError, CRFTimeout, check_inputs, unary_from_scores
 from .params import CRFParams
 
-__all__ = ["refine", "refine_unary", "resolve_backend", "CRFParams", "CRFInputError", "BACKENDS"]
+__all__ = ["refine", "refine_unary", "resolve_backend", "CRFParams", "CRFInputError", "CRFTimeout", "BACKENDS"]
 
 BACKENDS = ("gpu", "cpu", "numpy")
 _drivers: dict = {}
@@ -73,19 +73,21 @@ def refine_unary(unary: np.ndarray, image: np.ndarray, params: CRFParams = CRFPa
 
 
 def refine(scores: np.ndarray, image: np.ndarray, params: CRFParams = CRFParams(),
-           backend: str = "auto") -> np.ndarray:
+           backend: str = "auto", deadline: float | None = None) -> np.ndarray:
     """Refine network logits with the dense CRF.
 
     scores: (C, H, W) float logits (the upsampled network output; pass log-probabilities if you
     hold probabilities). image: H x W x 3 uint8, BGR as OpenCV loads it (the bilateral kernel uses
     the raw 0..255 colours in the order given). Returns marginals (C, H, W) float32 summing to 1
-    over C. ``params.iterations`` mean-field steps; 0 returns softmax(scores).
+    over C. ``params.iterations`` mean-field steps; 0 returns softmax(scores). deadline: a
+    time.monotonic() value; past it, CRFTimeout (a TimeoutError) is raised before the next iteration.
     """
     scores, image = check_inputs(scores, image)
-    return _run(scores, image, params, backend, is_logits=True)
+    return _run(scores, image, params, backend, is_logits=True, deadline=deadline)
 
 
-def _run(src: np.ndarray, image: np.ndarray, params: CRFParams, backend: str, is_logits: bool) -> np.ndarray:
+def _run(src: np.ndarray, image: np.ndarray, params: CRFParams, backend: str, is_logits: bool,
+         deadline: float | None = None) -> np.ndarray:
     if not isinstance(params, CRFParams):  # a dict of fields would fail deep inside with an AttributeError
         raise TypeError(f"params must be CRFParams, got {type(params).__name__}: CRFParams(**fields) or "
                         "CRFParams.load(path) makes one")
@@ -97,8 +99,9 @@ def _run(src: np.ndarray, image: np.ndarray, params: CRFParams, backend: str, is
 
         check_key_range(h, w, params)
 
-        return mean_field(unary_from_scores(src) if is_logits else src, image, params)
+        return mean_field(unary_from_scores(src) if is_logits else src, image, params, deadline)
     with _lock:
         # check_inputs() has already refused NaN/inf on the host
-        marginals, _ = _driver(name).run(src, image, h, w, c, params, is_logits=is_logits, check_finite=False)
+        marginals, _ = _driver(name).run(src, image, h, w, c, params, is_logits=is_logits, check_finite=False,
+                                         deadline=deadline)
     return marginals

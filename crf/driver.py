@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .backend import F32, I32, INT32_MAX, U32, Buffer, BufferPool, KernelBackend, SizeLimitError
-from .features import CRFInputError
+from .features import CRFInputError, check_deadline
 from .params import CRFParams
 
 SPATIAL_D, BILATERAL_D = 2, 5
@@ -320,7 +320,7 @@ class DenseCRFDriver:
     # -- inference ------------------------------------------------------------------------------
     def run(self, scores: np.ndarray | Buffer, image: np.ndarray | Buffer, h: int, w: int, c: int,
             params: CRFParams, is_logits: bool = True, marginals: bool = True, labels: bool = False,
-            check_finite: bool = True, labels_out: np.ndarray | None = None):
+            check_finite: bool = True, labels_out: np.ndarray | None = None, deadline: float | None = None):
         """Mean field for one image.
 
         scores: (C, H, W) float32 planar logits (is_logits) or unary energies, as a host array or a
@@ -329,13 +329,16 @@ class DenseCRFDriver:
         check_finite=False skips the device-side NaN/inf check for callers that checked already.
         labels_out: an H x W uint8 host array (e.g. KernelBackend.alloc_host's pinned memory) the
         labels are written into and returned as, instead of a new array.
+        deadline: a time.monotonic() value checked before each iteration is launched (CRFTimeout
+        past it): on the CPU build, where launches run as they are made, the CRF stops there.
         """
         if labels and c > 256:
             raise CRFInputError(f"{c} labels: label ids are written as uint8 (at most 256 labels); "
                                 "ask for marginals instead")
         self.check_limits(h, w, c, params)
         with self.k.active():  # the GPU: the primary context, current in whichever thread calls
-            return self._run(scores, image, h, w, c, params, is_logits, marginals, labels, check_finite, labels_out)
+            return self._run(scores, image, h, w, c, params, is_logits, marginals, labels, check_finite, labels_out,
+                             deadline)
 
     def check_limits(self, h: int, w: int, c: int, params: CRFParams) -> None:
         """Refuse, before anything runs, an image whose lattice coordinates would not fit the int16
@@ -356,7 +359,8 @@ class DenseCRFDriver:
                     f"a {h}x{w} image with {c} labels needs {count:,} {what}, beyond the CRF kernels' 32-bit "
                     f"indexing (at most {INT32_MAX:,}): downscale the image for the CRF or use fewer labels")
 
-    def _run(self, scores, image, h, w, c, params, is_logits, marginals, labels, check_finite, labels_out=None):
+    def _run(self, scores, image, h, w, c, params, is_logits, marginals, labels, check_finite, labels_out=None,
+             deadline=None):
         k = self.k
         n = h * w
         clock = _PhaseClock(k, self.phase_times)
@@ -416,7 +420,8 @@ class DenseCRFDriver:
             # On the GPU one iteration is captured as a CUDA graph and replayed: one launch per
             # iteration instead of 12 (host work per launch is what a millisecond CRF cannot afford).
             self._replay = k.capture(iteration) if params.iterations > 1 else None
-            for _ in range(params.iterations):
+            for i in range(params.iterations):
+                check_deadline(deadline, i, params.iterations)
                 if self._replay is not None:
                     self._replay()
                 else:

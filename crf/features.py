@@ -10,6 +10,18 @@ class CRFInputError(ValueError):
     """Scores/image that the CRF cannot take, with the reason."""
 
 
+class CRFTimeout(TimeoutError):
+    """The CRF passed its deadline (``refine(..., deadline=)``) and stopped between iterations."""
+
+
+def check_deadline(deadline, done: int, total: int) -> None:
+    """CRFTimeout when time.monotonic() is past ``deadline`` (None: no deadline)."""
+    import time
+
+    if deadline is not None and time.monotonic() > deadline:
+        raise CRFTimeout(f"the CRF passed its deadline after {done} of {total} iterations")
+
+
 def check_inputs(scores: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validate (C, H, W) float logits and an H x W x 3 uint8 image; return contiguous copies."""
     if not isinstance(scores, np.ndarray) or scores.ndim != 3:

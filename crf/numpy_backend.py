@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .features import bilateral_features, softmax_rows, spatial_features
+from .features import bilateral_features, check_deadline, softmax_rows, spatial_features
 from .lattice import PermutohedralLattice
 from .params import CRFParams
 
@@ -25,8 +25,9 @@ class _Kernel:
         return self.weight * (self.lattice.filter(x) * self.norm)
 
 
-def mean_field(unary: np.ndarray, image: np.ndarray, params: CRFParams) -> np.ndarray:
-    """unary (C, H, W) float32 -log p, image H x W x 3 uint8 -> marginals (C, H, W) float32."""
+def mean_field(unary: np.ndarray, image: np.ndarray, params: CRFParams, deadline: float | None = None) -> np.ndarray:
+    """unary (C, H, W) float32 -log p, image H x W x 3 uint8 -> marginals (C, H, W) float32.
+    deadline: time.monotonic() value checked before each iteration (CRFTimeout past it)."""
     c, h, w = unary.shape
     u = np.ascontiguousarray(unary.reshape(c, h * w).T)  # (N, C)
     q = softmax_rows(-u)
@@ -35,7 +36,8 @@ def mean_field(unary: np.ndarray, image: np.ndarray, params: CRFParams) -> np.nd
             _Kernel(spatial_features(h, w, params), params.pos_w, params.normalization),
             _Kernel(bilateral_features(image, params), params.bi_w, params.normalization),
         ]
-        for _ in range(params.iterations):
+        for i in range(params.iterations):
+            check_deadline(deadline, i, params.iterations)
             t = -u
             for k in kernels:
                 t = t + k.message(q)

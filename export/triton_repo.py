@@ -20,7 +20,8 @@ import uuid
 from pathlib import Path
 
 from crf import CRFParams
-from runtime.triton_contract import (CONFIG_MAX_ITERATIONS, CONFIG_MAX_PIXELS, DEFAULT_MAX_ITERATIONS,
+from runtime.triton_contract import (CONFIG_COMPUTE_TIMEOUT, CONFIG_MAX_ITERATIONS, CONFIG_MAX_PIXELS,
+                                     DEFAULT_MAX_ITERATIONS,
                                      DEFAULT_MAX_PIXELS, INPUT_IMAGE, MODEL_NAME, OUTPUT_LABELS,
                                      OUTPUT_PROBABILITIES, config_parameters)
 
@@ -145,6 +146,8 @@ def write_repository(model_path, out_dir, instances: int = 1, max_batch: int = 8
     parameters = config_parameters(seg.class_names, seg.palette.tolist(), defaults)
     parameters[CONFIG_MAX_PIXELS] = str(max_pixels)
     parameters[CONFIG_MAX_ITERATIONS] = str(max_iterations)
+    # The same limit on computing: past it a batch's CRF stops and its requests get 503.
+    parameters[CONFIG_COMPUTE_TIMEOUT] = repr(float(queue_timeout_s))
     config = config_text(seg.num_classes, parameters, instances, max_batch, queue_delay_us,
                          round(queue_timeout_s * 1e6))
 

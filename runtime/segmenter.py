@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from crf import CRFParams, refine, resolve_backend
+from crf.features import check_deadline
 from crf.backend import OutOfDeviceMemory
 
 from .backend_choice import open_network
@@ -66,6 +67,7 @@ class _Run:
     return_scores: bool
     results: list  # the call's results, filled in at idx
     tick: Callable[[str], None]
+    deadline: float | None = None  # time.monotonic() value: CRFTimeout past it
 
 
 @dataclass
@@ -286,19 +288,24 @@ class Segmenter(ClassAccessors):
 
     # -- segmentation ---------------------------------------------------------------------------
     def __call__(self, images, return_probabilities: bool = False, return_scores: bool = False,
-                 progress: Callable[[str], None] | None = None):
-        return self.seg(images, return_probabilities, return_scores, progress)
+                 progress: Callable[[str], None] | None = None, timeout: float | None = None):
+        return self.seg(images, return_probabilities, return_scores, progress, timeout)
 
     def seg(self, images, return_probabilities: bool = False, return_scores: bool = False,
-            progress: Callable[[str], None] | None = None):
+            progress: Callable[[str], None] | None = None, timeout: float | None = None):
         """Segment one image (path or BGR uint8 array) -> Segmentation, or a list -> list.
         return_scores keeps the network's logits (e.g. to try other CRF parameters with crf.refine).
         progress: called with "preprocess", "network" and "crf" as each image passes each stage (a
-        progress bar that moves while a large image is in the CRF)."""
+        progress bar that moves while a large image is in the CRF). timeout: seconds the call may
+        take; checked between stages and, on the host CRF, between mean-field iterations: past it,
+        crf.CRFTimeout (a TimeoutError) is raised and the Segmenter stays usable."""
         tick = progress or _no_progress
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
         if isinstance(images, (list, tuple)):
-            return self._seg_batch(list(images), return_probabilities, return_scores, tick)
-        return self._seg_batch([images], return_probabilities, return_scores, tick)[0]
+            return self._seg_batch(list(images), return_probabilities, return_scores, tick, deadline)
+        return self._seg_batch([images], return_probabilities, return_scores, tick, deadline)[0]
 
     def memory_model(self, height: int, width: int, return_probabilities: bool = False,
                      return_scores: bool = False) -> CallMemory:
@@ -341,12 +348,14 @@ class Segmenter(ClassAccessors):
         size = network_size(h, w, self.max_size, self.size_bounds, self.input_size)
         return img, network_image(img, size), size.scale, size.padded
 
-    def _refine(self, scores: np.ndarray, image: np.ndarray, params: CRFParams) -> np.ndarray:
+    def _refine(self, scores: np.ndarray, image: np.ndarray, params: CRFParams,
+                deadline: float | None = None) -> np.ndarray:
         """crf.refine, or, on the device pipeline, the same CRF on the network's kernels."""
+        check_deadline(deadline, 0, params.iterations)
         if self._device is not None and self._device.driver is not None:
             return self._device.refine(scores, image, params)
         assert self.crf_backend is not None, "the CRF is off"
-        return refine(scores, image, params, backend=self.crf_backend)
+        return refine(scores, image, params, backend=self.crf_backend, deadline=deadline)
 
     def _crf_size(self, h: int, w: int) -> tuple[int, int]:
         """The size the CRF runs at for an h x w image (runtime.memory.crf_size): itself, or shrunk
@@ -356,7 +365,7 @@ class Segmenter(ClassAccessors):
         return crf_size(h, w, self.num_classes, self.crf_max_pixels, p.pos_xy_std, p.bi_xy_std, self._crf_budget)
 
     def _seg_batch(self, images: list, return_probabilities: bool, return_scores: bool = False,
-                   tick: Callable[[str], None] = _no_progress) -> list[Segmentation]:
+                   tick: Callable[[str], None] = _no_progress, deadline: float | None = None) -> list[Segmentation]:
         if not images:
             return []
         t0 = time.perf_counter()
@@ -383,7 +392,9 @@ class Segmenter(ClassAccessors):
             t1 = time.perf_counter()
             batch = np.stack([pad_image(prepared[i][1], ph, pw) for i in idx])
             t_pad = (time.perf_counter() - t1) * 1e3 / len(idx)
-            run = _Run(prepared, names, idx, batch, t_pre + t_pad, return_probabilities, return_scores, results, tick)
+            run = _Run(prepared, names, idx, batch, t_pre + t_pad, return_probabilities, return_scores, results, tick,
+                       deadline)
+            check_deadline(deadline, 0, 0)
             if self._device is not None:
                 # The batch runs with the device's context current: buffers it lets go of (a crop
                 # outgrown by the next image's) are freed there, where pycuda can free them. Out of
@@ -419,11 +430,12 @@ class Segmenter(ClassAccessors):
             sc = scores[j, :, :nh, :nw]  # crop top-left
             timings["postprocess"] = (time.perf_counter() - t2) * 1e3
             run.results[i] = self._finish_on_host(sc, img, s, run.names[i], timings, run.return_probabilities,
-                                                  run.return_scores)
+                                                  run.return_scores, run.deadline)
             run.tick("crf")
 
     def _finish_on_host(self, sc: np.ndarray, img: np.ndarray, s: float, name: str, timings: dict,
-                        return_probabilities: bool, return_scores: bool) -> Segmentation:
+                        return_probabilities: bool, return_scores: bool,
+                        deadline: float | None = None) -> Segmentation:
         """From one image's cropped network scores (host, at the network's size) to its Segmentation.
         Nothing of C x H x W at the image's full size is made unless it is returned or the CRF runs
         at that size: labels reach full size through upsampled_argmax's bounded strips."""
@@ -450,13 +462,13 @@ class Segmenter(ClassAccessors):
         if params is not None:
             ch, cw = self._crf_size(h, w)
             if (ch, cw) == (h, w):
-                probs = self._refine(full_scores if full_scores is not None else sc, img, params)
+                probs = self._refine(full_scores if full_scores is not None else sc, img, params, deadline)
             else:  # a shrunken CRF (crf_max_pixels): the network's scores go straight to its size
                 crf_scale = math.sqrt(ch * cw / (h * w))
                 small_params = dataclasses.replace(params, bi_xy_std=params.bi_xy_std * crf_scale,
                                                    pos_xy_std=params.pos_xy_std * crf_scale)
                 small = self._refine(resize_scores(sc, ch, cw),
-                                     cv2.resize(img, (cw, ch), interpolation=cv2.INTER_AREA), small_params)
+                                     cv2.resize(img, (cw, ch), interpolation=cv2.INTER_AREA), small_params, deadline)
                 labels = upsampled_argmax(small, h, w)
                 probs = resize_scores(small, h, w) if return_probabilities else None
                 del small
@@ -520,7 +532,7 @@ class Segmenter(ClassAccessors):
                 sc = dev.download(crop, c, nh, nw)
                 timings["postprocess"] = (time.perf_counter() - t2) * 1e3
                 results[i] = self._finish_on_host(sc, img, s, run.names[i], timings, run.return_probabilities,
-                                                  run.return_scores)
+                                                  run.return_scores, run.deadline)
                 if events:
                     results[i].timings.update(_device_stage_timings(per_batch, k.stage_times()))
                 run.tick("crf")

@@ -12,7 +12,8 @@ Request parameters (all optional; the model's defaults are the CRFParams in its 
     each within its per-request bound (REQUEST_MAX, "max_iterations"); any other name is refused.
 Config parameters of the model: "class_names" and "palette" (JSON lists), "crf_defaults" (JSON object),
 "max_pixels" (the most pixels, N x H x W, of one request's images; more are refused),
-"max_iterations" (the most CRF iterations a request may ask for).
+"max_iterations" (the most CRF iterations a request may ask for), "compute_timeout_s" (the most
+seconds one batch of requests may compute: past it, its CRF stops and the requests get UNAVAILABLE, 503).
 The GPU ensemble (export/triton_gpu.py) passes PADDED_IMAGE and SCORES between its steps; its pad
 step's config parameters are "profile" (the engine's, JSON) and "max_size".
 Never imports torch or tritonclient.
@@ -41,6 +42,7 @@ CONFIG_PALETTE = "palette"
 CONFIG_CRF_DEFAULTS = "crf_defaults"
 CONFIG_MAX_PIXELS = "max_pixels"
 CONFIG_MAX_ITERATIONS = "max_iterations"
+CONFIG_COMPUTE_TIMEOUT = "compute_timeout_s"
 #: The GPU ensemble's step tensors: the pad step's output, the CRF step's input of engine scores.
 PADDED_IMAGE = "PADDED_IMAGE"
 SCORES = "SCORES"

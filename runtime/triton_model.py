@@ -70,14 +70,16 @@ class TritonPythonModel:
 
         pb_utils = utils
         from runtime.segmenter import Segmenter
-        from runtime.triton_contract import (CONFIG_MAX_ITERATIONS, CONFIG_MAX_PIXELS, DEFAULT_MAX_ITERATIONS,
-                                             DEFAULT_MAX_PIXELS, read_config_parameters)
+        from runtime.triton_contract import (CONFIG_COMPUTE_TIMEOUT, CONFIG_MAX_ITERATIONS, CONFIG_MAX_PIXELS,
+                                             DEFAULT_MAX_ITERATIONS, DEFAULT_MAX_PIXELS, read_config_parameters)
 
         config = json.loads(args["model_config"])
         parameters = config.get("parameters", {})
         self.class_names, self.palette, self.crf_defaults = read_config_parameters(parameters)
         self.max_pixels = int(parameters.get(CONFIG_MAX_PIXELS, {}).get("string_value", DEFAULT_MAX_PIXELS))
         self.max_iterations = int(parameters.get(CONFIG_MAX_ITERATIONS, {}).get("string_value", DEFAULT_MAX_ITERATIONS))
+        timeout = parameters.get(CONFIG_COMPUTE_TIMEOUT, {}).get("string_value")
+        self.compute_timeout = float(timeout) if timeout else None
         instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
         # Instances are separate processes: share the cores between them rather than oversubscribe.
         threads = max(1, (os.cpu_count() or 1) // instances)
@@ -127,7 +129,7 @@ class TritonPythonModel:
                 self._run_group(self.segmenter.with_crf(crf), want, jobs, replies)
         except Exception as e:  # a bug here must still answer every request, once
             for k in replies.unanswered():
-                replies[k] = self._error("internal error: %s" % (e,), invalid=False)
+                replies[k] = self._error("internal error: %s" % (e,), code="INTERNAL")
         return replies.result()
 
     def _run_group(self, segmenter, want_probabilities: bool, jobs, replies) -> None:
@@ -135,7 +137,13 @@ class TritonPythonModel:
         batches). Should the call fail, each request runs alone, so that only the bad one fails."""
         frames = [image for _, images in jobs for image in images]
         try:
-            results = segmenter(frames, return_probabilities=want_probabilities)
+            results = segmenter(frames, return_probabilities=want_probabilities, timeout=self.compute_timeout)
+        except TimeoutError as e:  # the compute time limit: all of this group, at once (retrying would double it)
+            for k, _ in jobs:
+                replies[k] = self._error("segmentation stopped after the model's compute_timeout_s (%s s): %s; "
+                                         "ask for fewer pixels or iterations" % (self.compute_timeout, e),
+                                         code="UNAVAILABLE")
+            return
         except Exception as e:  # the Segmenter's own errors name the image; find which request has it
             if len(jobs) > 1:
                 for job in jobs:
@@ -143,7 +151,8 @@ class TritonPythonModel:
                 return
             # ValueError: the request's data refused (a CRF bandwidth too small for the image's size,
             # ...): a client error. Anything else (out of memory, a bug) is the server's.
-            replies[jobs[0][0]] = self._error("segmentation failed: %s" % (e,), invalid=isinstance(e, ValueError))
+            replies[jobs[0][0]] = self._error("segmentation failed: %s" % (e,),
+                                              code="INVALID_ARG" if isinstance(e, ValueError) else "INTERNAL")
             return
         start = 0
         for k, images in jobs:
@@ -168,10 +177,11 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=outputs, parameters=parameters)
 
     @staticmethod
-    def _error(message: str, invalid: bool = True):
+    def _error(message: str, code: str = "INVALID_ARG"):
         """An error response: INVALID_ARG (HTTP 400) for a request the model refuses, INTERNAL
-        (500) for its own failures; a backend without error codes gets the message alone (500)."""
-        code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid else "INTERNAL", None)
+        (500) for its own failures, UNAVAILABLE (503) past the compute time limit; a backend
+        without error codes gets the message alone (500)."""
+        code = getattr(pb_utils.TritonError, code, None)
         error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
         return pb_utils.InferenceResponse(output_tensors=[], error=error)
 

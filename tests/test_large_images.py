@@ -132,3 +132,24 @@ def test_a_12_mp_image_costs_what_the_model_says_over_its_network_size(bundled_o
     assert r["labels"] == [3000, 4000] and r["scale"] < 1
     assert r["full_size"] < r["modelled"] < 300e6
     assert r["growth"] <= r["modelled"] + 48e6, r
+
+
+def test_a_timeout_stops_the_crf_between_iterations_and_the_segmenter_stays_usable(bundled_onnx):
+    import time
+
+    from crf import CRFParams, CRFTimeout, refine
+    from tools.testdata import smooth_logits
+
+    image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    scores = smooth_logits(300, 400, 5)
+    for backend in ("cpu", "numpy"):
+        t = time.monotonic()
+        with pytest.raises(CRFTimeout, match="of 100 iterations"):
+            refine(scores, image, CRFParams(iterations=100), backend=backend, deadline=t + 0.05)
+        assert time.monotonic() - t < 5  # 100 iterations would take much longer
+    seg = Segmenter(bundled_onnx, crf=CRFParams(iterations=100))
+    with pytest.raises(TimeoutError):
+        seg(image, timeout=0.05)
+    with pytest.raises(ValueError, match="timeout"):
+        seg(image, timeout=0)
+    assert seg.with_crf(CRFParams(iterations=2))(image, timeout=60).labels.shape == (300, 400)
