@@ -61,7 +61,9 @@ def resolve_backend(backend: str = "auto") -> str:
         except BackendUnavailable as e:
             _unavailable[name] = str(e)
             if name == "cpu":
-                warnings.warn(f"crf: using the slow numpy CRF: {e}", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"crf: using the slow numpy CRF: {e} (about 15x slower than the compiled "
+                              "kernels: 4.75 s vs 0.31 s for a 300x451 photograph with 21 labels)",
+                              RuntimeWarning, stacklevel=3)
     return "numpy"
 
 

@@ -4,11 +4,13 @@
 arrays in and out, launch a kernel by name over n threads with CUDA's argument convention. Two
 implementations:
 
-- ``CPUKernels``: the .cu file compiled by g++ with cpu_shim.h into a shared library (built on
-  first use, cached on disk and checked against its recorded sha256 before every load), launched
-  through ctypes: ``launch_<kernel>(grid, block, void** args)``.
-- ``GPUKernels``: the same .cu file compiled by pycuda (nvcc, cached on disk by pycuda), launched on
-  the caller's stream in the device's primary context.
+- ``CPUKernels``: the .cu file compiled with cpu_shim.h into a shared library — shipped in wheels,
+  one per instruction-set level (crf/build_kernels.py), else built here by g++ on first use,
+  cached on disk and checked against its recorded sha256 before every load — launched through
+  ctypes: ``launch_<kernel>(grid, block, void** args)``.
+- ``GPUKernels``: the same .cu file as the shipped CUDA fatbin (crf/gpu_module.py), or compiled by
+  pycuda (nvcc, cached on disk by pycuda) where none is shipped or it has no code for the GPU,
+  launched on the caller's stream in the device's primary context.
 """
 from __future__ import annotations
 
@@ -425,9 +427,57 @@ def build_cpu_library(force: bool = False, failed_sha256: str | None = None) -> 
     return lib
 
 
+def prebuilt_cpu_library() -> Path | None:
+    """The shipped library for this CPU (crf/kernels/prebuilt/, built into wheels by
+    crf/build_kernels.py): the best level this CPU runs, or the one DEEPLAB_CRF_TARGET names
+    ("x86-64-v2", ...). None where none is shipped (a checkout), or with DEEPLAB_CRF_BUILD=runtime."""
+    from .build_kernels import PREBUILT_DIR, best_target, cpu_features, targets_for
+
+    if os.environ.get("DEEPLAB_CRF_BUILD") == "runtime":
+        return None
+    wanted = os.environ.get("DEEPLAB_CRF_TARGET")
+    if wanted:
+        import platform
+
+        try:
+            names = {t.name: t for t in targets_for(platform.machine())}
+        except ValueError as e:
+            raise BackendUnavailable(f"DEEPLAB_CRF_TARGET={wanted}: {e}") from e
+        if wanted not in names:
+            raise BackendUnavailable(f"DEEPLAB_CRF_TARGET={wanted}: not a target of this platform; "
+                                     f"choose one of {', '.join(names)}")
+        missing = names[wanted].needs - cpu_features()
+        if missing:
+            raise BackendUnavailable(f"DEEPLAB_CRF_TARGET={wanted}: this CPU lacks {', '.join(sorted(missing))}")
+        target = names[wanted]
+    else:
+        target = best_target()
+    if target is None:
+        return None
+    lib = PREBUILT_DIR / target.filename
+    return lib if lib.is_file() else None
+
+
+#: Which CPU library this process loaded: "prebuilt <level>" or "compiled here" (load_cpu_library).
+cpu_library_source: str | None = None
+
+
 def load_cpu_library() -> ctypes.CDLL:
-    """The compiled kernels, loaded: a verified library that still does not load is compiled
-    again once; if that one does not load either, BackendUnavailable says why."""
+    """The kernels for this CPU, loaded: the shipped library of its level (prebuilt_cpu_library),
+    else — a checkout, or a platform without one — compiled here once and cached, saying so. A
+    verified cached library that still does not load is compiled again once; if that one does not
+    load either, BackendUnavailable says why."""
+    global cpu_library_source
+    shipped = prebuilt_cpu_library()
+    if shipped is not None:
+        try:
+            handle = ctypes.CDLL(str(shipped))
+            cpu_library_source = f"prebuilt {shipped.name}"
+            return handle
+        except OSError as e:  # a broken install: the run-time build still works where a compiler is
+            print(f"crf: the shipped {shipped.name} does not load ({e}); compiling the kernels here",
+                  file=sys.stderr, flush=True)
+    cpu_library_source = "compiled here"
     lib = build_cpu_library()
     try:
         return ctypes.CDLL(str(lib))
@@ -802,17 +852,14 @@ class GPUKernels(KernelBackend):
 
 
 def _compile_module(cuda):
-    """The kernel module for the current context; a compile or load failure is BackendUnavailable
-    with nvcc's message, so that "auto" falls back to the CPU build instead of failing."""
-    require_nvcc()
-    from pycuda.compiler import SourceModule
+    """The kernel module for the current context: the prebuilt fatbin shipped next to the .cu (no
+    nvcc needed), else the .cu compiled by pycuda with nvcc (crf/gpu_module.py, load_module). A
+    compile or load failure is BackendUnavailable with nvcc's message, so that "auto" falls back to
+    the CPU build instead of failing."""
+    from .gpu_module import load_module
 
-    source = KERNEL_SOURCE.read_text()
     try:
-        try:
-            return SourceModule(source, no_extern_c=True, options=NVCC_OPTIONS)
-        except OSError:  # pycuda's on-disk cubin cache (under ~/.cache) cannot be written: compile without it
-            return SourceModule(source, no_extern_c=True, options=NVCC_OPTIONS, cache_dir=False)
+        return load_module(cuda, KERNEL_SOURCE, NVCC_OPTIONS, require_nvcc=require_nvcc)
     except cuda.CompileError as e:  # its text holds nvcc's command line, stdout and stderr
         raise BackendUnavailable(f"nvcc could not compile the CRF kernels ({KERNEL_SOURCE.name}) for this GPU: "
                                  f"{str(e)[-4000:]}") from e
@@ -844,7 +891,12 @@ def gpu_available() -> bool:
         import pycuda.driver as cuda
 
         cuda.init()
-        return cuda.Device.count() > 0 and shutil.which("nvcc") is not None
+        if cuda.Device.count() == 0:
+            return False
+        from .gpu_module import prebuilt_fatbin
+
+        # the shipped fatbin needs no nvcc; without it the kernels are compiled with the machine's
+        return shutil.which("nvcc") is not None or prebuilt_fatbin() is not None
     except Exception:
         return False
 

@@ -50,7 +50,8 @@ print("agree:", bool((a.argmax(0) == b.argmax(0)).all() and np.abs(a - b).max() 
 
 def _env(cache: Path, tmpdir: Path, cxx: Path | None = None) -> dict:
     tmpdir.mkdir(exist_ok=True)
-    env = dict(os.environ, DEEPLAB_CACHE=str(cache), TMPDIR=str(tmpdir), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, DEEPLAB_CACHE=str(cache), TMPDIR=str(tmpdir), PYTHONPATH=str(ROOT),
+               DEEPLAB_CRF_BUILD="runtime")  # the run-time build, even where prebuilt libraries are
     env.pop("CXX", None)
     if cxx is not None:
         env["CXX"] = str(cxx)
@@ -266,7 +267,8 @@ def test_no_safe_directory_at_all_falls_back_to_numpy(tmp_path, copy_cxx):
     assert r["warnings"] == [
         f"crf: using the slow numpy CRF: no safe directory to cache the compiled CPU CRF kernels: "
         f"{cache / 'deeplab-v1-toolkit'} cannot be created: Not a directory, and {private} writable by group or "
-        f"others (mode 777); set DEEPLAB_CACHE to a directory of your own"]
+        f"others (mode 777); set DEEPLAB_CACHE to a directory of your own (about 15x slower than the compiled "
+        f"kernels: 4.75 s vs 0.31 s for a 300x451 photograph with 21 labels)"]
 
 
 def test_two_processes_on_an_empty_cache_compile_once(tmp_path):
