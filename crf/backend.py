@@ -35,7 +35,8 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+from .build_kernels import COMMON_FLAGS, KERNEL_DIR  # noqa: E402  (one place for the build flags)
+
 KERNEL_SOURCE = KERNEL_DIR / "densecrf.cu"
 BLOCK = 256
 
@@ -176,15 +177,10 @@ class KernelBackend:
 # ------------------------------------------------------------------------------------------------
 # CPU: the kernels compiled by g++
 
-CXX_FLAGS = ["-O3", "-std=c++17", "-pthread", "-fPIC", "-shared",
-             # kernels not exported, so they inline into the launchers' thread loops
-             "-fvisibility=hidden",
-             # the library is built on the machine that runs it (and cached per CPU), so use its SIMD width
-             "-march=native",
-             # no FMA contraction and no fast-math: the CPU path follows the reference's rounding
-             "-ffp-contract=off", "-fno-fast-math",
-             # no FP traps are ever enabled: lets GCC if-convert float selects, so label loops vectorise
-             "-fno-trapping-math"]
+# The run-time build (a checkout, or a platform without shipped libraries): the shipped builds'
+# flags (crf/build_kernels.py), with this machine's SIMD width, as the library is built on the
+# machine that runs it (and cached per CPU).
+CXX_FLAGS = [*COMMON_FLAGS, "-march=native"]
 
 
 def cache_dir() -> Path:

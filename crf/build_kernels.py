@@ -36,10 +36,10 @@ COMMON_FLAGS = ["-O3", "-std=c++17", "-pthread", "-fPIC", "-shared",
                 # no FMA contraction and no fast-math: the CPU path follows the reference's rounding
                 "-ffp-contract=off", "-fno-fast-math",
                 # no FP traps are ever enabled: lets the compiler if-convert float selects, so label loops vectorise
-                "-fno-trapping-math",
-                # thread-local variables reached through __tls_get_addr, never the static TLS block: a
-                # library dlopen()ed late must not need it ("cannot allocate memory in static TLS block")
-                "-ftls-model=global-dynamic"]
+                "-fno-trapping-math"]
+#: What a shipped library adds: no debug info (zig's libc++ brings ~3 MB of it), and only the
+#: launchers exported (libc++'s weak operator new/delete stay inside).
+SHIPPED_FLAGS = ["-s", f"-Wl,--version-script={KERNEL_DIR / 'exports.map'}"]
 
 
 class CpuTarget(NamedTuple):
@@ -60,13 +60,16 @@ _X86_V2 = frozenset({"sse4_2", "sse4_1", "ssse3", "popcnt", "cx16"})
 _X86_V3 = _X86_V2 | {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}
 _X86_V4 = _X86_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 
-#: Best first: the loader takes the first whose needs the CPU has.
+#: Best first: the loader takes the first whose needs the CPU has. zig's CPU names (it refuses
+#: -march=x86-64-v3). armv8.2-a: LSE atomics and FP16, what Xavier (Carmel) and Orin (A78AE) both
+#: have; no dotprod, which Xavier lacks.
 CPU_TARGETS = (
-    CpuTarget("x86-64-v4", "x86_64", ("-march=x86-64-v4",), _X86_V4),
-    CpuTarget("x86-64-v3", "x86_64", ("-march=x86-64-v3",), _X86_V3),
-    CpuTarget("x86-64-v2", "x86_64", ("-march=x86-64-v2",), _X86_V2),
-    CpuTarget("armv8.2-a", "aarch64", ("-march=armv8.2-a+fp16+dotprod",), frozenset({"asimddp", "asimdhp"})),
-    CpuTarget("armv8-a", "aarch64", ("-march=armv8-a",), frozenset()),
+    CpuTarget("x86-64-v4", "x86_64", ("-mcpu=x86_64_v4",), _X86_V4),
+    CpuTarget("x86-64-v3", "x86_64", ("-mcpu=x86_64_v3",), _X86_V3),
+    CpuTarget("x86-64-v2", "x86_64", ("-mcpu=x86_64_v2",), _X86_V2),
+    CpuTarget("armv8.2-a", "aarch64", ("-mcpu=generic+v8_2a+fullfp16",),
+              frozenset({"atomics", "fphp", "asimdhp", "asimdrdm"})),
+    CpuTarget("armv8-a", "aarch64", ("-mcpu=generic",), frozenset()),
 )
 
 #: The oldest glibc each platform's libraries load on, and the wheel's platform tag that says so:
@@ -113,8 +116,9 @@ def compiler_for(machine: str) -> List[str]:
 
 
 def compile_command(compiler: Sequence[str], arch_flags: Sequence[str], out: Path) -> List[str]:
-    """The command building the CPU library at ``out`` from crf/kernels/cpu_launch.cpp."""
-    return [*compiler, *COMMON_FLAGS, *arch_flags, "-o", str(out), str(KERNEL_DIR / "cpu_launch.cpp")]
+    """The command building a shipped CPU library at ``out`` from crf/kernels/cpu_launch.cpp."""
+    return [*compiler, *COMMON_FLAGS, *SHIPPED_FLAGS, *arch_flags, "-o", str(out),
+            str(KERNEL_DIR / "cpu_launch.cpp")]
 
 
 def build_cpu_libraries(out_dir: Path, machine: str, compiler: Optional[Sequence[str]] = None,

@@ -9,11 +9,13 @@
 #include <cstring>
 
 struct dim3 { unsigned int x = 0, y = 0, z = 0; };
-// initial-exec: a plain %fs-relative access instead of a __tls_get_addr call per use.
-static thread_local dim3 threadIdx __attribute__((tls_model("initial-exec")));
-static thread_local dim3 blockIdx __attribute__((tls_model("initial-exec")));
-static thread_local dim3 blockDim __attribute__((tls_model("initial-exec")));
-static thread_local dim3 gridDim __attribute__((tls_model("initial-exec")));
+// No tls_model attribute: the library is dlopen()ed late (ctypes), where initial-exec TLS needs
+// the static TLS block ("cannot allocate memory in static TLS block"; glibc's surplus is small on
+// aarch64). With -fPIC the module's TLS base is found once per block loop, not per use.
+static thread_local dim3 threadIdx;
+static thread_local dim3 blockIdx;
+static thread_local dim3 blockDim;
+static thread_local dim3 gridDim;
 
 #define __global__
 #define __device__
