@@ -16,4 +16,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl pytools platformdirs mako markupsafe typing_extensions siphash24 setuptools wheel safetensors
 cp benchmarks/device-install.sh .whl/
+# the CRF kernels' CUDA fatbin, as a wheel ships it: the GPU run loads it with nvcc hidden
+python3 -c "import subprocess, sys; sys.path.insert(0, '.'); from crf.gpu_module import fatbin_command; \
+subprocess.run(fatbin_command('nvcc', 'crf/kernels/densecrf.cu', '.whl/densecrf.fatbin'), check=True)"
 ls -la .whl

@@ -216,6 +216,20 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps(report, indent=2))
 
     kernels = GPUKernels() if args.device == "cuda" else CPUKernels()
+    if args.device == "cuda":  # how the kernels came: the shipped fatbin (no nvcc) or compiled here
+        import shutil
+
+        from crf.gpu_module import module_origin
+
+        origin = module_origin()
+        report["versions"]["crf_module"] = None if origin is None else origin._asdict()
+        report["versions"]["nvcc_on_path"] = shutil.which("nvcc")
+        print(f"crf module: {origin.describe() if origin is not None else 'unknown'}; "
+              f"nvcc on PATH: {shutil.which('nvcc') or 'none'}", flush=True)
+    else:
+        from crf import backend
+
+        report["versions"]["crf_cpu_library"] = backend.cpu_library_source
     for size in args.sizes:
         r = report["crf"][size] = crf_report(kernels, size, args.runs)
         ref = report["crf_cpu_build"][size] = cpu_reference(size, args.cpu_runs)
