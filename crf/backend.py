@@ -427,7 +427,7 @@ def prebuilt_cpu_library() -> Path | None:
     """The shipped library for this CPU (crf/kernels/prebuilt/, built into wheels by
     crf/build_kernels.py): the best level this CPU runs, or the one DEEPLAB_CRF_TARGET names
     ("x86-64-v2", ...). None where none is shipped (a checkout), or with DEEPLAB_CRF_BUILD=runtime."""
-    from .build_kernels import PREBUILT_DIR, best_target, cpu_features, targets_for
+    from .build_kernels import PREBUILT_DIR, CpuTarget, best_target, cpu_features, targets_for
 
     if os.environ.get("DEEPLAB_CRF_BUILD") == "runtime":
         return None
@@ -445,7 +445,7 @@ def prebuilt_cpu_library() -> Path | None:
         missing = names[wanted].needs - cpu_features()
         if missing:
             raise BackendUnavailable(f"DEEPLAB_CRF_TARGET={wanted}: this CPU lacks {', '.join(sorted(missing))}")
-        target = names[wanted]
+        target: CpuTarget | None = names[wanted]
     else:
         target = best_target()
     if target is None:
