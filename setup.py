@@ -45,6 +45,9 @@ class BuildWithKernels(build_py):
         super().run()
         if self.editable_mode:
             return
+        if os.environ.get("DEEPLAB_WHEEL_KERNELS") == "0":  # a wheel that compiles at run time, as a checkout
+            print("crf: DEEPLAB_WHEEL_KERNELS=0: no prebuilt kernels in this wheel")
+            return
         kernels = Path(self.build_lib) / "crf" / "kernels"
         # another platform's libraries from an earlier build in the same folder must not ship
         shutil.rmtree(kernels / "prebuilt", ignore_errors=True)
