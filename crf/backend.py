@@ -36,6 +36,7 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 from .build_kernels import COMMON_FLAGS, KERNEL_DIR  # noqa: E402  (one place for the build flags)
+from .gpu_module import NVCC_OPTIONS as GPU_NVCC_OPTIONS  # noqa: E402  (and for nvcc's)
 
 KERNEL_SOURCE = KERNEL_DIR / "densecrf.cu"
 BLOCK = 256
@@ -624,7 +625,9 @@ class CPUKernels(KernelBackend):
 # ------------------------------------------------------------------------------------------------
 # GPU: the same kernels through pycuda
 
-NVCC_OPTIONS = ["--fmad=false", "-O3"]  # no FMA contraction: the GPU matches the CPU path closely
+# nvcc's options, from the one place that builds the fatbin too (no FMA contraction: the GPU
+# matches the CPU path closely)
+NVCC_OPTIONS = list(GPU_NVCC_OPTIONS)
 
 
 def require_nvcc() -> str:
