@@ -21,9 +21,6 @@ t_start=$(date +%s.%N)
 PYTHON=${PYTHON:-python3}
 SUITE=${SUITE:-bookworm}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-ZIGLANG=${ZIGLANG:-0.17.1}
-NUMPY=${NUMPY:-2.2.6}
-SETUPTOOLS=${SETUPTOOLS:-80.9.0}
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/deeplab-v1-toolkit
 deb_cache=$cache/arm64-root/$SUITE-arm64
 mkdir -p "$deb_cache"
@@ -42,23 +39,9 @@ fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-# 1. the host's Python: zig (the build requirement) and numpy, in a venv kept in the cache at a
-#    fixed path (zig's own cache, ~/.cache/zig, keys on zig's path: a fixed one lets reruns reuse
-#    the target's libc++ and objects; ~2 min saved)
-venv=$cache/build-venv-zig$ZIGLANG-numpy$NUMPY
-if "$PYTHON" -c "import ziglang, numpy, setuptools" 2>/dev/null; then
-    # the test environment's own zig (the README's test command installs it): zig's cache, keyed
-    # on zig's path, is then shared with the test suite's builds of the same libraries
-    venv=$("$PYTHON" -c "import sys; print(sys.prefix)")
-elif [ ! -f "$venv/.complete" ]; then
-    echo "== making $venv: ziglang==$ZIGLANG numpy==$NUMPY setuptools==$SETUPTOOLS"
-    rm -rf "$venv"
-    "$PYTHON" -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check "ziglang==$ZIGLANG" "numpy==$NUMPY" \
-        "setuptools==$SETUPTOOLS" || fail "pip install into $venv"
-    touch "$venv/.complete"
-fi
-py=$venv/bin/python
+# 1. the host's Python: zig (the build requirement) and numpy (tests/zig_python.sh)
+. tests/zig_python.sh
+py=$zig_py
 
 # 2. the libraries: aarch64 (under test) and x86_64 (the reference), exactly as a wheel builds them
 t0=$(date +%s.%N)

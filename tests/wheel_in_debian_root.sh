@@ -17,10 +17,6 @@ t_start=$(date +%s.%N)
 SUITE=${SUITE:-bookworm}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PYTHON=${PYTHON:-python3}
-# The build requirements (pyproject.toml), pinned; the same venv as tests/aarch64_emulated.sh
-ZIGLANG=${ZIGLANG:-0.17.1}
-NUMPY=${NUMPY:-2.2.6}
-SETUPTOOLS=${SETUPTOOLS:-80.9.0}
 # The wheel's dependencies in the root, pinned (binary wheels for CPython 3.11 on x86_64)
 PINS=(numpy==2.2.6 opencv-python-headless==4.12.0.88 onnxruntime==1.22.1 tqdm==4.67.1)
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/deeplab-v1-toolkit
@@ -57,26 +53,12 @@ mnt() {  # mnt ARGS... TARGET: mount and remember TARGET for the trap
     mounts+=("${*: -1}")
 }
 
-# 1. the wheel (no CUDA fatbin: this run only tests the CPU path). The build requirements
-#    (pyproject.toml: setuptools, ziglang) come from a venv kept in the cache at a fixed path, built
-#    without isolation: zig's own cache (~/.cache/zig) keys on zig's path, so a fixed one lets
-#    reruns reuse libc++ and the objects (pip's isolated env has a new path each time: ~2 min more).
-venv=$cache/build-venv-zig$ZIGLANG-numpy$NUMPY
-if "$PYTHON" -c "import ziglang, numpy, setuptools" 2>/dev/null; then
-    # the test environment's own zig (the README's test command installs it): zig's cache, keyed
-    # on zig's path, is then shared with the test suite's builds of the same libraries
-    venv=$("$PYTHON" -c "import sys; print(sys.prefix)")
-elif [ ! -f "$venv/.complete" ]; then
-    echo "== making $venv: ziglang==$ZIGLANG numpy==$NUMPY setuptools==$SETUPTOOLS"
-    rm -rf "$venv"
-    "$PYTHON" -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check "ziglang==$ZIGLANG" "numpy==$NUMPY" \
-        "setuptools==$SETUPTOOLS" || fail "pip install into $venv"
-    touch "$venv/.complete"
-fi
+# 1. the wheel (no CUDA fatbin: this run only tests the CPU path), built without isolation by a
+#    Python with the build requirements at a fixed path (tests/zig_python.sh says why)
+. tests/zig_python.sh
 echo "== building the x86_64 wheel"
 t0=$(date +%s.%N)
-DEEPLAB_WHEEL_FATBIN=0 DEEPLAB_WHEEL_MACHINE=x86_64 "$venv/bin/python" -m pip wheel --no-deps --no-build-isolation \
+DEEPLAB_WHEEL_FATBIN=0 DEEPLAB_WHEEL_MACHINE=x86_64 "$zig_py" -m pip wheel --no-deps --no-build-isolation \
     --disable-pip-version-check -q -w "$tmp/wheel" . || fail "building the wheel"
 wheel=$(ls "$tmp"/wheel/deeplab_v1_toolkit-*.whl)
 t_wheel=$(since "$t0")
