@@ -92,14 +92,22 @@ def write_files_together(files: Dict[Path, bytes]) -> None:
         raise
 
 
-def _process_alive(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, does not): what tells a
+    dead writer's (or server's) leftovers from a live one's."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
         return False
-    except PermissionError:  # another user's live process
+    except (OSError, IndexError):  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's live process
+            pass
         return True
-    return True
 
 
 def remove_stale_temporaries(folder: PathLike) -> List[Path]:
@@ -113,7 +121,7 @@ def remove_stale_temporaries(folder: PathLike) -> List[Path]:
     for e in entries:
         m = _TEMPORARY.match(e.name)
         if m and e.is_file(follow_symlinks=False) and int(m.group(1)) != os.getpid() \
-                and not _process_alive(int(m.group(1))):
+                and not process_running(int(m.group(1))):
             with contextlib.suppress(OSError):
                 os.unlink(e.path)
                 removed.append(Path(e.path))

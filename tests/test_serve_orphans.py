@@ -21,6 +21,7 @@ from triton_fixture import NO_SERVE_EXTRA, repo, require_server, server  # noqa:
 
 pytest.importorskip("tritonclient.http", reason=NO_SERVE_EXTRA)
 
+from runtime.output_files import process_running  # noqa: E402  (a zombie nobody reaps is not running)
 from runtime.triton_client import TritonSegmenter  # noqa: E402
 from tools import serve  # noqa: E402
 
@@ -34,16 +35,7 @@ def _pids_naming(text: str) -> list:
                     found.append(int(entry))
         except (OSError, ValueError):
             pass
-    return [pid for pid in found if _alive(pid)]
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie nobody reaps in a container without an init is not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
+    return [pid for pid in found if process_running(pid)]
 
 
 def _children(pid: int) -> list:
@@ -81,16 +73,16 @@ def _start_cli(repo, log_path: Path) -> tuple:
         time.sleep(0.5)
     assert proc.poll() is None, log_path.read_text()
     workdir = Path(re.search(r"log +(\S+)/tritonserver\.log", log_path.read_text()).group(1))
-    servers = [pid for pid in _children(proc.pid) if _alive(pid)]
+    servers = [pid for pid in _children(proc.pid) if process_running(pid)]
     assert len(servers) == 1, servers
     return proc, servers[0], workdir
 
 
 def _wait_gone(pids, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(process_running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(p) for p in pids), "processes outlived the kill"
+    assert not any(process_running(p) for p in pids), "processes outlived the kill"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])

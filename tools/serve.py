@@ -44,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime.output_files import process_running  # noqa: E402
 from runtime.triton_contract import MODEL_NAME  # noqa: E402
 from runtime.triton_model import SITE_ENV  # noqa: E402
 
@@ -211,23 +212,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
-
-
 def _paths_in_use() -> str:
     """The command lines and memory maps of every process we can read, as one text: a path in it
     is in use (a server's folder on its command line, a shared memory region mapped)."""
@@ -257,7 +241,7 @@ def remove_stale() -> list:
             for entry in folder.iterdir():
                 m = pattern.match(entry.name)
                 owner = int(m.group(1)) if m else 0
-                if owner > 0 and owner != os.getpid() and not _running(owner):
+                if owner > 0 and owner != os.getpid() and not process_running(owner):
                     candidates.append(entry)
     if not candidates:
         return []
