@@ -31,9 +31,9 @@ from runtime.contract import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES  # noqa: E402
 from runtime.memory import DEFAULT_MEMORY_BUDGET  # noqa: E402
 
 if __package__:  # imported: tools.segment from a checkout, deeplab_tools.segment when installed
-    from .cli import crf_params_file, int_at_least, int_in, plain_warnings  # noqa: E402
+    from .cli import crf_params_file, int_at_least, int_in, plain_warnings, reason_of  # noqa: E402
 else:  # run as a script: python tools/segment.py
-    from tools.cli import crf_params_file, int_at_least, int_in, plain_warnings  # noqa: E402
+    from tools.cli import crf_params_file, int_at_least, int_in, plain_warnings, reason_of  # noqa: E402
 
 
 def expand(inputs: list[str]) -> list[tuple[Path, Path]]:
@@ -107,14 +107,6 @@ def inside(folder: Path, target: Path) -> bool:
     """Whether target resolves inside folder (symbolic links followed)."""
     root = os.path.realpath(folder)
     return os.path.commonpath([root, os.path.realpath(target)]) == root
-
-
-def failure_reason(e: BaseException) -> str:
-    """One line: the message of an expected error, with the type for anything else."""
-    text = " ".join(str(e).split())
-    if isinstance(e, (ValueError, OSError)) and text:
-        return text
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def unit_interval(s: str) -> float:
@@ -255,7 +247,7 @@ def main(argv=None) -> int:
             write_files_together(written)  # all of this image's files, or none
         except Exception as e:  # noqa: BLE001 (one image's failure, of any kind, must not stop the others)
             # One line per image: its path and the reason (messages from loading already name it).
-            reason = failure_reason(e)
+            reason = reason_of(e, expected=(ValueError, OSError))
             tqdm.write("failed: " + (reason if str(f) in reason else f"{f}: {reason}"), file=sys.stderr)
             failed_files.append(str(f))
             continue

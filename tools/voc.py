@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import reason_of  # noqa: F401  (re-exported: the evaluation's skip reasons)
+
 #: Label value that marks pixels left out of the score (object borders and "difficult" regions in VOC).
 IGNORE_LABEL = 255
 #: How many ids an error message lists before "...".
@@ -41,15 +43,6 @@ class SkipImage(DatasetError):
     def __init__(self, name: str, file, reason: str):
         super().__init__(f"{name}: {reason}")
         self.name, self.file, self.reason = name, None if file is None else str(file), reason
-
-
-def reason_of(error: BaseException) -> str:
-    """One line saying why: the message of an expected error (ValueError: they name the file),
-    the type too for anything else ("PermissionError: ...", "MemoryError")."""
-    text = " ".join(str(error).split())
-    if isinstance(error, ValueError) and text:
-        return text
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 @dataclass(frozen=True)
