@@ -31,12 +31,18 @@ CRF_MEMORY_BUDGET = 1.5e9
 DEFAULT_MEMORY_BUDGET = 2.5e9
 
 
+def _buffer_bytes(pixels: float, s: int, m_s: float, m_b: float) -> float:
+    """The README's formula for the CRF's buffers: label rows of s floats (the GPU's layout), m_s /
+    m_b spatial and bilateral lattice vertices, the hash table at its largest (4 pow2(3N/4) <= 6N)
+    and the GPU's extra terms (fixed-point sums 8S·M_max, the uploaded image 3N)."""
+    m_max = max(m_s, m_b)
+    return (8 * s + 236 + 6 + 3) * pixels + m_s * (28 + 8 * s) + m_b * (52 + 8 * s) + 8 * m_max + 8 * s * m_max
+
+
 def crf_bytes_per_pixel(num_classes: int) -> float:
-    """CRF buffers per pixel by the README's formula with C-float label rows (the GPU's layout),
-    lattice vertices ~ N/5 per kernel as on photographs, the hash table at its largest
-    (4 pow2(3N/4) <= 6N) and the GPU's extra terms: ~530 bytes with 21 classes."""
-    s = num_classes
-    return 8 * s + 236 + 6 + (28 + 8 * s + 52 + 8 * s + 8) / 5 + 8 * s / 5 + 3
+    """CRF buffers per pixel with lattice vertices ~ N/5 per kernel, as on photographs at
+    DeepLab's bandwidths: ~530 bytes with 21 classes (what the default crf_max_pixels is sized by)."""
+    return _buffer_bytes(1, num_classes, 0.2, 0.2)
 
 
 def default_crf_max_pixels(num_classes: int) -> int:
@@ -55,13 +61,9 @@ def lattice_vertices(pixels: int, pos_xy_std: float, bi_xy_std: float) -> tuple:
 
 
 def crf_buffer_bytes(pixels: int, num_classes: int, pos_xy_std: float = 3.0, bi_xy_std: float = 50.0) -> float:
-    """The CRF's buffers on an image of ``pixels`` by the README's formula (label rows of C floats,
-    the GPU's layout; the hash table at its largest, the GPU's fixed-point sums and image), with
-    lattice_vertices' estimate of the vertices for the given bandwidths."""
-    s = num_classes
-    m_s, m_b = lattice_vertices(pixels, pos_xy_std, bi_xy_std)
-    m_max = max(m_s, m_b)
-    return (8 * s + 236 + 6 + 3) * pixels + m_s * (28 + 8 * s) + m_b * (52 + 8 * s) + 8 * m_max + 8 * s * m_max
+    """The CRF's buffers on an image of ``pixels`` (_buffer_bytes), with lattice_vertices' estimate
+    of the vertices for the given bandwidths."""
+    return _buffer_bytes(pixels, num_classes, *lattice_vertices(pixels, pos_xy_std, bi_xy_std))
 
 
 def crf_size(height: int, width: int, num_classes: int, max_pixels: int, pos_xy_std: float, bi_xy_std: float,
