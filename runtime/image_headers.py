@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 Size = Optional[Tuple[int, int]]
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8 and CC are not frames.
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -20,7 +20,7 @@ def declared_size(data: bytes) -> Size:
     """(height, width) that the header of a PNG, JPEG, BMP, WebP, GIF, TIFF or PNM file declares;
     None for other formats or a header too damaged to read (the decoder then decides)."""
     try:
-        if data[:8] == _PNG_SIGNATURE:
+        if data[:8] == PNG_SIGNATURE:
             if data[12:16] == b"IHDR":
                 w, h = struct.unpack(">II", data[16:24])
                 return h, w
@@ -125,7 +125,7 @@ def incomplete_file_reason(data: bytes) -> str | None:
     """Why a JPEG or PNG file is cut short (None when complete or another format)."""
     if data[:2] == b"\xff\xd8":
         return _jpeg_problem(data)
-    if data[:8] == _PNG_SIGNATURE:
+    if data[:8] == PNG_SIGNATURE:
         return _png_problem(data)
     return None
 

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .image_headers import PNG_SIGNATURE
 from .output_files import write_bytes_atomically
 
 VOC_CLASSES = (
@@ -102,6 +103,11 @@ class ClassAccessors:
         return blend(result.image, result.labels, self.palette, alpha, skip_background)
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
 def indexed_png_bytes(labels: np.ndarray, palette_rgb: np.ndarray) -> bytes:
     """labels as an 8-bit palettised PNG file's bytes (the VOC ground-truth format), without Pillow."""
     if labels.dtype != np.uint8 or labels.ndim != 2:
@@ -111,12 +117,9 @@ def indexed_png_bytes(labels: np.ndarray, palette_rgb: np.ndarray) -> bytes:
     n = min(256, len(palette_rgb))
     pal[:n] = palette_rgb[:n]
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
     raw = np.concatenate([np.zeros((h, 1), np.uint8), labels], axis=1).tobytes()  # filter 0 per row
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
-            + chunk(b"PLTE", pal.tobytes()) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    return (PNG_SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
+            + png_chunk(b"PLTE", pal.tobytes()) + png_chunk(b"IDAT", zlib.compress(raw, 6)) + png_chunk(b"IEND", b""))
 
 
 def write_indexed_png(path: str | Path, labels: np.ndarray, palette_rgb: np.ndarray) -> None:

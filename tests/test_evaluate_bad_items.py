@@ -16,20 +16,20 @@ import pytest
 from crf import CRFParams
 from runtime.palette import voc_palette, write_indexed_png
 from test_evaluate_tool import ONNX, InMemory, make_voc, onnx_model, run_main  # noqa: F401 (a fixture)
+from runtime.image_headers import PNG_SIGNATURE
+from runtime.palette import png_chunk
 from tools.evaluate import evaluate
 from tools.voc import VOCDataset, read_label_png
 
 
 def png_bytes(values: np.ndarray, depth: int, colour_type: int, palette: bytes | None = None) -> bytes:
     """A PNG of ``values`` (sample values, packed at ``depth`` bits) written byte by byte."""
-    def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
     h, w = values.shape
     rows = b"".join(b"\0" + np.packbits(np.unpackbits(row.astype(np.uint8)[:, None], axis=1)[:, 8 - depth:]).tobytes()
                     for row in values)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, colour_type, 0, 0, 0))
-            + (chunk(b"PLTE", palette) if palette else b"") + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (PNG_SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, colour_type, 0, 0, 0))
+            + (png_chunk(b"PLTE", palette) if palette else b"") + png_chunk(b"IDAT", zlib.compress(rows))
+            + png_chunk(b"IEND", b""))
 
 
 LABELS = np.array([[0, 1, 2, 3], [4, 255, 20, 0], [7, 7, 1, 255]], np.uint8)

@@ -11,6 +11,7 @@ import pytest
 from runtime import ImageError
 from runtime.contract import load_image
 from tools.evaluate import held_out_scene
+from tools.testdata import png_declaring
 
 
 def encode(ext: str, image: np.ndarray) -> bytes:
@@ -116,17 +117,6 @@ def test_grayscale_and_alpha_files(scene, tmp_path):
 
 # -- decompression bombs: the declared size is checked before any decoder runs ------------------
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    import zlib
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def png_declaring(width: int, height: int, idat: bytes = b"garbage") -> bytes:
-    """A complete PNG file (IEND present) whose header declares width x height gray pixels."""
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
-
-
 @pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".webp", ".tif", ".ppm", ".pgm"])
 @pytest.mark.parametrize("h,w", [(1, 1), (37, 53), (300, 7)])
 def test_declared_size_is_what_the_decoder_makes(ext, h, w):
@@ -151,7 +141,7 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path):
     from runtime.contract import ImageTooLarge
 
     f = tmp_path / "bomb.png"
-    f.write_bytes(png_declaring(70000, 70000))  # 4.9 G pixels in a few bytes; its data is not even valid
+    f.write_bytes(png_declaring(70000, 70000, idat=b"garbage"))  # 4.9 G pixels in a few bytes; its data is not even valid
     with pytest.raises(ImageTooLarge) as e:
         load_image(f)
     assert str(f) in str(e.value) and e.value.pixels == 70000 * 70000 and e.value.limit == 100_000_000

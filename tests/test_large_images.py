@@ -4,26 +4,18 @@ through bounded strips (runtime/upsample.py)."""
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
 from runtime import Segmenter
-from runtime.contract import ImageError, ImageTooLarge
+from runtime.contract import ImageTooLarge
 from runtime.memory import CRF_MEMORY_BUDGET, crf_buffer_bytes, crf_size
 from runtime.upsample import resize_scores, upsampled_argmax
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", b"not pixel data") + chunk(b"IEND", b""))
+from tools.testdata import png_declaring
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +46,7 @@ def test_images_over_max_pixels_are_refused(bundled_onnx):
 
 def test_over_the_memory_budget_is_refused_before_decoding(seg, tmp_path):
     f = tmp_path / "huge.png"
-    f.write_bytes(png_declaring(20000, 15000))  # 300 MP: under a raised max_pixels, over the budget
+    f.write_bytes(png_declaring(20000, 15000, colour_type=2))  # 300 MP: under a raised max_pixels, over the budget
     big = Segmenter(seg.model_path, max_pixels=10**9)
     with pytest.raises(ImageTooLarge, match="memory_budget") as e:
         big(f)  # its pixel data is garbage: reaching the decoder would raise a decode error instead

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import zlib
@@ -14,6 +13,7 @@ import pytest
 
 from conftest import ROOT, SAMPLES
 from runtime.output_files import remove_stale_temporaries, write_files_together
+from tools.testdata import png_declaring
 
 
 def run_segment(*args):
@@ -26,11 +26,8 @@ def files_under(folder: Path) -> set:
 
 
 def bomb_png(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     rows = zlib.compress(b"\0" * (width + 1) * 64, 9)  # a real bomb's start: zeros compress ~1000x
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return png_declaring(width, height, idat=rows)
 
 
 def dead_pid() -> int:

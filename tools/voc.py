@@ -15,11 +15,13 @@ their values to 0..255 (a 1-bit 1 would become 255, "not labelled").
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from runtime.image_headers import PNG_SIGNATURE
+from runtime.palette import png_chunk
 
 from .cli import reason_of  # noqa: F401  (re-exported: the evaluation's skip reasons)
 
@@ -28,7 +30,6 @@ IGNORE_LABEL = 255
 #: How many ids an error message lists before "...".
 SHOW_IDS = 5
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _GREY, _PALETTE = 0, 3  # PNG colour types
 
 
@@ -63,18 +64,14 @@ def listed(ids: list, more: int | None = None) -> str:
     return text + (f", ... ({total} in all)" if total > SHOW_IDS else "")
 
 
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
 def _with_identity_palette(data: bytes) -> bytes:
     """The PNG ``data`` (palettised or greyscale, 1 to 8 bits) as a palettised PNG of the same pixel
     data whose palette maps index i to grey i: decoded, its values are the sample values.
     Ancillary chunks go (tRNS, bKGD, hIST refer to the old palette; none changes a pixel's index);
     IDAT and IEND keep their bytes and CRCs, so a damaged file is still refused by the decoder."""
     depth = data[24]
-    out = [data[:8], _chunk(b"IHDR", data[16:24] + bytes([depth, _PALETTE]) + data[26:29])]
-    out.append(_chunk(b"PLTE", np.repeat(np.arange(1 << min(depth, 8), dtype=np.uint8), 3).tobytes()))
+    out = [data[:8], png_chunk(b"IHDR", data[16:24] + bytes([depth, _PALETTE]) + data[26:29])]
+    out.append(png_chunk(b"PLTE", np.repeat(np.arange(1 << min(depth, 8), dtype=np.uint8), 3).tobytes()))
     pos = 8
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
@@ -94,7 +91,7 @@ def read_label_png(path: str | Path) -> np.ndarray:
 
     path = Path(path)
     data = path.read_bytes()
-    if not data.startswith(_PNG_SIGNATURE) or len(data) < 33 or data[12:16] != b"IHDR":
+    if not data.startswith(PNG_SIGNATURE) or len(data) < 33 or data[12:16] != b"IHDR":
         raise DatasetError(f"label file is not a PNG: {path}")
     depth, colour_type = data[24], data[25]  # IHDR: width, height, bit depth, colour type
     if colour_type not in (_GREY, _PALETTE):
