@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _load(name: str, path: Path):
-    """A module of the source tree by path (nothing of the project is importable while it builds)."""
+    """A module of the source tree by path (nothing of the project is importable while it builds),
+    executed once."""
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

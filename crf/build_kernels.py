@@ -78,19 +78,25 @@ GLIBC = {"x86_64": (2, 28), "aarch64": (2, 31)}
 ZIG_TARGETS = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}
 
 
-def targets_for(machine: str) -> List[CpuTarget]:
-    """The CPU targets of a platform (machine as platform.machine() says it; arm64 = aarch64)."""
+def platform_of(machine: str) -> str:
+    """A platform with shipped libraries, as platform.machine() names it (arm64 = aarch64,
+    amd64 = x86_64); ValueError for any other."""
     machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine.lower())
-    found = [t for t in CPU_TARGETS if t.machine == machine]
-    if not found:
-        raise ValueError(f"no prebuilt CRF kernels for {machine}; "
-                         f"platforms: {', '.join(sorted({t.machine for t in CPU_TARGETS}))}")
-    return found
+    if machine not in GLIBC:
+        raise ValueError(f"no prebuilt CRF kernels for {machine}; platforms: {', '.join(sorted(GLIBC))}")
+    return machine
+
+
+def targets_for(machine: str) -> List[CpuTarget]:
+    """The CPU targets of a platform (machine as platform.machine() says it)."""
+    machine = platform_of(machine)
+    return [t for t in CPU_TARGETS if t.machine == machine]
 
 
 def wheel_platform_tag(machine: str) -> str:
-    major, minor = GLIBC[targets_for(machine)[0].machine]
-    return f"manylinux_{major}_{minor}_{targets_for(machine)[0].machine}"
+    machine = platform_of(machine)
+    major, minor = GLIBC[machine]
+    return f"manylinux_{major}_{minor}_{machine}"
 
 
 def zig_command() -> Optional[List[str]]:
@@ -111,8 +117,9 @@ def compiler_for(machine: str) -> List[str]:
     if zig is None:
         raise RuntimeError("building the shipped CRF kernels needs zig's C++ compiler (it targets an old glibc "
                            "and cross-compiles): pip install ziglang")
-    major, minor = GLIBC[targets_for(machine)[0].machine]
-    return zig + ["-target", f"{ZIG_TARGETS[targets_for(machine)[0].machine]}.{major}.{minor}"]
+    machine = platform_of(machine)
+    major, minor = GLIBC[machine]
+    return zig + ["-target", f"{ZIG_TARGETS[machine]}.{major}.{minor}"]
 
 
 def compile_command(compiler: Sequence[str], arch_flags: Sequence[str], out: Path) -> List[str]:
