@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
@@ -34,10 +33,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from crf import CRFParams
-    from crf.backend import CPUKernels, build_cpu_library
+    from crf.cpu_kernels import CPUKernels
+    from crf.cpu_library import build_cpu_library
     from crf.build_kernels import best_target, build_cpu_libraries, cpu_features, targets_for
     from crf.driver import DenseCRFDriver
-    from tools.testdata import photo, smooth_logits
+    from benchmarking.inputs import photo, smooth_logits
 
     img = photo("astronaut", 500, 375)
     scores = smooth_logits(375, 500, 21, seed=500)

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SIZES = {"500x375": ("astronaut", 500, 375), "1024x768": ("coffee", 1024, 768), "2048x2048": ("coffee", 2048, 2048)}
 
@@ -88,9 +87,9 @@ def main(argv=None) -> int:
 
 def run(args, overrides: dict) -> int:
     from crf import CRFParams, _driver, refine_unary
-    from crf.backend import gpu_available
+    from crf.gpu_kernels import gpu_available
     from crf.features import unary_from_scores
-    from tools.testdata import photo, pydensecrf_marginals, smooth_logits
+    from benchmarking.inputs import photo, pydensecrf_marginals, smooth_logits
 
     backends = [b for b in args.backends if b != "gpu" or gpu_available()]
     if "gpu" in args.backends and "gpu" not in backends:
@@ -112,7 +111,7 @@ def run(args, overrides: dict) -> int:
         try:
             img = photo(name, w, h)
         except ImportError:  # no scikit-image (the GPU machine): a generated scene of the same size
-            from tools.scenes import make_scene
+            from scenes import make_scene
 
             img = make_scene(w, h, w)[0]
         unary = unary_from_scores(smooth_logits(h, w, args.labels, seed=w))

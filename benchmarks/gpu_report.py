@@ -28,12 +28,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SIZES = {"500x375": (375, 500), "1024x768": (768, 1024)}
 
 
-from benchmarks.onnx_vs_pytorch import stats as pct  # noqa: E402  (min, mean, median, p90, p99, max, runs)
+from onnx_vs_pytorch import stats as pct  # (min, mean, median, p90, p99, max, runs); a sibling script
 
 
 class Timer:
@@ -65,7 +64,7 @@ def versions(device: str) -> dict:
     if device == "cuda":
         import pycuda
 
-        from crf.backend import gpu_identity, import_pycuda
+        from crf.gpu_kernels import gpu_identity, import_pycuda
 
         gpu = gpu_identity()
         drv = import_pycuda().get_driver_version()
@@ -88,8 +87,8 @@ def versions(device: str) -> dict:
 def crf_report(kernels, size: str, runs: int) -> dict:
     from crf import CRFParams
     from crf.driver import DenseCRFDriver
-    from tools.scenes import make_scene
-    from tools.testdata import smooth_logits
+    from benchmarking.inputs import smooth_logits
+    from scenes import make_scene
 
     h, w = SIZES[size]
     c, p = 21, CRFParams()
@@ -157,8 +156,8 @@ def crf_report(kernels, size: str, runs: int) -> dict:
 
 def cpu_reference(size: str, runs: int) -> dict:
     from crf import CRFParams, _driver
-    from tools.scenes import make_scene
-    from tools.testdata import smooth_logits
+    from benchmarking.inputs import smooth_logits
+    from scenes import make_scene
 
     h, w = SIZES[size]
     img = make_scene(5, h, w)[0]
@@ -174,8 +173,8 @@ def cpu_reference(size: str, runs: int) -> dict:
 
 
 def pipeline_report(device: str, runs: int) -> dict:
-    from tools.scenes import make_scene
-    from tools.torch_pipeline import TorchPipeline
+    from export.torch_pipeline import TorchPipeline
+    from scenes import make_scene
 
     pipe = TorchPipeline(ROOT / "models" / "deeplab_shapes.safetensors", device=device)
     img = make_scene(11, 375, 500)[0]
@@ -206,7 +205,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the report here")
     args = ap.parse_args(argv)
 
-    from crf.backend import CPUKernels, GPUKernels
+    from crf.cpu_kernels import CPUKernels
+    from crf.gpu_kernels import GPUKernels
 
     report: dict = {"versions": versions(args.device), "crf": {}, "crf_cpu_build": {}}
 
@@ -227,9 +227,9 @@ def main(argv=None) -> int:
         print(f"crf module: {origin.describe() if origin is not None else 'unknown'}; "
               f"nvcc on PATH: {shutil.which('nvcc') or 'none'}", flush=True)
     else:
-        from crf import backend
+        from crf import cpu_library
 
-        report["versions"]["crf_cpu_library"] = backend.cpu_library_source
+        report["versions"]["crf_cpu_library"] = cpu_library.cpu_library_source
     for size in args.sizes:
         r = report["crf"][size] = crf_report(kernels, size, args.runs)
         ref = report["crf_cpu_build"][size] = cpu_reference(size, args.cpu_runs)

@@ -115,7 +115,7 @@ fi
 cat > /tmp/crf_once.py <<'PY'
 import numpy as np
 from crf import CRFParams, refine
-from tools.testdata import smooth_logits
+from benchmarking.inputs import smooth_logits
 rng = np.random.default_rng(0)
 img = rng.integers(0, 256, (61, 97, 3), dtype=np.uint8)
 q = refine(smooth_logits(61, 97, 21), img, CRFParams(iterations=3), backend="gpu")

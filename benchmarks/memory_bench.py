@@ -23,21 +23,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SIZES_MP = (1, 5, 12, 24)
 
 CHILD = r"""
 import json, resource, sys, time
 import cv2, numpy as np
-sys.path.insert(0, sys.argv[1])
-from runtime import Segmenter
-model, h, w, crf_max = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-probs = sys.argv[6] == "1"
+from runtime import Segmenter, SizeLimits
+model, h, w, crf_max = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+probs = sys.argv[5] == "1"
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-seg = Segmenter(model, **({} if crf_max == "default" else {"crf_max_pixels": int(crf_max)}))
-scene = cv2.imread(sys.argv[7])
+seg = Segmenter(model, limits=SizeLimits(crf_max_pixels=None if crf_max == "default" else int(crf_max)))
+scene = cv2.imread(sys.argv[6])
 seg(cv2.resize(scene, (64, 48), interpolation=cv2.INTER_AREA))
 image = cv2.resize(scene, (w, h), interpolation=cv2.INTER_LINEAR)
 base = peak()
@@ -49,8 +47,8 @@ m = seg.memory_model(h, w, return_probabilities=probs)
 print(json.dumps({"height": h, "width": w, "pixels": h * w, "classes": seg.num_classes, "baseline_rss": base,
                   "peak_rss": after, "call_measured": after - base, "call_modelled": m.total - m.image,
                   "model": {k: getattr(m, k) for k in ("image", "network", "crf", "full_size", "outputs")},
-                  "model_total": m.total, "memory_budget": seg.memory_budget, "crf_scale": r.crf_scale,
-                  "crf_max_pixels": seg.crf_max_pixels, "seconds": round(seconds, 2)}))
+                  "model_total": m.total, "memory_budget": seg.limits.memory_budget, "crf_scale": r.crf_scale,
+                  "crf_max_pixels": seg.limits.crf_pixels(seg.num_classes), "seconds": round(seconds, 2)}))
 """
 
 
@@ -58,7 +56,7 @@ def measure(model: Path, h: int, w: int, crf_max_pixels: int | None = None, retu
             image: Path = ROOT / "samples" / "scene_0.png", timeout: float = 600) -> dict:
     """One Segmenter call on ``image`` resized to h x w, in a fresh process: peak RSS before and
     after, and the model."""
-    out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(model), str(h), str(w),
+    out = subprocess.run([sys.executable, "-c", CHILD, str(model), str(h), str(w),
                           "default" if crf_max_pixels is None else str(crf_max_pixels),
                           "1" if return_probabilities else "0", str(image)], capture_output=True, text=True,
                          timeout=timeout)
@@ -102,7 +100,7 @@ def main(argv=None) -> int:
         if not image.is_file():  # a photograph by name
             import cv2
 
-            from tools.testdata import photo
+            from benchmarking.inputs import photo
 
             image = Path(tmp) / f"{args.image}.png"
             cv2.imwrite(str(image), photo(args.image, 1024))

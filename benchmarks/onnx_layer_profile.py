@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.environment import cpu_flags  # noqa: E402  (this CPU's feature list, '' where unknown)
+from benchmarking.environment import cpu_flags  # this CPU's feature list, '' where unknown
 
 # One register-only loop, written once and instantiated per vector width: 12 independent FMA
 # chains keep two FMA pipes busy through the FMA latency (2 x 5 in flight).
@@ -150,7 +149,7 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    from benchmarks.onnx_vs_pytorch import he_initialised_largefov
+    from onnx_vs_pytorch import he_initialised_largefov
     from export.onnx_export import export_onnx
 
     net = he_initialised_largefov()

@@ -4,7 +4,7 @@
     python benchmarks/precision_bench.py --size 513 --runs 6 --json benchmarks/results/precision_513.json
 
 Full-width LargeFOV, He-initialised (timings do not depend on the values), exported at each
-precision by export/precision.py exactly as `tools/export.py --precision` does; INT8 calibrated on
+precision by export/precision.py exactly as `deeplab-export --precision` does; INT8 calibrated on
 a few generated scenes of the benchmark size ("int8": symmetric activations, the default;
 "int8_asymmetric": --int8-activations asymmetric). "int8_conv_only" is the plain recipe for comparison:
 quantize_static's defaults (QDQ, per-channel, asymmetric activations) on the convolutions alone.
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = ("fp32", "int8", "int8_asymmetric", "int8_conv_only", "fp16")
 
@@ -92,13 +91,13 @@ def single_conv_ratio(threads: int, runs: int = 7) -> dict:
 
 def bundled_agreement() -> dict:
     """% of pixels whose label (no CRF) equals the FP32 export's, per sample, per export of the
-    bundled model; INT8 calibrated on 100 generated scenes (tools/export.py --calibration scenes:100)."""
+    bundled model; INT8 calibrated on 100 generated scenes (deeplab-export --calibration scenes:100)."""
     import torch
 
     from export.precision import export_onnx_with_precision
     from export.weights import load_model
     from runtime import Segmenter
-    from tools.export import calibration_set
+    from export.precision import calibration_set
 
     root = Path(__file__).resolve().parents[1]
     samples = sorted((root / "samples").glob("*.png"))
@@ -135,16 +134,15 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     import torch
 
-    from benchmarks.onnx_vs_pytorch import he_initialised_largefov, stats
+    from onnx_vs_pytorch import he_initialised_largefov, stats
     from export.precision import calibration_from_arrays, export_onnx_with_precision
     from runtime.output_files import write_bytes_atomically
-    from tools.export import CALIBRATION_SCENE_SEED
-    from tools.scenes import make_scene
+    from scenes import CALIBRATION_SEED, make_scene
 
     torch.set_num_threads(args.threads)
     net = he_initialised_largefov()
     calibration = calibration_from_arrays(
-        [(f"scene_{i}", make_scene(CALIBRATION_SCENE_SEED + i, args.size, args.size)[0]) for i in range(args.calibration_images)],
+        [(f"scene_{i}", make_scene(CALIBRATION_SEED + i, args.size, args.size)[0]) for i in range(args.calibration_images)],
         source="generated scenes")
     x = np.random.default_rng(0).integers(0, 256, (1, args.size, args.size, 3), dtype=np.uint8)
     sessions, sizes = {}, {}

@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
 """Load benchmark of the DeepLab model served on a real Triton Inference Server.
 
-    python benchmarks/serve_bench.py --model models/deeplab_shapes.onnx --size 321x321 \\
+    python -m benchmarks.serve_bench --model models/deeplab_shapes.onnx --size 321x321 \\
         --concurrency 1,2,4,8 --duration 10 --crf on,off \\
         --json benchmarks/results/serve_bench_321.json --markdown benchmarks/results/serve_bench_321.md
-    python benchmarks/serve_bench.py --url 127.0.0.1:8001 --protocol grpc --concurrency 4 --json out/b.json
+    python -m benchmarks.serve_bench --url 127.0.0.1:8001 --protocol grpc --concurrency 4 --json out/b.json
 
-Writes a repository for --model (export/triton_repo.py; into a temporary folder, or --repo DIR)
-and starts tritonserver on it (tools/serve.py: 127.0.0.1, free ports), stopped at the end, on
+Writes a repository for --model (serving.repository; into a temporary folder, or --repo DIR)
+and starts tritonserver on it (serving.launcher: 127.0.0.1, free ports), stopped at the end, on
 Ctrl-C and on error; --url uses a server that already runs instead. Then, for each CRF setting
 and each concurrency N, one window: N client threads, each with its own connection
-(runtime.TritonSegmenter), send the same image back to back for --warmup seconds (not measured),
+(serving.TritonSegmenter), send the same image back to back for --warmup seconds (not measured),
 wait until every request is answered, then again for --duration seconds. Per window: requests
 answered, errors (every failed request is counted and its message kept), throughput (answered
 requests per second of the window), client wall time per request (p50/p90/p99/max), and from
@@ -34,16 +34,17 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tools.benchmark import format_ms, latency_stats, parse_on_off, parse_size, positive_seconds  # noqa: E402
-from tools.cli import int_at_least, refuse_unwritable  # noqa: E402
-from tools.environment import environment, load_average  # noqa: E402
+from benchmarking.environment import environment, load_average
+from benchmarking.latency import format_ms, latency_stats
+from serving import launcher
+from serving.client import COMPUTE_STEPS, ModelStats, TritonSegmenter
+from serving.contract import MODEL_NAME
+from serving.repository import RepositoryError, write_repository
+from tools.benchmark import parse_on_off, parse_size, positive_seconds
+from tools.cli import int_at_least, refuse_unwritable
 
 MAX_CLIENTS = 256
 PROTOCOL_NAMES = {"http": "HTTP", "grpc": "gRPC"}
-#: Triton's per-request statistics the report breaks the server's time into.
-COMPUTE_STEPS = ("compute_input", "compute_infer", "compute_output")
 #: Distinct error messages kept per window (all are counted).
 KEPT_ERRORS = 5
 
@@ -133,75 +134,20 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def load_request_image(args: argparse.Namespace, ap: argparse.ArgumentParser):
     """The image every request sends: --image as it is, else a generated scene of --size."""
     if args.image:
-        from runtime.contract import ImageError, load_image
+        from runtime.contract import load_image
+        from runtime.errors import ImageError
 
         try:
             return load_image(args.image)
         except ImageError as e:
             ap.error(f"--image: {e}")
-    from tools.scenes import make_scene
+    from scenes import make_scene
 
     h, w = args.size or (321, 321)
     return make_scene(0, h, w)[0]
 
 
 # -- the server's statistics ------------------------------------------------------------------------
-class ServerStats:
-    """The model's inference statistics and config, over the benchmark's own connection."""
-
-    def __init__(self, url: str, protocol: str, model: str):
-        if protocol == "http":
-            import tritonclient.http as module
-        else:
-            import tritonclient.grpc as module
-        self.protocol, self.model = protocol, model
-        self._client = module.InferenceServerClient(url)
-
-    def _json(self, method: str, *args) -> dict:
-        fn = getattr(self._client, method)
-        return fn(*args) if self.protocol == "http" else fn(*args, as_json=True)
-
-    def snapshot(self) -> dict:
-        """Counts and nanoseconds (ints: gRPC's JSON gives int64 as strings)."""
-        stats = self._json("get_inference_statistics", self.model)["model_stats"][0]
-        inference = stats.get("inference_stats", {})
-        out = {"inference_count": int(stats.get("inference_count", 0)),
-               "execution_count": int(stats.get("execution_count", 0)),
-               "batches": {int(b["batch_size"]): int(b.get("compute_infer", {}).get("count", 0))
-                           for b in stats.get("batch_stats", [])}}
-        for name in ("success", "fail", "queue") + COMPUTE_STEPS:
-            part = inference.get(name, {})
-            out[name] = (int(part.get("count", 0)), int(part.get("ns", 0)))
-        return out
-
-    def settled(self, interval: float = 0.05, timeout: float = 3.0) -> dict:
-        """A snapshot once the counts stop moving: Triton updates its statistics as it releases a
-        request, which can be just after the client has the response (a single read right after the
-        last response may miss it). Read until two reads ``interval`` apart agree."""
-        last, deadline = self.snapshot(), time.monotonic() + timeout
-        while True:
-            time.sleep(interval)
-            now = self.snapshot()
-            if now == last or time.monotonic() > deadline:
-                return now
-            last = now
-
-    def describe(self) -> dict:
-        """The server's release and the model's batching and instances, as the server reports them."""
-        meta = self._json("get_server_metadata")
-        config = self._json("get_model_config", self.model)
-        config = config.get("config", config)  # gRPC wraps it
-        delay = config.get("dynamic_batching", {}).get("max_queue_delay_microseconds")
-        return {"server": meta.get("name"), "version": meta.get("version"),
-                "max_batch_size": int(config.get("max_batch_size", 0)),
-                "instances": [f"{g.get('kind')} x {g.get('count')}" for g in config.get("instance_group", [])],
-                "dynamic_batching": "dynamic_batching" in config,
-                "max_queue_delay_us": None if delay is None else int(delay)}
-
-    def close(self) -> None:
-        self._client.close()
-
-
 def stats_delta(before: dict, after: dict, client_requests: int) -> dict:
     """What the server did between two snapshots, per request: queue and compute ms (a request's
     compute is that of the execution that ran it, shared with the rest of its batch), and the
@@ -267,8 +213,6 @@ class Window:
                 latencies.append((time.perf_counter() - t0) * 1e3)
 
     def _client(self, k: int) -> None:
-        from runtime.triton_client import TritonSegmenter
-
         try:
             seg = TritonSegmenter(self.url, protocol=self.protocol, crf=self.crf)
         except Exception as e:
@@ -288,7 +232,7 @@ class Window:
             with contextlib.suppress(Exception):
                 seg.close()
 
-    def run(self, duration: float, stats: ServerStats) -> dict:
+    def run(self, duration: float, stats: ModelStats) -> dict:
         threads = [threading.Thread(target=self._client, args=(k,), daemon=True, name=f"client-{k}")
                    for k in range(self.clients)]
         try:
@@ -346,15 +290,13 @@ def run_windows(url: str, protocol: str, crf_settings: List[bool], concurrency: 
                 duration: float, image) -> tuple:
     """Every window (CRF setting by concurrency, in order); returns (server description, windows)."""
     from crf import CRFParams
-    from runtime.triton_client import TritonSegmenter
-    from runtime.triton_contract import MODEL_NAME
 
     try:
         with TritonSegmenter(url, protocol=protocol) as probe:
             crf_on = probe.crf_params or CRFParams()  # the model's defaults; DeepLab's when it has none
     except Exception as e:  # refused connection, no such model, a gRPC port asked over HTTP, ...
         raise BenchError(f"cannot use model {MODEL_NAME!r} at {url} over {protocol}: {type(e).__name__}: {e}") from e
-    stats = ServerStats(url, protocol, MODEL_NAME)
+    stats = ModelStats(url, protocol)
     try:
         server = stats.describe()
         windows = []
@@ -470,9 +412,7 @@ def main(argv=None) -> int:
 
 
 def _run(args: argparse.Namespace, image) -> int:
-    from export.triton_repo import RepositoryError, write_repository
     from runtime.output_files import write_bytes_atomically
-    from tools import serve
 
     env = environment()  # first: the load average before the benchmark's own load
     server = None
@@ -484,11 +424,11 @@ def _run(args: argparse.Namespace, image) -> int:
             try:
                 if args.model:
                     write_repository(args.model, repo, instances=args.instances)
-                server = serve.start_server(repo)
-            except (RepositoryError, serve.ServerError) as e:
+                server = launcher.start_server(repo)
+            except (RepositoryError, launcher.ServerError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
-            cleanup.callback(serve.stop_server, server)
+            cleanup.callback(launcher.stop_server, server)
             url = server.http_url if args.protocol == "http" else server.grpc_url
             print(f"tritonserver ready at {url} ({args.protocol})", file=sys.stderr, flush=True)
         try:
@@ -507,7 +447,7 @@ def _run(args: argparse.Namespace, image) -> int:
                      "concurrency": args.concurrency, "duration_s": args.duration, "warmup_s": args.warmup,
                      "crf": ["on" if c else "off" for c in args.crf], "size": f"{h}x{w}",
                      "image": f"{args.image} ({h}x{w})" if args.image else
-                     f"generated scene {h}x{w} (tools/scenes.make_scene, seed 0)"},
+                     f"generated scene {h}x{w} (scenes.make_scene, seed 0)"},
         "environment": env,
         "server": {**described, "restarts": restarts},
         "windows": windows,

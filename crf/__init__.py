@@ -36,7 +36,8 @@ def _driver(name: str):
 
 def _make_driver(name: str):
     if name not in _drivers:
-        from .backend import CPUKernels, GPUKernels
+        from .cpu_kernels import CPUKernels
+        from .gpu_kernels import GPUKernels
         from .driver import DenseCRFDriver
 
         _drivers[name] = DenseCRFDriver(GPUKernels() if name == "gpu" else CPUKernels())
@@ -45,7 +46,8 @@ def _make_driver(name: str):
 
 def resolve_backend(backend: str = "auto") -> str:
     """The backend that ``backend`` means here: "auto" -> gpu, else cpu, else numpy (with a warning)."""
-    from .backend import BackendUnavailable, gpu_available
+    from .gpu_kernels import gpu_available
+    from .kernel_interface import BackendUnavailable
 
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"unknown CRF backend {backend!r}; available: auto, {', '.join(BACKENDS)}")

@@ -2,7 +2,7 @@
 
 The CPU build of crf/kernels/densecrf.cu is a shared library loaded with ctypes, so one file serves
 every Python. A wheel ships one library per instruction-set level of its platform and the loader
-(crf/backend.py) takes the best one this CPU runs:
+(crf/cpu_library.py) takes the best one this CPU runs:
 
     x86_64   x86-64-v2 (SSE4.2, the baseline), x86-64-v3 (AVX2 + FMA), x86-64-v4 (AVX-512)
     aarch64  armv8-a (the baseline), armv8.2-a+fp16+dotprod (Jetson Xavier / Orin)

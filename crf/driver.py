@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import F32, I32, INT32_MAX, U32, Buffer, BufferPool, KernelBackend, SizeLimitError
+from .kernel_interface import F32, I32, INT32_MAX, U32, Buffer, BufferPool, KernelBackend, SizeLimitError
 from .features import CRFInputError, check_deadline
 from .params import CRFParams
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 KERNEL_SOURCE = Path(__file__).resolve().parent / "kernels" / "densecrf.cu"
 
-#: nvcc's options for the kernels (crf.backend.NVCC_OPTIONS is this: what it gives pycuda).
+#: nvcc's options for the kernels (crf.gpu_kernels.NVCC_OPTIONS is this: what it gives pycuda).
 #: pycuda's SourceModule(no_extern_c=True, options=...) runs `nvcc --cubin <options> -arch sm_XY
 #: -I<pycuda's include dir> kernel.cu`: the fatbin's ELF images are byte for byte the cubins it makes.
 NVCC_OPTIONS: Tuple[str, ...] = ("--fmad=false", "-O3")

@@ -86,7 +86,7 @@ class CRFParams:
     @classmethod
     def load(cls, path) -> "CRFParams":
         """CRFParams from a JSON file: an object of field names, or one with a "crf" object inside
-        (as tools/evaluate.py --search-crf writes)."""
+        (as deeplab-evaluate --search-crf writes)."""
         import json
 
         with open(path, encoding="utf-8") as f:

@@ -39,7 +39,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from runtime.contract import DEFAULT_MAX_SIZE, IMAGE_SUFFIXES, ImageError, load_image, pad_image
+from runtime.contract import DEFAULT_MAX_SIZE, IMAGE_SUFFIXES, load_image, pad_image
+from runtime.errors import ImageError
 from runtime.network import network_image, network_size
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -129,6 +130,28 @@ def calibration_from_arrays(named_images: Sequence[tuple[str, np.ndarray]], sour
         images.append(np.ascontiguousarray(img))
     digest = calibration_digest((n, img.tobytes()) for n, img in zip(names, images))
     return CalibrationSet(names, tuple(images), digest, source)
+
+
+#: The prefix of a calibration spec naming generated scenes instead of a folder: scenes:N.
+SCENES_SPEC = "scenes:"
+
+
+def calibration_set(spec: str, count: int = DEFAULT_CALIBRATION_IMAGES) -> CalibrationSet:
+    """A calibration spec as ``--calibration`` takes it: a folder (its first ``count`` images by name),
+    or scenes:N, N generated scenes (scenes.calibration_scenes: seeds 2,000,000 + i, apart from the
+    training and held-out scenes)."""
+    if not spec.startswith(SCENES_SPEC):
+        return calibration_from_folder(spec, count)
+    from scenes import calibration_scenes
+
+    text = spec[len(SCENES_SPEC):]
+    try:
+        n = int(text)
+    except ValueError:
+        raise CalibrationError(f"expected scenes:N with N a whole number, got {spec!r}") from None
+    if n < 1:
+        raise CalibrationError(f"the number of scenes must be >= 1, got {n}")
+    return calibration_from_arrays(calibration_scenes(n), spec)
 
 
 def network_inputs(calibration: CalibrationSet, max_size: int = DEFAULT_MAX_SIZE) -> Iterator[np.ndarray]:

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crf.backend import gpu_identity
+from crf.gpu_kernels import gpu_identity
 from runtime import engine_meta, trt_compat
 from runtime.engine_meta import EngineMeta
-from runtime.onnx_backend import ModelFormatError, metadata_json, parse_metadata
+from runtime.errors import ModelFormatError, SidecarError
+from runtime.onnx_backend import metadata_json, parse_metadata
 from runtime.output_files import write_bytes_atomically
 
 if TYPE_CHECKING:
@@ -233,7 +234,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: ShapeP
         raise EngineBuildError(f"TensorRT could not parse {onnx_path}:\n  {errors}")
     try:
         engine_meta.check_io(_network_io(network), str(onnx_path))
-    except engine_meta.SidecarError as e:
+    except SidecarError as e:
         raise EngineBuildError(str(e)) from e
 
     config = builder.create_builder_config()

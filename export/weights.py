@@ -153,7 +153,8 @@ def _checked_metadata(raw: Mapping[str, str], source: Path) -> dict:
     """The checkpoint's deeplab_config, class_names and palette decoded from their JSON strings;
     WeightsError naming the file and the key for one that is not JSON or not of its type (the
     checks an exported ONNX's metadata gets: runtime.onnx_backend.parse_metadata)."""
-    from runtime.onnx_backend import ModelFormatError, parse_metadata
+    from runtime.errors import ModelFormatError
+    from runtime.onnx_backend import parse_metadata
 
     raw = {k: v for k, v in raw.items() if k in METADATA_KEYS}
     try:
@@ -250,3 +251,24 @@ def vgg16_to_deeplab(vgg: Mapping[str, torch.Tensor], config: ModelConfig, seed:
     out["fc8.weight"] = torch.randn(config.num_classes, c, 1, 1, generator=g) * 0.01
     out["fc8.bias"] = torch.zeros(config.num_classes)
     return out
+
+
+def load_model_as(path: str | Path, num_classes: int | None = None, variant: str | None = None,
+                  width: float | None = None, from_vgg16: bool = False) -> tuple[DeepLabV1, dict]:
+    """load_model with the config overridden where given (what the export command's --num-classes,
+    --variant, --width do): the rest from the weights (a .caffemodel carries none: the defaults).
+    from_vgg16: ``path`` is a torchvision ImageNet VGG-16 state dict, turned into a fresh DeepLab
+    (fc6/fc7 decimated, a new fc8; 21 classes, LargeFOV, width 1 unless given); no metadata."""
+    src = Path(path)
+    if from_vgg16:
+        config = ModelConfig(num_classes=num_classes or 21, variant=variant or "largefov", width=width or 1.0)
+        vgg, _ = read_checkpoint(src)
+        model = DeepLabV1(config)
+        load_into(model, vgg16_to_deeplab(vgg, config), source=str(src))
+        return model.eval(), {}
+    config = None
+    if num_classes or variant or width or src.suffix == ".caffemodel":
+        base = ModelConfig() if src.suffix == ".caffemodel" else infer_config(read_checkpoint(src)[0])
+        config = ModelConfig(num_classes=num_classes or base.num_classes, variant=variant or base.variant,
+                             width=width or base.width)
+    return load_model(src, config)

@@ -1,7 +1,9 @@
-"""Runtime API for embedded apps: ``Segmenter``, and ``TritonSegmenter`` for a Triton server (never imports torch)."""
-from .contract import ImageError
-from .onnx_backend import ModelFormatError, NetworkOutputError
+"""Runtime API for embedded apps: ``Segmenter`` (never imports torch)."""
+from .errors import (BackendUnavailable, CRFTimeout, EngineMismatch, ImageError, ImageTooLarge, ModelFormatError,
+                     NetworkOutputError, OutOfDeviceMemory, SidecarError, TensorRTUnavailable)
+from .limits import SizeLimits
 from .segmenter import Segmentation, Segmenter
-from .triton_client import TritonSegmenter  # tritonclient itself is imported only when one is made
 
-__all__ = ["Segmenter", "Segmentation", "TritonSegmenter", "ImageError", "ModelFormatError", "NetworkOutputError"]
+__all__ = ["Segmenter", "Segmentation", "SizeLimits", "ImageError", "ImageTooLarge", "ModelFormatError", "SidecarError",
+           "NetworkOutputError", "EngineMismatch", "TensorRTUnavailable", "BackendUnavailable", "OutOfDeviceMemory",
+           "CRFTimeout"]

@@ -7,16 +7,17 @@ not read plans): without TensorRT it fails with TensorRT's reason, naming the pl
 provider is there but cannot run, "auto" falls back to the CPU with one warning line naming why (a
 CPU-only onnxruntime is no fallback: it is what was installed). A forced backend ("tensorrt",
 "onnxruntime-cuda", "onnxruntime") that cannot run raises with the reason. A backend that cannot
-run here raises crf.backend.BackendUnavailable (TensorRTUnavailable is one); a model file that is
+run here raises crf.kernel_interface.BackendUnavailable (TensorRTUnavailable is one); a model file that is
 not ours, ModelFormatError (a ValueError).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from crf.backend import BackendUnavailable
+from .errors import BackendUnavailable, SidecarError
+from .network import Network
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime")
 PLAN_SUFFIXES = (".engine", ".plan", ".trt")
@@ -35,7 +36,7 @@ def model_precision(path: str | Path, metadata: Optional[dict] = None) -> str:
         return str((metadata or {}).get("precision", "fp32"))
     import warnings
 
-    from .engine_meta import SidecarError, read_sidecar
+    from .engine_meta import read_sidecar
 
     try:
         with warnings.catch_warnings():  # a missing sidecar is said in the answer
@@ -46,7 +47,7 @@ def model_precision(path: str | Path, metadata: Optional[dict] = None) -> str:
     return sidecar.precision if sidecar is not None else "unknown (no sidecar)"
 
 
-def open_network(path: str | Path, backend: str = "auto", threads: Optional[int] = None) -> Any:
+def open_network(path: str | Path, backend: str = "auto", threads: Optional[int] = None) -> Network:
     """The network backend that ``backend`` means for the model at ``path`` (see the module doc)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -60,7 +61,7 @@ def open_network(path: str | Path, backend: str = "auto", threads: Optional[int]
         return TensorRTNetwork(path)  # TensorRTUnavailable first when TensorRT is absent
     if backend == "tensorrt":
         raise ValueError(f"{path}: backend 'tensorrt' runs TensorRT plans (.engine / .plan): build one with "
-                         f"tools/export.py ... --engine out/model.engine, or use backend='onnxruntime'")
+                         f"deeplab-export ... --engine out/model.engine, or use backend='onnxruntime'")
     from .onnx_backend import OnnxRuntimeNetwork, cuda_provider_missing
 
     if backend == "onnxruntime-cuda":

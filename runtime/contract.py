@@ -22,6 +22,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
+from .errors import ImageError, ImageTooLarge
 from .image_headers import declared_size, incomplete_file_reason
 
 #: Per-channel mean of the released DeepLab models, in B, G, R order.
@@ -43,20 +44,6 @@ DEFAULT_MAX_PIXELS = 100_000_000
 _MAX_FILE_BYTES_PER_PIXEL = 16
 
 ImageLike = Union[np.ndarray, str, Path]
-
-
-class ImageError(ValueError):
-    """An input image that cannot be segmented, with the reason."""
-
-
-class ImageTooLarge(ImageError):
-    """An image with more pixels than the limit (``max_pixels``), or one whose segmentation would
-    take more memory than the Segmenter's ``memory_budget``: refused before anything large is
-    allocated. ``pixels`` and ``limit`` say by how much."""
-
-    def __init__(self, message: str, pixels: int, limit: int):
-        super().__init__(message)
-        self.pixels, self.limit = pixels, limit
 
 
 def check_pixels(height: int, width: int, max_pixels: int, source: str) -> None:

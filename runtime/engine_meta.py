@@ -8,6 +8,7 @@ an identical plan exists (the engine cache key). No torch, no TensorRT.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import warnings
@@ -15,24 +16,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from crf.backend import file_sha256
-
 from . import trt_compat
-from .onnx_backend import INPUT_NAME, OUTPUT_NAME, ModelFormatError, class_names_problem, palette_problem
+from .errors import EngineMismatch, SidecarError
+from .onnx_backend import INPUT_NAME, OUTPUT_NAME, class_names_problem, palette_problem
 from .output_files import write_bytes_atomically
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's content, read in blocks (ONNX models and TensorRT plans are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
 
 SCHEMA = 1
 # What our graph's plans must expose (the pre/post contract): name -> (mode, dtype, rank, last dim).
 EXPECTED_IO = {INPUT_NAME: ("input", "uint8", 4, 3), OUTPUT_NAME: ("output", "float32", 4, None)}
-
-
-class SidecarError(ModelFormatError):
-    """A sidecar that cannot be read or is not about one of our plans (a ModelFormatError, so a
-    ValueError: the plan's metadata is malformed as an ONNX model's would be)."""
-
-
-class EngineMismatch(RuntimeError):
-    """A plan built for another TensorRT version or GPU; the message says both sides and how to rebuild."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def check_io(io: List[Dict[str, Any]], source: str) -> None:
     if problems:
         listed = ", ".join(f"{t.get('name')} ({t.get('mode')} {t.get('dtype')})" for t in io)
         raise SidecarError(f"{source}: not a plan of this toolkit's DeepLab graph: {'; '.join(problems)} "
-                           f"(its tensors: {listed}); build it from an ONNX exported by tools/export.py")
+                           f"(its tensors: {listed}); build it from an ONNX exported by deeplab-export")
 
 
 def write_sidecar(plan_path: str | Path, meta: EngineMeta) -> Path:
@@ -125,19 +126,19 @@ def read_sidecar(plan_path: str | Path) -> Optional[EngineMeta]:
     path = sidecar_path(plan_path)
     if not path.is_file():
         warnings.warn(f"{plan_path} has no metadata sidecar ({path.name}): its TensorRT version, GPU and "
-                      "I/O cannot be checked before loading; rebuild it with tools/export.py ... --engine "
+                      "I/O cannot be checked before loading; rebuild it with deeplab-export ... --engine "
                       f"{plan_path} to get one", RuntimeWarning, stacklevel=2)
         return None
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise SidecarError(f"{path} is not valid JSON ({e}); rebuild the plan with tools/export.py ... "
+        raise SidecarError(f"{path} is not valid JSON ({e}); rebuild the plan with deeplab-export ... "
                            f"--engine {plan_path}") from e
     if not isinstance(data, dict):
         raise SidecarError(f"{path}: expected a JSON object, found {type(data).__name__}")
     missing = sorted(set(_FIELDS) - set(data))
     if missing:
-        raise SidecarError(f"{path} misses {', '.join(missing)}; rebuild the plan with tools/export.py ... "
+        raise SidecarError(f"{path} misses {', '.join(missing)}; rebuild the plan with deeplab-export ... "
                            f"--engine {plan_path}")
     wrong = [k for k, types in _FIELDS.items()
              if not isinstance(data[k], types) or (isinstance(data[k], bool) and bool not in types)]
@@ -166,12 +167,12 @@ def read_sidecar(plan_path: str | Path) -> Optional[EngineMeta]:
 
 
 def rebuild_command(meta: EngineMeta, plan_path: str | Path | None = None) -> str:
-    """The tools/export.py command that builds this plan again, on the machine that runs it."""
+    """The deeplab-export command that builds this plan again, on the machine that runs it."""
     def hw(shape: List[int]) -> str:
         return f"{shape[1]}x{shape[2]}"
 
     p = meta.profile
-    args = ["python", "tools/export.py", meta.weights_path or "WEIGHTS", "--out", meta.onnx_path,
+    args = ["deeplab-export", meta.weights_path or "WEIGHTS", "--out", meta.onnx_path,
             "--engine", str(plan_path or meta.engine_path), "--min-size", hw(p["min"]), "--opt-size", hw(p["opt"]),
             "--max-size", hw(p["max"]), "--max-batch", str(p["max"][0])]
     from_onnx = str(meta.weights_path or "").endswith(".onnx")  # the ONNX already holds its precision
@@ -245,7 +246,7 @@ def undeserializable_message(meta: Optional[EngineMeta], trt_version: str, plan_
     # Without the sidecar the loader cannot tell what the plan needs from the runtime.
     return (f"{text}. A version-compatible plan also needs its sidecar ({sidecar_path(plan_path).name}) so that "
             "its embedded runtime may be loaded, and a DLA plan so that its core is set; rebuild it with "
-            "tools/export.py ... --engine")
+            "deeplab-export ... --engine")
 
 
 def up_to_date(plan_path: str | Path, key: Dict[str, Any]) -> bool:

@@ -1,20 +1,14 @@
-"""The network-backend interface, and the size policy a backend's shape limits impose.
+"""The network-backend interface (``Network``, ``DeviceNetwork``), and the size policy a backend's
+shape limits impose.
 
-Every network backend (``OnnxRuntimeNetwork``, ``TensorRTNetwork``) turns a uint8 N x H x W x 3
-BGR batch (padded by the Segmenter) into float32 N x C x H x W class scores, and offers:
-
-- ``name`` ("onnxruntime", "onnxruntime-cuda", "tensorrt"), ``num_classes``, ``metadata`` (the
-  model's ``class_names`` / ``palette`` as JSON strings, where known), ``fixed_input_dims``
-  ((N, H, W), None per dynamic axis) and ``size_bounds`` (a ``SizeBounds``, or None when any size runs);
-- ``__call__(batch) -> np.ndarray``: the scores on the host.
-
-A *device backend* (``is_device_network``) also has ``kernels``, the CRF's ``KernelBackend``
-(crf/backend.py: the one owner of the pycuda context, the stream, device and pinned buffers), and
-
-- ``run_into(batch) -> (Buffer, shape)``: the N x C x H x W float32 scores left in memory the CRF
-  kernels address (a ``crf.backend.Buffer`` of ``kernels``), with the upload, the network and
-  everything the caller launches afterwards ordered on ONE stream, ``kernels.stream`` (the CPU:
-  host memory, in order). The Buffer is the backend's own and is overwritten by the next call.
+Every network backend (``OnnxRuntimeNetwork`` on the CPU or with the CUDA provider,
+``TensorRTNetwork``) turns a uint8 N x H x W x 3 BGR batch (padded by the Segmenter) into float32
+N x C x H x W class scores: ``__call__(batch)`` returns them on the host. One whose ``kernels`` is
+not None is a ``DeviceNetwork``: ``run_into(batch)`` leaves the scores in memory the CRF kernels
+address (a ``crf.kernel_interface.Buffer`` of ``kernels``, the CRF's ``KernelBackend``: the one owner of the
+pycuda context, the stream, device and pinned buffers), with the upload, the network and everything
+the caller launches afterwards ordered on ONE stream, ``kernels.stream`` (the CPU: host memory, in
+order). The Buffer is the backend's own and is overwritten by the next call.
 
 ONNX Runtime with its CUDA provider and TensorRT are device backends on the GPU; ONNX Runtime on
 the CPU is one when made with CPU kernels (``OnnxRuntimeNetwork(path, kernels=CPUKernels())``:
@@ -26,11 +20,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Protocol, Tuple
 
 import numpy as np
 
-from .contract import ImageError, aligned_size, fit_scale
+from crf.kernel_interface import Buffer, KernelBackend
+
+from .contract import aligned_size, fit_scale
+from .errors import ImageError
 
 
 @dataclass(frozen=True)
@@ -47,6 +44,50 @@ class SizeBounds:
     def describe(self) -> str:
         return (f"{self.min_h}x{self.min_w} to {self.max_h}x{self.max_w}, batch "
                 f"{self.min_batch}..{self.max_batch}")
+
+
+#: N x C x H x W of a batch's scores
+ScoresShape = Tuple[int, int, int, int]
+
+
+class Network(Protocol):
+    """What the Segmenter runs (read-only members: plain attributes of a backend satisfy them)."""
+
+    @property
+    def name(self) -> str:
+        """"onnxruntime", "onnxruntime-cuda", "tensorrt", ..."""
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def metadata(self) -> Dict[str, str]:
+        """The model's ``class_names`` / ``palette`` / ``deeplab_config`` as JSON strings, where known."""
+
+    @property
+    def fixed_input_dims(self) -> Tuple[Optional[int], ...]:
+        """(N, H, W) where the model fixes them, None per dynamic axis."""
+
+    @property
+    def size_bounds(self) -> Optional[SizeBounds]:
+        """The input sizes it runs (a TensorRT profile), or None when any size runs."""
+
+    @property
+    def kernels(self) -> Optional[KernelBackend]:
+        """The CRF kernels whose memory ``run_into`` writes (a DeviceNetwork), or None: host only."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Scores of a uint8 N x H x W x 3 batch, float32 N x C x H x W on the host."""
+
+
+class DeviceNetwork(Network, Protocol):
+    """A Network whose ``kernels`` is not None: it can leave the scores where the CRF reads them."""
+
+    @property
+    def kernels(self) -> KernelBackend: ...
+
+    def run_into(self, batch: np.ndarray) -> Tuple[Buffer, ScoresShape]:
+        """The scores in a Buffer of ``kernels`` (reused by the next call), and their shape."""
 
 
 class NetworkSize(NamedTuple):
@@ -108,9 +149,9 @@ def batch_dims(batch: Any) -> Tuple[int, int, int]:
     return n, h, w
 
 
-def is_device_network(network: Any) -> bool:
-    """Whether ``network`` leaves its scores in the CRF kernels' memory (has run_into and kernels)."""
-    return getattr(network, "kernels", None) is not None and hasattr(network, "run_into")
+def is_device_network(network: Network) -> bool:
+    """Whether ``network`` is a DeviceNetwork: it leaves its scores in the CRF kernels' memory."""
+    return network.kernels is not None
 
 
 def model_metadata(class_names: Optional[list], palette: Optional[list]) -> Dict[str, str]:

@@ -20,16 +20,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from crf.backend import BackendUnavailable, Buffer, BufferPool, KernelBackend, OutOfDeviceMemory
+from crf.kernel_interface import Buffer, BufferPool, KernelBackend
 
+from .errors import BackendUnavailable, ModelFormatError, OutOfDeviceMemory
 from .network import batch_dims
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "scores"
-
-
-class ModelFormatError(ValueError):
-    """A model file that is not a DeepLab graph exported by this toolkit."""
 
 
 class ModelMetadata(NamedTuple):
@@ -100,17 +97,6 @@ def parse_metadata(metadata: Dict[str, str], source: object) -> ModelMetadata:
         raise ModelFormatError(f"{source}: metadata 'palette' {problem}")
     palette = None if rows is None else np.array(rows, np.uint8).reshape(-1, 3)
     return ModelMetadata(n, names, palette)
-
-
-class NetworkOutputError(ValueError):
-    """Scores from the network that cannot be segmented (NaN/inf), naming the image."""
-
-
-def nonfinite_scores_error(name: str, scores: np.ndarray) -> NetworkOutputError:
-    """The NetworkOutputError for image ``name`` whose host ``scores`` hold NaN/inf values."""
-    bad = int(scores.size - np.count_nonzero(np.isfinite(scores)))
-    return NetworkOutputError(f"{name}: the network's scores contain {bad} NaN/inf values (of {scores.size}); "
-                              "no labels can be drawn from them")
 
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -199,7 +185,7 @@ class OnnxRuntimeNetwork:
             if problem:
                 raise BackendUnavailable(problem)
             if kernels is None:
-                from crf.backend import GPUKernels
+                from crf.gpu_kernels import GPUKernels
 
                 kernels = GPUKernels()  # BackendUnavailable naming what is missing (pycuda, GPU, nvcc)
             if kernels.name != "gpu":
@@ -231,13 +217,13 @@ class OnnxRuntimeNetwork:
             found = ", ".join(f"{i.name}: {i.type} {i.shape}" for i in ins)
             raise ModelFormatError(
                 f"{p} is not a DeepLab graph from this toolkit: expected one input "
-                f"'{INPUT_NAME}' uint8 [N, H, W, 3] (BGR), found {found}; export it with tools/export.py")
+                f"'{INPUT_NAME}' uint8 [N, H, W, 3] (BGR), found {found}; export it with deeplab-export")
         if len(outs) != 1 or len(outs[0].shape) != 4:
             found = ", ".join(f"{o.name}: {o.type} {o.shape}" for o in outs)
             raise ModelFormatError(f"{p}: expected one output N x C x H x W, found {found}")
         if kernels is not None and outs[0].type != "tensor(float)":
             raise ModelFormatError(f"{p}: output '{outs[0].name}' is {outs[0].type}; writing scores into the CRF's "
-                                   "buffers needs float32 (tensor(float)), as tools/export.py exports")
+                                   "buffers needs float32 (tensor(float)), as deeplab-export exports")
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         labels = parse_metadata(self.metadata, p)  # ModelFormatError naming the file and the key
         c = outs[0].shape[1]

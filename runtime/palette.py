@@ -1,11 +1,12 @@
 """Class names, colour palettes, colour masks, overlays and indexed (VOC-style) PNG files."""
 from __future__ import annotations
 
+import json
 import numbers
 import struct
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -58,6 +59,20 @@ def check_palette(palette, num_classes: int) -> np.ndarray:
     if pal.size and not (np.isfinite(pal).all() and pal.min() >= 0 and pal.max() <= 255):
         raise ValueError("palette values must be in 0..255")
     return pal.astype(np.uint8)
+
+
+def model_classes(metadata: Dict[str, str], num_classes: int, class_names: Optional[Sequence[str]] = None,
+                  palette=None) -> Tuple[Tuple[str, ...], np.ndarray]:
+    """(class names, RGB palette) of a model: those given, else its metadata's (JSON strings, already
+    checked by parse_metadata), else VOC's (for 21 classes) or class_<i> and the VOC colour map."""
+    if class_names is None:
+        class_names = json.loads(metadata["class_names"]) if "class_names" in metadata else (
+            VOC_CLASSES if num_classes == len(VOC_CLASSES) else [f"class_{i}" for i in range(num_classes)])
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a {num_classes}-class model")
+    if palette is None:
+        palette = json.loads(metadata["palette"]) if "palette" in metadata else voc_palette(num_classes)
+    return tuple(class_names), check_palette(palette, num_classes)
 
 
 def colour_mask(labels: np.ndarray, palette_rgb: np.ndarray) -> np.ndarray:
@@ -125,3 +140,23 @@ def indexed_png_bytes(labels: np.ndarray, palette_rgb: np.ndarray) -> bytes:
 def write_indexed_png(path: str | Path, labels: np.ndarray, palette_rgb: np.ndarray) -> None:
     """Write labels as an 8-bit palettised PNG (the VOC ground-truth format) without Pillow."""
     write_bytes_atomically(path, indexed_png_bytes(labels, palette_rgb))
+
+
+def side_by_side(panels: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """Equal-sized BGR images side by side, each captioned (top left, white on a dark band)."""
+    import cv2
+
+    h, w = panels[0][1].shape[:2]
+    scale = max(0.4, min(w, h) / 500)  # legible on small images, not huge on large ones
+    thick = max(1, round(scale * 2))
+    out = []
+    for caption, img in panels:
+        img = img.copy()
+        (tw, th), base = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        pad = max(2, th // 3)
+        band = img[: th + base + 2 * pad, : tw + 2 * pad]
+        band[:] = (band * 0.4).astype(np.uint8)  # darkened, so white text reads on any image
+        cv2.putText(img, caption, (pad, pad + th), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick,
+                    cv2.LINE_AA)
+        out.append(img)
+    return np.hstack(out)

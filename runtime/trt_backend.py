@@ -1,4 +1,4 @@
-"""The TensorRT network backend: a plan from tools/export.py --engine, run on the CRF's stream.
+"""The TensorRT network backend: a plan from deeplab-export --engine, run on the CRF's stream.
 
 NEVER EXECUTED in this project: TensorRT cannot be installed on its machines. Written from the
 official bindings (NVIDIA/TensorRT python/src/infer/pyCore.cpp, checked at 8.5.1, 8.6.1, 10.0,
@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
-from crf.backend import Buffer, GPUKernels, KernelBackend, OutOfDeviceMemory, gpu_identity
+from crf.gpu_kernels import GPUKernels, gpu_identity
+from crf.kernel_interface import Buffer, KernelBackend
 
 from . import engine_meta, trt_compat
+from .errors import ModelFormatError, OutOfDeviceMemory, SidecarError, TensorRTUnavailable
 from .network import SizeBounds, batch_dims, model_metadata
-from .onnx_backend import ModelFormatError
 
 if TYPE_CHECKING:
     import tensorrt
@@ -77,8 +78,8 @@ class TensorRTNetwork:
         path = Path(plan_path)
         try:
             trt_compat.load_tensorrt()  # the reason, before anything else (the file is not read)
-        except trt_compat.TensorRTUnavailable as e:
-            raise trt_compat.TensorRTUnavailable(f"{path}: this TensorRT plan cannot run here: {e}") from e
+        except TensorRTUnavailable as e:
+            raise TensorRTUnavailable(f"{path}: this TensorRT plan cannot run here: {e}") from e
         import tensorrt as trt  # the real library now (imported here so mypy checks against the stubs)
 
         if not path.is_file():
@@ -128,12 +129,12 @@ class TensorRTNetwork:
         io = trt_compat.engine_io(engine)
         try:
             engine_meta.check_io(io, str(path))
-        except engine_meta.SidecarError as e:
+        except SidecarError as e:
             raise ModelFormatError(str(e)) from e
         for name in (INPUT_NAME, OUTPUT_NAME):
             if not trt_compat.is_linear(engine, name):
                 raise ModelFormatError(f"{path}: tensor '{name}' is not in the linear (row-major) format; build "
-                                       "the plan with tools/export.py, which leaves the I/O formats as they are")
+                                       "the plan with deeplab-export, which leaves the I/O formats as they are")
         c = next(t["shape"][1] for t in io if t["name"] == OUTPUT_NAME)
         if c <= 0:
             raise ModelFormatError(f"{path}: the class axis of '{OUTPUT_NAME}' is dynamic; it must be fixed")

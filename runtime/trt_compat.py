@@ -12,18 +12,10 @@ import re
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Sequence
 
-from crf.backend import BackendUnavailable
-
-from .onnx_backend import ModelFormatError
+from .errors import ModelFormatError, TensorRTUnavailable
 
 if TYPE_CHECKING:
     import tensorrt
-
-
-class TensorRTUnavailable(BackendUnavailable):
-    """TensorRT (the real library) cannot be used here; the message says why. A BackendUnavailable
-    (a RuntimeError), as every other network or CRF backend that cannot run here: a tool reports
-    them all alike."""
 
 
 def load_tensorrt() -> ModuleType:

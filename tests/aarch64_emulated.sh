@@ -114,7 +114,7 @@ import platform, sys, time
 from pathlib import Path
 import numpy as np
 import crf
-import crf.backend as b
+import crf.cpu_kernels as b
 from crf.driver import DenseCRFDriver
 from crf.params import CRFParams
 

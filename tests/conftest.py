@@ -2,15 +2,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
+import struct
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarking.inputs import photo, smooth_logits  # noqa: F401  (re-exported for the tests)
 
-from tools.testdata import photo, smooth_logits  # noqa: E402,F401  (re-exported for the tests)
+ROOT = Path(__file__).resolve().parents[1]
 
 BUNDLED = ROOT / "models" / "deeplab_shapes.safetensors"
 SAMPLES = ROOT / "samples"
@@ -35,6 +34,17 @@ def realistic_init(net, seed: int = 0, logit_std: float = 5.0):
         net.fc8.weight.mul_(logit_std / max(std, 1e-12))
         net.fc8.bias.zero_()
     return net.eval()
+
+
+def png_declaring(width: int, height: int, colour_type: int = 0, idat: bytes = b"not pixel data") -> bytes:
+    """A complete PNG file (through IEND) whose header declares width x height 8-bit pixels of
+    ``colour_type`` (0 grey, 2 RGB) and whose image data is ``idat``: a decompression bomb's header,
+    for the checks made before any decoder runs."""
+    from runtime.image_headers import PNG_SIGNATURE
+    from runtime.palette import png_chunk
+
+    return (PNG_SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0))
+            + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""tools/benchmark.py: the latency report, run on the bundled model as a user runs it."""
+"""The latency report (benchmarking/, deeplab-benchmark), run on the bundled model as a user runs it."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
+from benchmarking.environment import environment, isa_flags
+from benchmarking.latency import STAGES, BenchConfig, benchmark_images, latency_stats, model_precision, percentile
+from benchmarking.stage_chart import STAGE_COLOURS, nice_step, stage_chart
 from conftest import ROOT
 from tools import benchmark
-from tools.benchmark import STAGES, BenchConfig, benchmark_images, latency_stats, model_precision, percentile
-from tools.environment import environment, isa_flags
-from tools.stage_chart import STAGE_COLOURS, nice_step, stage_chart
 
 MODEL = ROOT / "models" / "deeplab_shapes.onnx"
 ENV_KEYS = {"cpu", "isa", "logical_cores", "load_average", "os", "python", "numpy", "onnxruntime",
@@ -71,7 +71,7 @@ def test_batch_images_are_the_size_asked_and_differ():
 
 def test_single_configuration_report(tmp_path, capsys):
     md, png = tmp_path / "r.md", tmp_path / "charts" / "r.png"
-    from crf.backend import CPUKernels
+    from crf.cpu_kernels import CPUKernels
 
     pool = CPUKernels().threads
     report = run_main(tmp_path, "--batch", "2", "--threads", "1", "--markdown", md, "--chart", png,
@@ -201,7 +201,7 @@ def test_bad_command_lines_without_a_model(capsys, tmp_path):
 
 
 def test_script_reports_bad_values_with_exit_status_2():
-    out = subprocess.run([sys.executable, "tools/benchmark.py", "--model", str(MODEL), "--size", "abc"],
+    out = subprocess.run([sys.executable, "-m", "tools.benchmark", "--model", str(MODEL), "--size", "abc"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "argument --size: expected HxW, e.g. 513x513, got 'abc'" in out.stderr
 
@@ -244,11 +244,11 @@ def test_device_pipeline_reports_its_marked_stages():
     """A device-pipeline configuration (ONNX Runtime writing into the CPU build's memory, the CRF on
     those kernels: the pipeline a GPU runs, on the CPU) reports upload/network/crf/download between
     stage marks beside the wall-clock stages; the host pipeline says why it has none."""
-    from crf.backend import CPUKernels
+    from benchmarking.latency import (ConfigRun, absent_stages, benchmark_images, config_result,
+                                      latency_stats)
+    from crf.cpu_kernels import CPUKernels
     from runtime import Segmenter
     from runtime.onnx_backend import OnnxRuntimeNetwork
-    from tools.benchmark import (ConfigRun, absent_stages, benchmark_images, config_result,
-                                 latency_stats)
 
     config = BenchConfig(str(MODEL), height=65, width=97)
     seg = Segmenter(MODEL, network=OnnxRuntimeNetwork(MODEL, kernels=CPUKernels()))

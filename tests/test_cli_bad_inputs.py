@@ -1,4 +1,4 @@
-"""Every command-line tool over bad inputs, run as a user runs it (python tools/<tool>.py ...): a
+"""Every command-line tool over bad inputs, run as a user runs it (python -m tools.<tool> ...): a
 missing model, a model that is not ONNX, an ONNX whose metadata is broken, a TensorRT plan where
 TensorRT is absent, a missing image, a file that is not an image, an output path that cannot be
 written, out-of-range numbers. Each must end with a clean message (never a Python traceback) that
@@ -23,7 +23,8 @@ MODEL = ROOT / "models" / "deeplab_shapes.onnx"
 
 
 def tensorrt_installed() -> bool:
-    from runtime.trt_compat import TensorRTUnavailable, load_tensorrt
+    from runtime.errors import TensorRTUnavailable
+    from runtime.trt_compat import load_tensorrt
 
     try:
         load_tensorrt()
@@ -175,7 +176,7 @@ def test_bad_input_gives_one_clean_message(files, tmp_path, case):
         return text
 
     args = [fill(a) for a in template]
-    out = subprocess.run([sys.executable, f"tools/{tool}.py", *args], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", f"tools.{tool}", *args], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     said = out.stdout + out.stderr
     assert "Traceback" not in said, said
@@ -205,7 +206,7 @@ LATE_WRITES = {
 def test_an_output_refused_when_written_is_one_message(tool):
     args = [a.replace("{image}", str(SAMPLES / "scene_0.png")).replace("{model}", str(MODEL))
             .replace("{weights}", str(BUNDLED)) for a in LATE_WRITES[tool]]
-    out = subprocess.run([sys.executable, f"tools/{tool}.py", *args], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", f"tools.{tool}", *args], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     said = out.stdout + out.stderr
     assert "Traceback" not in said, said

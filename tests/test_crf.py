@@ -9,7 +9,7 @@ from crf import CRFInputError, CRFParams, refine, refine_unary
 from crf.exact import exact_mean_field, gaussian_matrix
 from crf.features import unary_from_scores
 from crf.lattice import PermutohedralLattice
-from tools.testdata import pydensecrf_marginals
+from benchmarking.inputs import pydensecrf_marginals
 
 
 def test_defaults_are_deeplab_largefov():

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import ROOT, photo, smooth_logits
 from crf import CRFInputError, CRFParams, refine, refine_unary, resolve_backend
-from crf.backend import KERNEL_SOURCE, Buffer, gpu_available
+from crf.gpu_kernels import gpu_available
+from crf.kernel_interface import Buffer, KERNEL_SOURCE
 from crf.exact import exact_mean_field
 from crf.features import unary_from_scores
 from test_crf import _pydensecrf
@@ -290,14 +291,15 @@ def test_nvcc_compiles_the_kernels(tmp_path, arch):
 
 
 def test_gpu_backend_unavailable_says_why(monkeypatch):
-    from crf import backend
+    from crf import gpu_kernels
+    from crf.kernel_interface import BackendUnavailable
 
-    monkeypatch.setattr(backend.shutil, "which", lambda name: None)
-    with pytest.raises(backend.BackendUnavailable, match=r"nvcc.*PATH=/usr/local/cuda/bin"):
-        backend.require_nvcc()
+    monkeypatch.setattr(gpu_kernels.shutil, "which", lambda name: None)
+    with pytest.raises(BackendUnavailable, match=r"nvcc.*PATH=/usr/local/cuda/bin"):
+        gpu_kernels.require_nvcc()
     if not gpu_available():
         img = photo("coffee", 32)
-        with pytest.raises(backend.BackendUnavailable, match="pycuda|CUDA"):
+        with pytest.raises(BackendUnavailable, match="pycuda|CUDA"):
             refine(smooth_logits(*img.shape[:2], 3), img, backend="gpu")
 
 
@@ -309,7 +311,7 @@ needs_gpu = pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU with pyc
 
 def _scene(h: int, w: int):
     """A generated scene (the GPU machine has no scikit-image for the photographs)."""
-    from tools.scenes import make_scene
+    from scenes import make_scene
 
     return make_scene(7, h, w)[0]
 
@@ -372,7 +374,7 @@ def test_graph_replay_captures_one_iteration_and_replays_the_same_launches():
     iteration the one-by-one path launches (same kernels, grids and arguments, in order), and the
     results the same bits."""
     from crf import _driver
-    from crf.backend import CPUKernels
+    from crf.cpu_kernels import CPUKernels
     from crf.driver import DenseCRFDriver
 
     class Recording(CPUKernels):
@@ -433,10 +435,11 @@ def test_graph_replay_captures_one_iteration_and_replays_the_same_launches():
 def test_import_pycuda_names_what_is_missing(tmp_path):
     """pycuda absent, and pycuda present without one of its own dependencies, are different
     problems: the second is reported by the dependency's name, not as 'no usable CUDA device'."""
-    from crf.backend import BackendUnavailable, import_pycuda
+    from crf.gpu_kernels import import_pycuda
+    from crf.kernel_interface import BackendUnavailable
 
     code = ("import sys\nsys.path.insert(0, sys.argv[1])\n"
-            "from crf.backend import import_pycuda, BackendUnavailable\n"
+            "from crf.gpu_kernels import import_pycuda\nfrom crf.kernel_interface import BackendUnavailable\n"
             "try:\n    import_pycuda()\nexcept BackendUnavailable as e:\n    print(e)\n")
     fake = tmp_path / "site"
     (fake / "pycuda").mkdir(parents=True)
@@ -452,7 +455,8 @@ def test_import_pycuda_names_what_is_missing(tmp_path):
 
 
 def test_gpu_kernels_unavailable_here_is_a_backend_error_and_auto_falls_back():
-    from crf.backend import BackendUnavailable, GPUKernels
+    from crf.gpu_kernels import GPUKernels
+    from crf.kernel_interface import BackendUnavailable
 
     if gpu_available():
         pytest.skip("a GPU is here")
@@ -498,7 +502,8 @@ def test_gpu_graph_replay_equals_launches_and_holds_the_iteration():
     """One iteration captured as a CUDA graph: its kernel nodes are the iteration's launches
     (names where the driver tells them, grid and block sizes), and replaying it gives the same
     bits as launching kernel by kernel."""
-    from crf.backend import BLOCK, GPUKernels
+    from crf.gpu_kernels import GPUKernels
+    from crf.kernel_interface import BLOCK
     from crf.driver import DenseCRFDriver
 
     img = _scene(240, 320)
@@ -525,21 +530,22 @@ def test_gpu_graph_replay_equals_launches_and_holds_the_iteration():
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_compile_failure_is_backend_unavailable_with_nvccs_message(tmp_path, monkeypatch):
-    from crf import backend
+    from crf import gpu_kernels
+    from crf.kernel_interface import BackendUnavailable
 
     bad = tmp_path / "broken.cu"
     bad.write_text('extern "C" __global__ void k(float* x) { x[0] = undeclared_name; }\n')
-    k = backend.GPUKernels()  # compiles the real module (once per process) before the source is swapped
-    monkeypatch.setattr(backend, "KERNEL_SOURCE", bad)
-    with k.active(), pytest.raises(backend.BackendUnavailable, match=r"(?s)nvcc could not compile.*undeclared_name"):
-        backend._compile_module(k.cuda)
+    k = gpu_kernels.GPUKernels()  # compiles the real module (once per process) before the source is swapped
+    monkeypatch.setattr(gpu_kernels, "KERNEL_SOURCE", bad)
+    with k.active(), pytest.raises(BackendUnavailable, match=r"(?s)nvcc could not compile.*undeclared_name"):
+        gpu_kernels._compile_module(k.cuda)
 
 
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_missing_pycuda_dependency_is_named():
     code = ("import sys\nsys.modules['pytools'] = None  # as an install without pytools\n"
-            "from crf.backend import import_pycuda, BackendUnavailable\n"
+            "from crf.gpu_kernels import import_pycuda\nfrom crf.kernel_interface import BackendUnavailable\n"
             "try:\n    import_pycuda()\nexcept BackendUnavailable as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert "its dependency 'pytools' is missing" in out.stdout, out.stdout + out.stderr
@@ -578,14 +584,3 @@ def test_gpu_session_script_stops_before_building_when_safetensors_is_not_carrie
     assert "safetensors neither installed nor in .whl/" in out.stdout and "RESULT: FAILED" in out.stdout
     assert not (tmp_path / "o" / "pycuda-install.log").exists()  # the build never started
 
-
-def test_gpu_session_writes_few_enough_files_for_the_device_tool_to_bring_back():
-    """The GPU machine's tool returns at most 8 files from $OUT, named in letters, digits, '.', '_'
-    and '-': every file the script writes there must come back."""
-    import re
-
-    text = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
-    names = {re.sub(r"\$\([^)]*\)|\$\{[^}]*\}", "X", n) for n in re.findall(r'"\$OUT/([^"]+)"', text)}
-    assert "gpu_X_X.json" in names and "gpu-tests.log" in names  # the report's name (date, GPU) and a log
-    assert len(names) <= 8, sorted(names)
-    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names), sorted(names)

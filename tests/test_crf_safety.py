@@ -13,9 +13,10 @@ import pytest
 
 from conftest import ROOT, photo, smooth_logits
 from crf import CRFInputError, CRFParams, refine
-from crf.backend import INT32_MAX, Buffer, SizeLimitError, gpu_available
+from crf.gpu_kernels import gpu_available
 
 # One process per backend sweeps the grid: every bandwidth from 1e-9 to 1e9 and every weight over
+from crf.kernel_interface import Buffer, INT32_MAX, SizeLimitError
 # float32's range, one at a time (the others at DeepLab's values), plus random log-uniform
 # combinations of all five; prints one JSON line per case.
 SWEEP = r"""
@@ -98,7 +99,7 @@ def test_counts_beyond_32_bits_are_refused_naming_the_limit():
     with pytest.raises(SizeLimitError, match=r"20000x20000 image with 21 labels needs .* 32-bit indexing \(at most 2,147,483,647\)"):
         d.run(fake, fake, 20000, 20000, 21, CRFParams())
     assert d.pooled_bytes() == pooled  # nothing was allocated for it: the check comes first
-    from crf.backend import I32
+    from crf.kernel_interface import I32
 
     with pytest.raises(SizeLimitError, match="does not fit the kernels' 32-bit int"):
         I32(INT32_MAX + 1)

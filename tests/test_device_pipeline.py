@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLED, SAMPLES
-from crf.backend import gpu_available
+from crf.gpu_kernels import gpu_available
 
 # Network scores from PyTorch and from ONNX Runtime differ by float rounding (~1e-5); where two
 # labels are that close the CRF may pick either: this share of pixels may differ.
@@ -37,7 +37,7 @@ def _check(pipe, reference, repeats=1):
 
 
 def test_pipeline_on_the_cpu_equals_the_host_path(reference):
-    from tools.torch_pipeline import TorchPipeline
+    from export.torch_pipeline import TorchPipeline
 
     pipe = TorchPipeline(BUNDLED, device="cpu")
     _check(pipe, reference)
@@ -46,8 +46,8 @@ def test_pipeline_on_the_cpu_equals_the_host_path(reference):
 def test_tensor_buffer_refuses_what_the_kernels_cannot_read():
     import torch
 
-    from crf.backend import CPUKernels
-    from tools.torch_pipeline import tensor_buffer
+    from crf.cpu_kernels import CPUKernels
+    from export.torch_pipeline import tensor_buffer
 
     k = CPUKernels()
     t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
@@ -64,7 +64,7 @@ def test_pipeline_on_the_gpu_equals_the_host_path(reference):
     only the uint8 labels copied back; repeated calls give the same labels."""
     import pycuda.driver as cuda
 
-    from tools.torch_pipeline import TorchPipeline
+    from export.torch_pipeline import TorchPipeline
 
     pipe = TorchPipeline(BUNDLED, device="cuda")
     _check(pipe, reference, repeats=3)
@@ -77,9 +77,10 @@ def test_pipeline_on_the_gpu_equals_the_host_path(reference):
 
 
 def test_buffer_pool_reuses_a_role_and_grows_it_only_when_needed():
-    """crf.backend.BufferPool: the one owner of the pooled memory of the driver, the device
+    """crf.kernel_interface.BufferPool: the one owner of the pooled memory of the driver, the device
     pipeline and ONNX Runtime's device path."""
-    from crf.backend import BufferPool, CPUKernels
+    from crf.cpu_kernels import CPUKernels
+    from crf.kernel_interface import BufferPool
 
     pool = BufferPool(CPUKernels())
     a = pool.device("scores", 1000)
@@ -97,7 +98,7 @@ def test_buffer_pool_reuses_a_role_and_grows_it_only_when_needed():
 
 
 def _crf_step_from_dlpack(onnx_model, device: str):
-    """The Triton GPU ensemble's CRF step (export/triton_models/ensemble_steps.py) fed as Triton feeds
+    """The Triton GPU ensemble's CRF step (serving/ensemble_steps.py) fed as Triton feeds
     it: padded network scores handed over as a DLPack capsule (here from a torch tensor, on ``device``),
     read by pointer, cropped, refined and argmaxed by the kernels. Returns (labels, reference labels)
     per sample, the reference being the in-process Segmenter's from the same scores."""
@@ -105,8 +106,9 @@ def _crf_step_from_dlpack(onnx_model, device: str):
     from torch.utils.dlpack import to_dlpack
 
     from crf import CRFParams
-    from crf.backend import CPUKernels, GPUKernels
-    from export.triton_models.ensemble_steps import CRFStep, bounds_from_profile, dlpack_view, pad_batch
+    from crf.cpu_kernels import CPUKernels
+    from crf.gpu_kernels import GPUKernels
+    from serving.ensemble_steps import CRFStep, bounds_from_profile, dlpack_view, pad_batch
     from runtime import Segmenter
 
     seg = Segmenter(onnx_model, crf_backend="cpu")
@@ -148,7 +150,7 @@ def test_triton_crf_step_reads_dlpack_scores_on_the_gpu(bundled_onnx):
 def test_gpu_stage_marks_are_cuda_events_in_stream_order():
     """GPUKernels.mark records CUDA events on the stream; stage_times gives the gaps between them
     (what the benchmark's device stages are made of), after the stream has passed the last one."""
-    from crf.backend import GPUKernels
+    from crf.gpu_kernels import GPUKernels
 
     k = GPUKernels()
     data = np.arange(1 << 22, dtype=np.float32)  # 16 MB: a copy long enough to time

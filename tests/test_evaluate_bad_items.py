@@ -1,4 +1,4 @@
-"""tools/evaluate.py and one bad item: an RGB label, a label that is not a PNG, an unreadable image,
+"""The evaluation (deeplab-evaluate) and one bad item: an RGB label, a label that is not a PNG, an unreadable image,
 a label map of another size, an image failing in the network. Each is skipped with its file and
 reason, the others are scored, the JSON is written (also when nothing could be scored) and the
 exit status is 1. And label PNGs read by palette index, whatever the palette's colours."""
@@ -18,8 +18,8 @@ from runtime.palette import voc_palette, write_indexed_png
 from test_evaluate_tool import ONNX, InMemory, make_voc, onnx_model, run_main  # noqa: F401 (a fixture)
 from runtime.image_headers import PNG_SIGNATURE
 from runtime.palette import png_chunk
-from tools.evaluate import evaluate
-from tools.voc import VOCDataset, read_label_png
+from evaluation.accuracy import evaluate
+from evaluation.voc import VOCDataset, read_label_png
 
 
 def png_bytes(values: np.ndarray, depth: int, colour_type: int, palette: bytes | None = None) -> bytes:

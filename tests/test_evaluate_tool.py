@@ -1,5 +1,5 @@
-"""tools/evaluate.py as the accuracy tool: VOC-format datasets and their faults, the metrics,
-parity of several models, the CRF search; and CRF parameter files in segment.py and the Segmenter."""
+"""The evaluation package and deeplab-evaluate as the accuracy tool: VOC-format datasets and their faults, the metrics,
+parity of several models, the CRF search; and CRF parameter files in deeplab-segment and the Segmenter."""
 from __future__ import annotations
 
 import json
@@ -11,12 +11,13 @@ import pytest
 
 from conftest import ROOT, SAMPLES
 from crf import CRFParams
+from evaluation.accuracy import evaluate
+from evaluation.contenders import open_model, open_pytorch
+from evaluation.voc import DatasetError, Sample, VOCDataset, read_label_png
 from runtime.contract import load_image
 from runtime.palette import voc_palette, write_indexed_png
-from tools.contenders import open_model, open_pytorch
-from tools.evaluate import evaluate, main
-from tools.scenes import make_scene
-from tools.voc import DatasetError, Sample, VOCDataset, read_label_png
+from scenes import make_scene
+from tools.evaluate import main
 
 ONNX = ROOT / "models" / "deeplab_shapes.onnx"
 SIZES = ((65, 97), (81, 73), (97, 89), (73, 65))
@@ -56,7 +57,7 @@ def onnx_model():
 
 
 def run_main(args, capsys):
-    """tools/evaluate.py in this process: (exit status, stdout, stderr)."""
+    """deeplab-evaluate (tools/evaluate.py) in this process: (exit status, stdout, stderr)."""
     try:
         status = main([*map(str, args), "--quiet"])
     except SystemExit as e:  # argparse errors
@@ -329,7 +330,8 @@ def test_segmenter_refuses_a_bad_crf_file(tmp_path):
 
 def test_scenes_from_a_given_number_on():
     """--first-scene: a CRF search on scenes the default evaluation does not score."""
-    from tools.evaluate import GeneratedScenes, held_out_scene
+    from evaluation.accuracy import GeneratedScenes
+    from scenes import held_out_scene
 
     later = GeneratedScenes(2, first=100)
     image, truth = held_out_scene(101)

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from crf import backend, gpu_module
+from crf import gpu_kernels, gpu_module
+from crf.kernel_interface import BackendUnavailable
 from crf.gpu_module import FATBIN_ARCHS, KERNEL_SOURCE, fatbin_command, fatbin_ident, kernel_names
 
 NVCC = shutil.which("nvcc")
@@ -100,8 +101,8 @@ def built(tmp_path_factory):
 # The build
 
 def test_nvcc_options_are_the_backends():
-    assert gpu_module.NVCC_OPTIONS == tuple(backend.NVCC_OPTIONS)
-    assert gpu_module.KERNEL_SOURCE == backend.KERNEL_SOURCE
+    assert gpu_module.NVCC_OPTIONS == tuple(gpu_kernels.NVCC_OPTIONS)
+    assert gpu_module.KERNEL_SOURCE == gpu_kernels.KERNEL_SOURCE
 
 
 def test_fatbin_command_has_sass_for_every_arch_and_ptx_of_the_newest_only():
@@ -342,21 +343,21 @@ def test_prebuilt_fatbin_is_the_stamped_file_next_to_the_source(kit):
 
 
 def test_backend_needs_no_nvcc_when_a_fatbin_is_shipped(kit, monkeypatch, capsys):
-    """crf.backend._compile_module through the fake driver: with a usable fatbin nvcc is not looked
+    """crf.gpu_kernels._compile_module through the fake driver: with a usable fatbin nvcc is not looked
     for; without one, nvcc's absence is the BackendUnavailable it always was."""
     src, fat, *_ = kit
-    monkeypatch.setattr(backend, "KERNEL_SOURCE", src)
-    monkeypatch.setattr(backend.shutil, "which", lambda name: None)  # no nvcc anywhere
+    monkeypatch.setattr(gpu_kernels, "KERNEL_SOURCE", src)
+    monkeypatch.setattr(gpu_kernels.shutil, "which", lambda name: None)  # no nvcc anywhere
     cuda = FakeDriver()
-    assert isinstance(backend._compile_module(cuda), FakeModule) and cuda.loaded == [str(fat)]
+    assert isinstance(gpu_kernels._compile_module(cuda), FakeModule) and cuda.loaded == [str(fat)]
     fat.unlink()
-    with pytest.raises(backend.BackendUnavailable, match=r"nvcc.*not on PATH"):
-        backend._compile_module(FakeDriver())
+    with pytest.raises(BackendUnavailable, match=r"nvcc.*not on PATH"):
+        gpu_kernels._compile_module(FakeDriver())
     assert "no prebuilt densecrf.fatbin" in capsys.readouterr().err
     # a load error that is not "no code for this GPU" stays what it was: the kernels do not load
     fat.write_bytes(fatbin_ident(src).encode())
-    with pytest.raises(backend.BackendUnavailable, match="do not load on this GPU"):
-        backend._compile_module(FakeDriver(load_error=FakeDriver.MemoryError("cuModuleLoad failed: out of memory")))
+    with pytest.raises(BackendUnavailable, match="do not load on this GPU"):
+        gpu_kernels._compile_module(FakeDriver(load_error=FakeDriver.MemoryError("cuModuleLoad failed: out of memory")))
 
 
 def test_gpu_module_imports_without_the_package_and_without_pycuda():
@@ -385,8 +386,8 @@ def test_gpu_fatbin_module_gives_the_same_results_as_the_nvcc_compile(built, tmp
 
     from crf import CRFParams
     from crf.driver import DenseCRFDriver
-    from tools.scenes import make_scene
-    from tools.testdata import smooth_logits
+    from scenes import make_scene
+    from benchmarking.inputs import smooth_logits
 
     src = tmp_path / "densecrf.cu"
     shutil.copy(KERNEL_SOURCE, src)
@@ -395,7 +396,7 @@ def test_gpu_fatbin_module_gives_the_same_results_as_the_nvcc_compile(built, tmp
     scores = smooth_logits(120, 160, 21, seed=4)
     results = {}
     for how in ("fatbin", "nvcc"):
-        k = backend.GPUKernels()
+        k = gpu_kernels.GPUKernels()
         with k.active():
             if how == "fatbin":
                 k.module = gpu_module.load_module(k.cuda, src)
@@ -421,9 +422,9 @@ def test_gpu_backend_runs_from_the_fatbin_with_no_nvcc_on_path(built, tmp_path):
     code = ("import shutil, sys, numpy as np\n"
             "from pathlib import Path\n"
             "assert shutil.which('nvcc') is None\n"
-            "from crf import backend, gpu_module, refine\n"
-            "from tools.testdata import smooth_logits\n"
-            "backend.KERNEL_SOURCE = Path(sys.argv[1])\n"
+            "from crf import gpu_kernels, gpu_module, refine\n"
+            "from benchmarking.inputs import smooth_logits\n"
+            "gpu_kernels.KERNEL_SOURCE = Path(sys.argv[1])\n"
             "img = np.random.default_rng(0).integers(0, 256, (61, 97, 3), dtype=np.uint8)\n"
             "q = refine(smooth_logits(61, 97, 5), img, backend='gpu')\n"
             "assert np.isfinite(q).all()\n"

@@ -10,8 +10,8 @@ import pytest
 
 from runtime import ImageError
 from runtime.contract import load_image
-from tools.evaluate import held_out_scene
-from tools.testdata import png_declaring
+from conftest import png_declaring
+from scenes import held_out_scene
 
 
 def encode(ext: str, image: np.ndarray) -> bytes:
@@ -138,7 +138,7 @@ def test_lossless_webp_and_alpha_png_sizes():
 
 
 def test_decompression_bomb_is_refused_from_its_header(tmp_path):
-    from runtime.contract import ImageTooLarge
+    from runtime.errors import ImageTooLarge
 
     f = tmp_path / "bomb.png"
     f.write_bytes(png_declaring(70000, 70000, idat=b"garbage"))  # 4.9 G pixels in a few bytes; its data is not even valid
@@ -148,7 +148,7 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path):
 
 
 def test_the_pixel_limit_is_configurable_and_checked_before_decoding(tmp_path):
-    from runtime.contract import ImageTooLarge
+    from runtime.errors import ImageTooLarge
 
     f = tmp_path / "ok.png"
     f.write_bytes(png_declaring(200, 100))
@@ -169,7 +169,7 @@ def test_decoder_errors_become_image_errors_naming_the_file(tmp_path):
 
 
 def test_a_file_too_large_for_any_allowed_image_is_not_read(tmp_path):
-    from runtime.contract import ImageTooLarge
+    from runtime.errors import ImageTooLarge
 
     f = tmp_path / "huge.png"
     with open(f, "wb") as fh:  # sparse: 64 MB that take no disk

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from runtime import Segmenter
-from runtime.contract import ImageTooLarge
+from runtime import Segmenter, SizeLimits
+from runtime.errors import ImageTooLarge
 from runtime.memory import CRF_MEMORY_BUDGET, crf_buffer_bytes, crf_size
 from runtime.upsample import resize_scores, upsampled_argmax
-from tools.testdata import png_declaring
+from conftest import png_declaring
 
 
 @pytest.fixture(scope="module")
@@ -35,28 +35,28 @@ def test_strips_give_the_labels_of_the_whole_resize(c, h0, w0, h, w):
 
 
 def test_images_over_max_pixels_are_refused(bundled_onnx):
-    small = Segmenter(bundled_onnx, max_pixels=1000)
+    small = Segmenter(bundled_onnx, limits=SizeLimits(max_pixels=1000))
     with pytest.raises(ImageTooLarge) as e:
         small(np.zeros((40, 30, 3), np.uint8))
     assert e.value.limit == 1000 and e.value.pixels == 1200
     assert small(np.zeros((25, 40, 3), np.uint8)).labels.shape == (25, 40)
     with pytest.raises(ValueError, match="max_pixels"):
-        Segmenter(bundled_onnx, max_pixels=0)
+        SizeLimits(max_pixels=0)
 
 
 def test_over_the_memory_budget_is_refused_before_decoding(seg, tmp_path):
     f = tmp_path / "huge.png"
     f.write_bytes(png_declaring(20000, 15000, colour_type=2))  # 300 MP: under a raised max_pixels, over the budget
-    big = Segmenter(seg.model_path, max_pixels=10**9)
+    big = Segmenter(seg.model_path, limits=SizeLimits(max_pixels=10**9))
     with pytest.raises(ImageTooLarge, match="memory_budget") as e:
         big(f)  # its pixel data is garbage: reaching the decoder would raise a decode error instead
-    assert "huge.png" in str(e.value) and e.value.limit == int(big.memory_budget)
-    assert big.memory_model(15000, 20000).total > big.memory_budget
+    assert "huge.png" in str(e.value) and e.value.limit == int(big.limits.memory_budget)
+    assert big.memory_model(15000, 20000).total > big.limits.memory_budget
 
 
 def test_returned_maps_count_against_the_budget(bundled_onnx):
     image = np.zeros((600, 800, 3), np.uint8)
-    tight = Segmenter(bundled_onnx, crf=None, memory_budget=30e6)
+    tight = Segmenter(bundled_onnx, crf=None, limits=SizeLimits(memory_budget=30e6))
     assert tight.memory_model(600, 800).total < 30e6 < tight.memory_model(600, 800, return_probabilities=True).total
     assert tight(image).labels.shape == (600, 800)
     with pytest.raises(ImageTooLarge, match="memory_budget"):
@@ -84,7 +84,7 @@ def test_default_limits_agree(seg):
     from runtime.memory import DEFAULT_MEMORY_BUDGET, call_memory, default_crf_max_pixels
 
     h, w = 8660, 11547
-    assert h * w <= seg.max_pixels and seg.memory_model(h, w).total <= seg.memory_budget
+    assert h * w <= seg.limits.max_pixels and seg.memory_model(h, w).total <= seg.limits.memory_budget
     ch, cw = crf_size(h, w, 21, default_crf_max_pixels(21), 3.0, 50.0, CRF_MEMORY_BUDGET)
     f = (ch * cw / (h * w)) ** 0.5
     voc = call_memory(h, w, 21, 1033 * 777, ch * cw, crf_buffer_bytes(ch * cw, 21, 3.0 * f, 50.0 * f))
@@ -95,10 +95,10 @@ GROWTH = r"""
 import json, resource, sys
 import cv2, numpy as np
 sys.path.insert(0, sys.argv[1])
-from runtime import Segmenter
+from runtime import Segmenter, SizeLimits
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-seg = Segmenter(sys.argv[2], crf_max_pixels=200_000)
+seg = Segmenter(sys.argv[2], limits=SizeLimits(crf_max_pixels=200_000))
 scene = cv2.imread(sys.argv[1] + "/samples/scene_0.png")
 big = cv2.resize(scene, (4000, 3000), interpolation=cv2.INTER_LINEAR)
 # Same network size (1025x769) and CRF size as the 12 MP image: everything but the full-size work.
@@ -130,7 +130,7 @@ def test_a_timeout_stops_the_crf_between_iterations_and_the_segmenter_stays_usab
     import time
 
     from crf import CRFParams, CRFTimeout, refine
-    from tools.testdata import smooth_logits
+    from benchmarking.inputs import smooth_logits
 
     image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     scores = smooth_logits(300, 400, 5)

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from crf.backend import BackendUnavailable
 from runtime import ModelFormatError, Segmenter
 from runtime import engine_meta
-from runtime.engine_meta import EngineMeta, SidecarError
+from runtime.engine_meta import EngineMeta
+from runtime.errors import BackendUnavailable, SidecarError
 from runtime.onnx_backend import read_model_metadata
 from runtime.palette import check_palette
-from runtime.segmenter import check_network_output
+from runtime.model_check import check_network_output
 from test_model_outputs import graph_model, to_nchw
 
 GOOD = {"deeplab_config": json.dumps({"num_classes": 3}), "class_names": json.dumps(["a", "b", "c"]),
@@ -92,6 +92,7 @@ class FixedNetwork:
     name = "fixed"
     fixed_input_dims = (None, None, None)
     size_bounds = None
+    kernels = None
 
     def __init__(self, num_classes, metadata):
         self.num_classes, self.metadata = num_classes, metadata
@@ -241,7 +242,8 @@ def test_checkpoint_metadata_of_the_wrong_type_names_the_file_and_the_key(tmp_pa
 # --- a plan where TensorRT is absent -----------------------------------------------------------------
 
 def test_a_plan_without_tensorrt_is_a_backend_unavailable_naming_the_plan(tmp_path):
-    from runtime.trt_compat import TensorRTUnavailable, load_tensorrt
+    from runtime.errors import TensorRTUnavailable
+    from runtime.trt_compat import load_tensorrt
 
     try:
         load_tensorrt()

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, save
 
 from crf import CRFInputError, CRFParams, refine
 from runtime import ModelFormatError, NetworkOutputError, Segmenter
-from tools.testdata import smooth_logits
+from benchmarking.inputs import smooth_logits
 
 
 def graph_model(path, nodes, initializers=(), out_type=TensorProto.FLOAT, channels="C", metadata=None):

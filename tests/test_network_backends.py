@@ -18,14 +18,15 @@ import pytest
 
 from conftest import ROOT, SAMPLES
 from crf import CRFParams
-from crf.backend import BackendUnavailable, CPUKernels, OutOfDeviceMemory, gpu_available
-from runtime import NetworkOutputError, Segmenter
+from crf.cpu_kernels import CPUKernels
+from crf.gpu_kernels import gpu_available
+from runtime import NetworkOutputError, Segmenter, SizeLimits
 from runtime.backend_choice import open_network
-from runtime.contract import ImageError, aligned_size, fit_scale
+from runtime.contract import aligned_size, fit_scale
+from runtime.errors import BackendUnavailable, ImageError, OutOfDeviceMemory, TensorRTUnavailable
 from runtime.network import SizeBounds, check_input_size, is_device_network, network_size
 from runtime.onnx_backend import (OnnxRuntimeNetwork, check_user_stream_taken, cuda_provider_missing,
                                   cuda_provider_problem, cuda_provider_too_old)
-from runtime.trt_compat import TensorRTUnavailable
 
 MODEL = ROOT / "models" / "deeplab_shapes.onnx"
 # ONNX Runtime's CUDA and CPU scores differ by float rounding; where two labels are that close the
@@ -143,7 +144,7 @@ def test_device_pipeline_equals_host_pipeline_on_the_samples(kernels, samples, c
     host = Segmenter(MODEL, crf_backend="cpu")
     with caplog.at_level(logging.INFO, logger="deeplab"):
         dev = _device_segmenter(kernels)
-    assert (host.pipeline, dev.pipeline, dev.crf_backend, dev._device.driver is not None) == ("host", "device", "cpu", True)
+    assert (host.pipeline, dev.pipeline, dev.crf_backend, dev._pipeline.driver is not None) == ("host", "device", "cpu", True)
     assert [r.message for r in caplog.records if r.name == "deeplab"] == [
         f"{MODEL}: network onnxruntime, CRF cpu, on the network's scores in place, device pipeline"]
     a = host(samples, return_probabilities=True, return_scores=True)
@@ -194,8 +195,8 @@ def test_stage_times_are_the_gaps_between_marks():
     assert k.marks == [] and k.stage_times() == []
 
 
-@pytest.mark.parametrize("options", [{"crf": None}, {"max_size": 97, "crf": CRFParams(iterations=3)},
-                                     {"crf_max_pixels": 3000, "crf": CRFParams(iterations=3)},
+@pytest.mark.parametrize("options", [{"crf": None}, {"limits": SizeLimits(max_size=97), "crf": CRFParams(iterations=3)},
+                                     {"limits": SizeLimits(crf_max_pixels=3000), "crf": CRFParams(iterations=3)},
                                      {"crf_backend": "numpy", "crf": CRFParams(iterations=2)}])
 def test_device_pipeline_host_steps_equal_host_pipeline(kernels, samples, options):
     """Without the CRF (scores downloaded, argmax on the host), a shrunk image (score resize on
@@ -206,6 +207,30 @@ def test_device_pipeline_host_steps_equal_host_pipeline(kernels, samples, option
     for ra, rb in zip(host(small, return_probabilities=True), dev(small, return_probabilities=True)):
         assert np.array_equal(ra.labels, rb.labels) and np.array_equal(ra.probabilities, rb.probabilities)
         assert ra.crf_scale == rb.crf_scale
+
+
+@pytest.mark.parametrize("pipeline", ["host", "device"])
+def test_a_deadline_passed_in_the_network_stops_the_call_before_the_crf(kernels, samples, pipeline):
+    """Both pipelines check the call's deadline between the network and the CRF; the Segmenter
+    (its device lock and stage marks included) stays usable after the CRFTimeout."""
+    import time
+
+    from runtime.errors import CRFTimeout
+
+    seg = Segmenter(MODEL, crf=CRFParams(iterations=2)) if pipeline == "host" else _device_segmenter(kernels)
+    assert seg.pipeline == pipeline
+    seg.stage_events = True
+    stages: list = []
+
+    def slow_network(stage):
+        stages.append(stage)
+        if stage == "network":
+            time.sleep(0.3)
+
+    with pytest.raises(CRFTimeout):
+        seg(samples[0], progress=slow_network, timeout=0.2)
+    assert stages == ["preprocess", "network"] and kernels.marks is None
+    assert seg(samples[0], timeout=60).labels.shape == samples[0].shape[:2]
 
 
 def test_device_pipeline_names_the_image_with_nan_scores(kernels, tmp_path):

@@ -1,5 +1,5 @@
 """runtime.output_files: whole files or none, output locations checked up front; the output names
-tools/segment.py gives to inputs that share a name."""
+runtime.batch_files gives (deeplab-segment's results) to inputs that share a name."""
 from __future__ import annotations
 
 import os
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.batch_files import expand, output_names
 from runtime.output_files import output_file_problem, output_folder_problem, replacing, write_bytes_atomically
-from tools.segment import expand, output_names
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

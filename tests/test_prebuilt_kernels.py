@@ -57,7 +57,7 @@ def run_env(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_a_target_forced_by_name_is_checked():
-    code = "import sys; sys.path.insert(0, '.'); from crf.backend import prebuilt_cpu_library; prebuilt_cpu_library()"
+    code = "import sys; sys.path.insert(0, '.'); from crf.cpu_library import prebuilt_cpu_library; prebuilt_cpu_library()"
     out = run_env(code, DEEPLAB_CRF_TARGET="x86-64-v9")
     assert out.returncode != 0 and "DEEPLAB_CRF_TARGET=x86-64-v9" in out.stderr
     out = run_env(code + "; print('ok')", DEEPLAB_CRF_BUILD="runtime", DEEPLAB_CRF_TARGET="x86-64-v9")
@@ -130,10 +130,11 @@ def test_shipped_x86_levels_equal_the_run_time_build_bit_for_bit(shipped):
     import platform
 
     from crf import CRFParams
-    from crf.backend import CPUKernels, build_cpu_library
+    from crf.cpu_kernels import CPUKernels
+    from crf.cpu_library import build_cpu_library
     from crf.build_kernels import best_target, cpu_features, targets_for
     from crf.driver import DenseCRFDriver
-    from tools.testdata import photo, smooth_logits
+    from benchmarking.inputs import photo, smooth_logits
 
     if platform.machine() != "x86_64":
         pytest.skip("runs the x86_64 libraries")
@@ -186,7 +187,7 @@ def test_the_wheel_runs_its_prebuilt_kernels_with_no_compiler(tmp_path, bundled_
         assert "crf/kernels/densecrf.fatbin" in names
     code = ("import sys, numpy as np\n"
             "from runtime import Segmenter\n"
-            "import crf, crf.backend as b\n"
+            "import crf, crf.cpu_library as b\n"
             "assert 'site-packages' in crf.__file__, crf.__file__\n"
             "seg = Segmenter(sys.argv[1])\n"
             "r = seg(sys.argv[2], return_probabilities=True)\n"

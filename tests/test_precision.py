@@ -1,4 +1,4 @@
-"""FP16 and INT8 exports (export/precision.py, tools/export.py --precision): they load and segment
+"""FP16 and INT8 exports (export/precision.py, deeplab-export --precision): they load and segment
 like the FP32 export, keep the graph's uint8 input and float32 output, and say what they are."""
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_int8_asymmetric_activations_for_onnx_runtime(bundled_onnx, tmp_path, ca
 
 
 def test_exports_keep_the_graph_contract_for_every_backend_path(fp16_onnx, int8_onnx):
-    from crf.backend import CPUKernels
+    from crf.cpu_kernels import CPUKernels
     from runtime.onnx_backend import OnnxRuntimeNetwork
 
     for path in (fp16_onnx, int8_onnx):
@@ -151,7 +151,7 @@ def test_int8_metadata_names_precision_and_calibration_set(int8_onnx, tmp_path):
 
 
 def test_generated_calibration_scenes_are_reproducible():
-    from tools.export import calibration_set
+    from export.precision import calibration_set
 
     a, b = calibration_set("scenes:3", 100), calibration_set("scenes:3", 100)
     assert len(a) == 3 and a.sha256 == b.sha256

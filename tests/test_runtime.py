@@ -10,10 +10,11 @@ import pytest
 
 from conftest import ROOT, SAMPLES
 from crf import CRFParams
-from runtime import ImageError, ModelFormatError, Segmenter
+from runtime import ImageError, ModelFormatError, Segmenter, SizeLimits
 from runtime.contract import PAD_PIXEL_BGR, aligned_size, pad_image
 from runtime.palette import VOC_CLASSES, voc_palette, write_indexed_png
-from tools.evaluate import confusion, held_out_scene, mean_iou
+from evaluation.metrics import confusion, mean_iou
+from scenes import held_out_scene
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_crf_raises_mean_iou_on_held_out_scenes(seg, seg_nocrf):
 
 def test_scores_are_what_the_crf_refines(seg, seg_nocrf):
     """return_scores gives the upsampled logits: their argmax is the no-CRF labelling, and
-    crf.refine on them is exactly what the Segmenter's own CRF stage gives (tools/evaluate.py
+    crf.refine on them is exactly what the Segmenter's own CRF stage gives (evaluation.accuracy
     relies on this to run the network once per scene)."""
     from crf import refine
 
@@ -112,11 +113,14 @@ def test_overrides(bundled_onnx):
 
 def test_bad_segmenter_options(bundled_onnx, tmp_path):
     with pytest.raises(ValueError, match="max_size must be >= 9"):
-        Segmenter(bundled_onnx, max_size=4)
+        SizeLimits(max_size=4)
     with pytest.raises(ValueError, match="input_size must be positive"):
-        Segmenter(bundled_onnx, input_size=(0, 65))
+        SizeLimits(input_size=(0, 65))
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
-        Segmenter(bundled_onnx, max_batch=0)
+        SizeLimits(max_batch=0)
+    with pytest.raises(TypeError, match="SizeLimits"):
+        Segmenter(bundled_onnx, limits={"max_size": 4})
+    assert SizeLimits(input_size=[np.int64(65), 97]).input_size == (65, 97)
     with pytest.raises(ValueError, match="crf backend|CRF backend"):
         Segmenter(bundled_onnx, crf_backend="fpga")
     with pytest.raises(ValueError, match="is a TensorRT plan: backend 'onnxruntime' runs .onnx"):
@@ -142,7 +146,7 @@ def test_overlay_alpha_is_checked(seg_nocrf):
 def test_batch_equals_single_and_keeps_order(bundled_onnx, seg_nocrf):
     images = [held_out_scene(i)[0] for i in range(4)]
     images += [images[0].copy(), images[0][::-1].copy(), images[0][:, ::-1].copy()]  # same size as image 0
-    batch = Segmenter(bundled_onnx, crf=None, max_batch=2)(images)  # image 0's group runs as 2 + 2
+    batch = Segmenter(bundled_onnx, crf=None, limits=SizeLimits(max_batch=2))(images)  # image 0's group runs as 2 + 2
     assert len(batch) == 7
     for img, r in zip(images, batch):
         single = seg_nocrf(img)
@@ -154,7 +158,7 @@ def test_large_image_is_shrunk_for_the_network_and_labelled_at_full_size(bundled
     image, truth = held_out_scene(5)
     big = cv2.resize(image, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
     big_truth = cv2.resize(truth, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
-    s = Segmenter(bundled_onnx, crf=None, max_size=max(image.shape[:2]))
+    s = Segmenter(bundled_onnx, crf=None, limits=SizeLimits(max_size=max(image.shape[:2])))
     r = s(big)
     assert r.labels.shape == big.shape[:2]
     assert (r.labels == big_truth).mean() > 0.85
@@ -162,10 +166,10 @@ def test_large_image_is_shrunk_for_the_network_and_labelled_at_full_size(bundled
 
 def test_fixed_input_size(bundled_onnx):
     image, _ = held_out_scene(1)
-    s = Segmenter(bundled_onnx, crf=None, input_size=(385, 385))
+    s = Segmenter(bundled_onnx, crf=None, limits=SizeLimits(input_size=(385, 385)))
     assert s(image).labels.shape == image.shape[:2]
     with pytest.raises(ImageError, match="exceeds input_size"):
-        Segmenter(bundled_onnx, crf=None, input_size=(65, 65))(image)
+        Segmenter(bundled_onnx, crf=None, limits=SizeLimits(input_size=(65, 65)))(image)
 
 
 def test_grayscale_and_bgra_are_converted(seg_nocrf):
@@ -240,7 +244,7 @@ def test_runtime_never_imports_torch(bundled_onnx):
 
 
 def test_crf_memory_budget_shrinks_large_images(bundled_onnx, seg):
-    from runtime.segmenter import crf_bytes_per_pixel, default_crf_max_pixels
+    from runtime.memory import crf_bytes_per_pixel, default_crf_max_pixels
 
     # The default follows the README's formula: 97.0 MB measured at 500x375 with 21 labels.
     assert abs(crf_bytes_per_pixel(21) * 500 * 375 / 97.0e6 - 1) < 0.1
@@ -248,8 +252,8 @@ def test_crf_memory_budget_shrinks_large_images(bundled_onnx, seg):
     image, truth = held_out_scene(4)
     h, w = truth.shape
     full = seg(image, return_probabilities=True)
-    assert seg.crf_max_pixels == default_crf_max_pixels(5) > h * w and full.crf_scale == 1.0
-    r = Segmenter(bundled_onnx, crf_max_pixels=h * w // 4)(image, return_probabilities=True, return_scores=True)
+    assert seg.limits.crf_pixels(seg.num_classes) == default_crf_max_pixels(5) > h * w and full.crf_scale == 1.0
+    r = Segmenter(bundled_onnx, limits=SizeLimits(crf_max_pixels=h * w // 4))(image, return_probabilities=True, return_scores=True)
     assert 0.45 < r.crf_scale <= 0.5
     assert r.labels.shape == truth.shape and r.probabilities.shape == (5, h, w)
     np.testing.assert_allclose(r.probabilities.sum(0), 1, atol=1e-4)
@@ -259,7 +263,7 @@ def test_crf_memory_budget_shrinks_large_images(bundled_onnx, seg):
     assert (r.labels == truth).mean() > (plain == truth).mean()
     assert (r.labels == full.labels).mean() > 0.95
     with pytest.raises(ValueError, match="crf_max_pixels must be >= 1"):
-        Segmenter(bundled_onnx, crf_max_pixels=0)
+        SizeLimits(crf_max_pixels=0)
 
 
 def test_progress_is_reported_per_stage(seg, seg_nocrf):

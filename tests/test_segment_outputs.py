@@ -13,11 +13,11 @@ import pytest
 
 from conftest import ROOT, SAMPLES
 from runtime.output_files import remove_stale_temporaries, write_files_together
-from tools.testdata import png_declaring
+from conftest import png_declaring
 
 
 def run_segment(*args):
-    return subprocess.run([sys.executable, "tools/segment.py", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tools.segment", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/serve_bench.py against a real Triton server: a short run's report (JSON, Markdown,
+"""benchmarks/serve_bench.py (python -m benchmarks.serve_bench) against a real Triton server: a short run's report (JSON, Markdown,
 progress), the server it starts stopped at the end and on Ctrl-C, and bad command lines."""
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ import pytest
 
 from benchmarks import serve_bench
 from conftest import ROOT
-from tools import serve
+from serving import launcher
 from triton_fixture import MODEL, NO_SERVE_EXTRA, processes_on, repo, require_server, server  # noqa: F401
 
-SCRIPT = ROOT / "benchmarks" / "serve_bench.py"
 HEADER = ("| CRF | clients | req/s | p50 ms | p90 ms | p99 ms | server queue ms | server compute ms "
           "| avg batch |")
 
@@ -80,10 +79,10 @@ def _lines(stream, into: queue.Queue) -> None:
 def test_the_server_it_starts_stops_at_the_end_and_on_ctrl_c(tmp_path):
     require_server()
     repo_dir, out_json = tmp_path / "repo", tmp_path / "r.json"
-    common = [sys.executable, str(SCRIPT), "--repo", str(repo_dir), "--size", "33x33", "--concurrency", "1",
+    common = [sys.executable, "-m", "benchmarks.serve_bench", "--repo", str(repo_dir), "--size", "33x33", "--concurrency", "1",
               "--crf", "off", "--warmup", "0", "--protocol", "grpc"]
     done = subprocess.run(common + ["--model", str(MODEL), "--duration", "0.3", "--json", str(out_json)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     report = json.loads(out_json.read_text())
     assert report["settings"]["started_here"] and report["server"]["restarts"] == 0
@@ -91,7 +90,7 @@ def test_the_server_it_starts_stops_at_the_end_and_on_ctrl_c(tmp_path):
     assert (repo_dir / "deeplab" / "config.pbtxt").is_file() and not processes_on(repo_dir)
 
     # The repository already there, served again; Ctrl-C in the middle of the window.
-    proc = subprocess.Popen(common + ["--duration", "60", "--json", str(tmp_path / "never.json")],
+    proc = subprocess.Popen(common + ["--duration", "60", "--json", str(tmp_path / "never.json")], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stderr, lines), daemon=True).start()
@@ -151,7 +150,7 @@ def test_bad_combinations_and_files_exit_2(tmp_path, capsys):
 
 def test_no_server_at_the_url_exits_1(capsys):
     pytest.importorskip("tritonclient.http", reason=NO_SERVE_EXTRA)
-    port = serve.free_port()  # nothing listens there once it returns
+    port = launcher.free_port()  # nothing listens there once it returns
     assert serve_bench.main(["--url", f"127.0.0.1:{port}", "--duration", "1"]) == 1
     assert f"cannot use model 'deeplab' at 127.0.0.1:{port} over http" in capsys.readouterr().err
 

@@ -1,4 +1,4 @@
-"""What tools/serve.py leaves behind. Killed outright (SIGKILL: no handler runs), it takes its Triton
+"""What deeplab-serve (tools/serve.py) leaves behind. Killed outright (SIGKILL: no handler runs), it takes its Triton
 server with it, so no server is left holding the ports; a SIGTERM stops it cleanly, its temporary
 folder and shared memory removed. What a killed serve.py (and server) could not remove, the next
 start removes, but never what a running server holds."""
@@ -22,8 +22,8 @@ from triton_fixture import NO_SERVE_EXTRA, repo, require_server, server  # noqa:
 pytest.importorskip("tritonclient.http", reason=NO_SERVE_EXTRA)
 
 from runtime.output_files import process_running  # noqa: E402  (a zombie nobody reaps is not running)
-from runtime.triton_client import TritonSegmenter  # noqa: E402
-from tools import serve  # noqa: E402
+from serving import launcher  # noqa: E402
+from serving.client import TritonSegmenter  # noqa: E402
 
 
 def _pids_naming(text: str) -> list:
@@ -65,7 +65,7 @@ def _regions(server_pid: int) -> set:
 def _start_cli(repo, log_path: Path) -> tuple:
     """serve.py in a process of its own: (its Popen, its server's pid, the server's temporary folder)."""
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "tools/serve.py", "--repo", str(repo)], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "tools.serve", "--repo", str(repo)], cwd=ROOT,
                                 stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while "model 'deeplab' ready" not in log_path.read_text() and proc.poll() is None:
@@ -131,7 +131,7 @@ def test_a_new_start_removes_what_a_killed_serve_py_left_but_not_a_running_serve
 
     live_regions = _regions(server.process.pid)
     assert live_regions and not live_regions & regions
-    fresh = serve.start_server(repo)
+    fresh = launcher.start_server(repo)
     try:
         assert not workdir.exists(), "the killed server's temporary folder is still there"
         assert not any(r.exists() for r in regions), "the killed server's shared memory is still there"
@@ -139,20 +139,20 @@ def test_a_new_start_removes_what_a_killed_serve_py_left_but_not_a_running_serve
         for url in (server.http_url, fresh.http_url):
             assert TritonSegmenter(url)(np.zeros((33, 41, 3), np.uint8)).labels.shape == (33, 41)
     finally:
-        serve.stop_server(fresh)
+        launcher.stop_server(fresh)
 
 
 def test_stop_removes_the_shared_memory_of_a_server_it_had_to_kill(repo):
     """A server that does not stop on SIGTERM (here: stopped; in life: hung, or busy past the
     timeout) is killed, with its model processes: nothing of theirs removes their shared memory."""
     require_server()
-    srv = serve.start_server(repo)
+    srv = launcher.start_server(repo)
     try:
         regions = _regions(srv.process.pid)
         assert regions and all(r.name.startswith(srv.shm_prefix) for r in regions)
         os.killpg(srv.process.pid, signal.SIGSTOP)
     finally:
-        serve.stop_server(srv, timeout=1)
+        launcher.stop_server(srv, timeout=1)
     assert srv.process.returncode == -signal.SIGKILL
     assert not any(r.exists() for r in regions) and not srv.workdir.exists()
 
@@ -164,8 +164,8 @@ def test_stale_files_are_those_of_owners_that_no_longer_run(tmp_path, monkeypatc
     for d in (temp, shm, cache):
         d.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    monkeypatch.setattr(serve, "SHM_DIR", shm)
-    monkeypatch.setattr(serve, "cache_dir", lambda: cache)
+    monkeypatch.setattr(launcher, "SHM_DIR", shm)
+    monkeypatch.setattr(launcher, "cache_dir", lambda: cache)
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     dead = finished.pid
@@ -189,7 +189,7 @@ def test_stale_files_are_those_of_owners_that_no_longer_run(tmp_path, monkeypatc
         try:
             unrelated = temp / "deeplab-triton-notapid"
             unrelated.mkdir()
-            removed = serve.remove_stale()
+            removed = launcher.remove_stale()
         finally:
             user.kill()
             user.wait()

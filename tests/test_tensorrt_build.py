@@ -20,8 +20,8 @@ import pytest
 from conftest import BUNDLED, ROOT
 from export.tensorrt_build import BuildOptions, ShapeProfile, _json_list, _onnx_nodes_and_metadata, check_options
 from runtime import engine_meta, trt_compat
-from runtime.engine_meta import EngineMeta, EngineMismatch, SidecarError
-from runtime.onnx_backend import ModelFormatError
+from runtime.engine_meta import EngineMeta
+from runtime.errors import EngineMismatch, ModelFormatError, SidecarError, TensorRTUnavailable
 from runtime.output_files import write_bytes_atomically
 
 OUR_IO = [{"name": "image", "mode": "input", "dtype": "uint8", "shape": [-1, -1, -1, 3]},
@@ -31,7 +31,7 @@ OUR_IO = [{"name": "image", "mode": "input", "dtype": "uint8", "shape": [-1, -1,
 def tensorrt_installed() -> bool:
     try:
         trt_compat.load_tensorrt()
-    except trt_compat.TensorRTUnavailable:
+    except TensorRTUnavailable:
         return False
     return True
 
@@ -104,7 +104,7 @@ def test_sidecar_with_foreign_io_is_refused(meta, tmp_path, io, named):
 def test_corrupt_or_incomplete_sidecar_is_a_clear_error(meta, tmp_path):
     plan, side = tmp_path / "m.engine", tmp_path / "m.engine.json"
     side.write_text('{"tensorrt_version": "10.3')
-    with pytest.raises(SidecarError, match="not valid JSON.*tools/export.py"):
+    with pytest.raises(SidecarError, match="not valid JSON.*deeplab-export"):
         engine_meta.read_sidecar(plan)
     side.write_text("[1, 2]")
     with pytest.raises(SidecarError, match="expected a JSON object, found list"):
@@ -135,7 +135,7 @@ def test_tensorrt_version_mismatch_names_both_and_the_rebuild_command(meta):
     assert "built by TensorRT 10.3.0.30, this is TensorRT 10.4.0.26" in msg and "GPU" not in msg
     cmd = msg.split("Rebuild it on this machine: ")[1]
     assert shlex.split(cmd) == [
-        "python", "tools/export.py", str(BUNDLED), "--out", meta.onnx_path, "--engine", meta.engine_path,
+        "deeplab-export", str(BUNDLED), "--out", meta.onnx_path, "--engine", meta.engine_path,
         "--min-size", "257x257", "--opt-size", "257x257", "--max-size", "257x257", "--max-batch", "1",
         "--fp16", "--dla-core", "0"]
 
@@ -176,7 +176,7 @@ def test_a_dla_plan_needs_its_core_on_this_machine(meta):
 def test_a_plan_that_does_not_deserialize_is_explained(meta):
     with_sidecar = engine_meta.undeserializable_message(meta, "10.3.0.30", meta.engine_path)
     assert with_sidecar.startswith(f"{meta.engine_path}: TensorRT 10.3.0.30 cannot deserialize it: a corrupt")
-    assert "; rebuild it: python tools/export.py" in with_sidecar and "sidecar" not in with_sidecar
+    assert "; rebuild it: deeplab-export" in with_sidecar and "sidecar" not in with_sidecar
     without = engine_meta.undeserializable_message(None, "10.3.0.30", "/models/vc.engine")
     assert ("A version-compatible plan also needs its sidecar (vc.engine.json) so that its embedded runtime may "
             "be loaded") in without
@@ -321,7 +321,7 @@ def test_rebuild_command_keeps_the_precision(meta, precision, weights, trt, expe
 # --- tools/export.py ----------------------------------------------------------------------------------
 
 def export_cli(*args):
-    return subprocess.run([sys.executable, "tools/export.py", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tools.export", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True)
 
 
@@ -333,8 +333,8 @@ def test_engine_without_tensorrt_fails_after_writing_the_onnx(meta, tmp_path):
     pytest.importorskip("torch")  # tools/export.py exports the ONNX
     meta = replace(meta, onnx_path=str(tmp_path / "m.onnx"))
     cmd = shlex.split(engine_meta.rebuild_command(meta))
-    assert cmd[:2] == ["python", "tools/export.py"]
-    res = export_cli(*cmd[2:])
+    assert cmd[0] == "deeplab-export"
+    res = export_cli(*cmd[1:])
     assert res.returncode == 1, res.stdout + res.stderr
     assert (tmp_path / "m.onnx").is_file() and "exported" in res.stdout
     errors = [line for line in res.stderr.splitlines() if line.strip()]
@@ -383,7 +383,7 @@ def test_engine_from_an_onnx_needs_no_torch(tmp_path):
     stops with its reason, exit 1); without --engine, or with export options, it says why (exit 2)."""
     onnx_model = ROOT / "models" / "deeplab_shapes.onnx"
     code = ("import sys, runpy\nsys.modules['torch'] = None  # as on a Jetson without PyTorch\n"
-            "sys.argv = ['export.py'] + sys.argv[1:]\nrunpy.run_path('tools/export.py', run_name='__main__')\n")
+            "sys.argv = ['export.py'] + sys.argv[1:]\nrunpy.run_module('tools.export', run_name='__main__')\n")
 
     def run(*args):
         return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True)
@@ -407,10 +407,10 @@ def test_engine_from_an_onnx_on_a_runtime_only_install(tmp_path):
     not_a_model = tmp_path / "model.onnx"
     not_a_model.write_text("hello\n")
     code = ("import sys, runpy\nsys.modules['torch'] = sys.modules['onnx'] = None  # pip install . only\n"
-            "sys.argv = ['export.py'] + sys.argv[1:]\nrunpy.run_path('tools/export.py', run_name='__main__')\n")
+            "sys.argv = ['export.py'] + sys.argv[1:]\nrunpy.run_module('tools.export', run_name='__main__')\n")
 
     def run(*args, block=True):
-        cmd = [sys.executable, "-c", code, *args] if block else [sys.executable, "tools/export.py", *args]
+        cmd = [sys.executable, "-c", code, *args] if block else [sys.executable, "-m", "tools.export", *args]
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
 
     out = run(str(onnx_model), "--engine", str(tmp_path / "m.engine"))

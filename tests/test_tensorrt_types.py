@@ -21,7 +21,7 @@ from conftest import ROOT
 TRT_FILES = ["export/tensorrt_build.py", "runtime/trt_compat.py", "runtime/engine_meta.py", "runtime/trt_backend.py"]
 # The modules that drive pycuda and the CUDA driver (pycuda ships no annotations: its calls are
 # checked as Any, the project's own code around them is checked in full).
-PYCUDA_FILES = ["crf/backend.py", "crf/cuda_graph.py", "crf/driver.py", "tools/torch_pipeline.py",
+PYCUDA_FILES = ["crf/gpu_kernels.py", "crf/cuda_graph.py", "crf/driver.py", "export/torch_pipeline.py",
                 "runtime/onnx_backend.py", "runtime/network.py", "runtime/device_pipeline.py",
                 "runtime/backend_choice.py", "runtime/segmenter.py"]
 

@@ -22,9 +22,9 @@ def run(*args, check=True):
 
 def test_export_then_segment_folder(tmp_path):
     onnx_path = tmp_path / "m.onnx"
-    out = run("tools/export.py", BUNDLED, "--out", onnx_path)
+    out = run("-m", "tools.export", BUNDLED, "--out", onnx_path)
     assert "exported" in out.stdout and onnx_path.is_file()
-    res = run("tools/segment.py", SAMPLES, "--model", onnx_path, "--out", tmp_path / "seg")
+    res = run("-m", "tools.segment", SAMPLES, "--model", onnx_path, "--out", tmp_path / "seg")
     samples = sorted(p.stem for p in SAMPLES.glob("*.png"))
     assert samples, "the repo ships sample images"
     for s in samples:
@@ -36,16 +36,16 @@ def test_export_then_segment_folder(tmp_path):
 
 def test_segment_reports_bad_files_and_goes_on(tmp_path, bundled_onnx):
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    res = run("tools/segment.py", tmp_path / "bad.png", SAMPLES / "scene_0.png", "--model", bundled_onnx,
+    res = run("-m", "tools.segment", tmp_path / "bad.png", SAMPLES / "scene_0.png", "--model", bundled_onnx,
               "--out", tmp_path / "o", "--no-crf", check=False)
     assert res.returncode == 1
     assert "cannot decode" in res.stderr and (tmp_path / "o" / "scene_0_mask.png").is_file()
-    res = run("tools/segment.py", SAMPLES, "--model", tmp_path / "absent.onnx", check=False)
+    res = run("-m", "tools.segment", SAMPLES, "--model", tmp_path / "absent.onnx", check=False)
     assert res.returncode == 2 and "not found" in res.stderr
 
 
 def test_segment_with_nothing_to_segment(tmp_path, bundled_onnx):
-    res = run("tools/segment.py", tmp_path / "*.png", "--model", bundled_onnx, check=False)
+    res = run("-m", "tools.segment", tmp_path / "*.png", "--model", bundled_onnx, check=False)
     assert res.returncode == 2 and "no images found" in res.stderr
 
 
@@ -63,22 +63,22 @@ def test_export_caffemodel_and_class_mismatch(tmp_path):
 
     net = DeepLabV1(ModelConfig(num_classes=21, width=0.0625))
     write_caffemodel(net.state_dict(), tmp_path / "m.caffemodel")
-    out = run("tools/export.py", tmp_path / "m.caffemodel", "--width", "0.0625", "--out", tmp_path / "m.onnx")
+    out = run("-m", "tools.export", tmp_path / "m.caffemodel", "--width", "0.0625", "--out", tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx").is_file() and "21 classes" in out.stdout
     torch.save(net.state_dict(), tmp_path / "m.pth")
-    bad = run("tools/export.py", tmp_path / "m.pth", "--num-classes", "5", "--out", tmp_path / "x.onnx", check=False)
+    bad = run("-m", "tools.export", tmp_path / "m.pth", "--num-classes", "5", "--out", tmp_path / "x.onnx", check=False)
     assert bad.returncode == 2 and "--num-classes 21" in bad.stderr and not (tmp_path / "x.onnx").exists()
 
 
 def test_evaluate_writes_a_table_and_json(tmp_path, bundled_onnx):
-    res = run("tools/evaluate.py", "--model", bundled_onnx, "--images", "3", "--json", tmp_path / "e.json")
+    res = run("-m", "tools.evaluate", "--model", bundled_onnx, "--images", "3", "--json", tmp_path / "e.json")
     data = json.loads((tmp_path / "e.json").read_text())
     assert 0 < data["no CRF"]["mean_iou"] <= 1 and 0 < data["CRF"]["mean_iou"] <= 1
     assert "CRF gain" in res.stdout
 
 
 def test_scene_generator_is_deterministic():
-    from tools.scenes import CLASS_NAMES, make_scene
+    from scenes import CLASS_NAMES, make_scene
 
     a, la = make_scene(42, 100, 120)
     b, lb = make_scene(42, 100, 120)
@@ -91,7 +91,7 @@ def test_scene_generator_is_deterministic():
 def test_segment_keeps_same_named_inputs_apart_and_reports_bad_ones(tmp_path, bundled_onnx):
     import cv2
 
-    from tools.evaluate import held_out_scene
+    from scenes import held_out_scene
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -101,7 +101,7 @@ def test_segment_keeps_same_named_inputs_apart_and_reports_bad_ones(tmp_path, bu
         cv2.imwrite(str(tmp_path / rel), im)
     jpg = cv2.imencode(".jpg", held_out_scene(3)[0])[1].tobytes()
     (tmp_path / "b" / "cut.jpg").write_bytes(jpg[:len(jpg) // 2])
-    res = run("tools/segment.py", tmp_path / "a" / "x.png", tmp_path / "b", tmp_path / "a" / "x.jpg",
+    res = run("-m", "tools.segment", tmp_path / "a" / "x.png", tmp_path / "b", tmp_path / "a" / "x.jpg",
               tmp_path / "a" / "x.png", "--model", bundled_onnx, "--out", tmp_path / "o", "--no-crf", check=False)
     assert res.returncode == 1
     assert "wrote 3 masks and overlays" in res.stdout and "1 failed" in res.stdout
@@ -127,7 +127,7 @@ def test_segment_arguments_are_checked_before_any_work(tmp_path, bundled_onnx):
             (SAMPLES, ["--out", tmp_path / "file"], f"--out {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder"),
             (SAMPLES, ["--model", tmp_path / "absent.onnx"], "model file not found"),
             (tmp_path / "in", ["--out", tmp_path / "in"], f"a result would overwrite the input {tmp_path / 'in' / 'x_mask.png'}")):
-        res = run("tools/segment.py", inputs, "--model", bundled_onnx, "--out", out, *args, check=False)
+        res = run("-m", "tools.segment", inputs, "--model", bundled_onnx, "--out", out, *args, check=False)
         assert res.returncode == 2 and "usage:" in res.stderr and message in res.stderr, res.stderr
         assert "Traceback" not in res.stderr and not out.exists()
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["x.png", "x_mask.png"]
@@ -135,25 +135,25 @@ def test_segment_arguments_are_checked_before_any_work(tmp_path, bundled_onnx):
 
 def test_export_checks_names_and_weights_before_writing(tmp_path):
     out = tmp_path / "m.onnx"
-    bad = run("tools/export.py", BUNDLED, "--out", out, "--class-names", "a,b,c", check=False)
+    bad = run("-m", "tools.export", BUNDLED, "--out", out, "--class-names", "a,b,c", check=False)
     assert bad.returncode == 2 and "--class-names: 3 class names for 5 classes" in bad.stderr
-    bad = run("tools/export.py", BUNDLED, "--out", out, "--class-names", "a,,c", check=False)
+    bad = run("-m", "tools.export", BUNDLED, "--out", out, "--class-names", "a,,c", check=False)
     assert bad.returncode == 2 and "empty class name" in bad.stderr
-    bad = run("tools/export.py", BUNDLED, "--out", tmp_path, check=False)
+    bad = run("-m", "tools.export", BUNDLED, "--out", tmp_path, check=False)
     assert bad.returncode == 2 and f"{tmp_path} is a folder" in bad.stderr
     state = DeepLabV1(ModelConfig(num_classes=3, width=0.0625)).state_dict()
     state["conv1_1.bias"][1] = float("inf")
     state["fc8.weight"][2, 5] = float("nan")
     torch.save(state, tmp_path / "nan.pth")
-    bad = run("tools/export.py", tmp_path / "nan.pth", "--out", out, check=False)
+    bad = run("-m", "tools.export", tmp_path / "nan.pth", "--out", out, check=False)
     assert bad.returncode == 2 and "NaN/inf weights: conv1_1.bias (1 of 4), fc8.weight (1 of 192)" in bad.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pth"]  # no .onnx, no temporary file
 
 
 def test_evaluate_arguments_are_checked(tmp_path, bundled_onnx):
-    res = run("tools/evaluate.py", "--model", bundled_onnx, "--images", "0", check=False)
+    res = run("-m", "tools.evaluate", "--model", bundled_onnx, "--images", "0", check=False)
     assert res.returncode == 2 and "argument --images: must be >= 1" in res.stderr
-    res = run("tools/evaluate.py", "--model", bundled_onnx, "--json", tmp_path, check=False)
+    res = run("-m", "tools.evaluate", "--model", bundled_onnx, "--json", tmp_path, check=False)
     assert res.returncode == 2 and f"{tmp_path} is a folder" in res.stderr
 
 
@@ -165,7 +165,7 @@ def test_segment_side_by_side(tmp_path, bundled_onnx):
     from runtime.palette import colour_mask
 
     sample = SAMPLES / "scene_0.png"
-    run("tools/segment.py", sample, "--model", bundled_onnx, "--out", tmp_path / "o", "--side-by-side")
+    run("-m", "tools.segment", sample, "--model", bundled_onnx, "--out", tmp_path / "o", "--side-by-side")
     image = cv2.imread(str(sample))
     h, w = image.shape[:2]
     side = cv2.imread(str(tmp_path / "o" / "scene_0_side_by_side.jpg")).astype(np.int16)
@@ -200,14 +200,14 @@ def test_train_arguments_are_checked_before_training(tmp_path, args, message):
     """Mistakes that used to surface as a traceback, the folder one after the whole training run."""
     args = [a.format(tmp=tmp_path) for a in args]
     out = ["--out", tmp_path / "m.safetensors"] if "--out" not in args else []
-    res = run("tools/train.py", *args, *out, check=False)
+    res = run("-m", "tools.train", *args, *out, check=False)
     assert res.returncode == 2 and message.format(tmp=tmp_path) in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "m.safetensors").exists()
 
 
 def test_train_without_torch_helps_and_says_what_to_install(tmp_path):
     code = ("import sys, runpy\nsys.modules['torch'] = None\nsys.argv = ['train.py'] + sys.argv[1:]\n"
-            "runpy.run_path('tools/train.py', run_name='__main__')\n")
+            "runpy.run_module('tools.train', run_name='__main__')\n")
     res = run("-c", code, "--help")
     assert "--iters" in res.stdout
     res = run("-c", code, "--out", tmp_path / "m.safetensors", check=False)
@@ -219,7 +219,7 @@ def test_train_saves_a_loadable_checkpoint_whole(tmp_path):
     from export.weights import load_model
 
     out = tmp_path / "sub" / "m.safetensors"
-    res = run("tools/train.py", "--iters", "1", "--batch", "1", "--size", "33", "--out", out)
+    res = run("-m", "tools.train", "--iters", "1", "--batch", "1", "--size", "33", "--out", out)
     assert f"saved {out}" in res.stdout
     model, meta = load_model(out)
     assert model.config.num_classes == 5 and meta["class_names"][0] == "background"
@@ -240,8 +240,8 @@ def test_tools_print_warnings_as_one_plain_line(tmp_path):
     source line of the code that warned."""
     plan = tmp_path / "fake.engine"
     plan.write_text("not an engine")
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "triton_repo.py"), str(plan), "--out", str(tmp_path / "r")],
-                         capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-m", "tools.triton_repo", str(plan), "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2  # a model the repository writer cannot take
     assert "warning: " in out.stderr and "has no metadata sidecar" in out.stderr, out.stderr
     assert "RuntimeWarning" not in out.stderr and "engine_meta.read_sidecar(" not in out.stderr, out.stderr

@@ -1,4 +1,4 @@
-"""The served model's request/config parameters (runtime/triton_contract.py) and CRFParams as JSON."""
+"""The served model's request/config parameters (serving/contract.py) and CRFParams as JSON."""
 import json
 import re
 
@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from crf import CRFParams
-from runtime.triton_contract import (DEFAULT_MAX_ITERATIONS, REQUEST_MAX, REQUEST_PARAMETERS, RequestError,
-                                     check_image_batch, config_parameters, crf_params_from_request,
-                                     read_config_parameters, request_parameters)
+from serving.contract import (DEFAULT_MAX_ITERATIONS, REQUEST_MAX, REQUEST_PARAMETERS, RequestError, check_image_batch,
+                              config_parameters, crf_params_from_request, read_config_parameters, request_parameters)
 
 
 def test_crf_off_by_request_or_by_model_default():
@@ -136,7 +135,7 @@ def test_client_without_a_server_says_where_it_looked(protocol):
     """Nothing listens on the port: one TritonServerError naming the address, for HTTP as for gRPC
     (HTTP used to raise a bare ConnectionRefusedError)."""
     pytest.importorskip("tritonclient." + protocol)
-    from runtime.triton_client import TritonSegmenter, TritonServerError
+    from serving.client import TritonSegmenter, TritonServerError
 
     url = f"127.0.0.1:{_free_port()}"
     where = re.escape(url)
@@ -148,7 +147,7 @@ def test_client_without_a_server_says_where_it_looked(protocol):
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "127.0.0.1", "127.0.0.1:99999", ":8000", ""])
 def test_client_url_must_be_host_and_port(url):
     pytest.importorskip("tritonclient.http")
-    from runtime.triton_client import TritonSegmenter
+    from serving.client import TritonSegmenter
 
     with pytest.raises(ValueError, match=rf"url must be host:port without a scheme, e\.g\. 127\.0\.0\.1:8000, got '{url}'"):
         TritonSegmenter(url)

@@ -1,18 +1,17 @@
-"""The GPU form of the Triton repository (export/triton_gpu.py) and the config validator
-(export/triton_config.py), checked with Triton's own model-config protobuf (from tritonclient).
+"""The GPU form of the Triton repository (serving.repository.write_gpu_repository) and the config
+validator (serving/config_check.py), checked with Triton's own model-config protobuf (from tritonclient).
 
 The plan is a dummy byte string beside a real sidecar written by runtime.engine_meta: nothing here
 loads it (no TensorRT, no GPU, no Triton on these machines). What runs here for real: the configs
 parsed by the protobuf, the ensemble's wiring and data types, the parameters, the validator on
-broken repositories, and the Python steps' own code (ensemble_steps.py, as copied into the
-repository) with the CRF kernels compiled for the CPU, the engine replaced by ONNX Runtime on the
+broken repositories, the models' entry files loaded as Triton loads them, and the Python steps' own
+code (serving/ensemble_steps.py, which the repository carries a copy of) with the CRF kernels compiled for the CPU, the engine replaced by ONNX Runtime on the
 same padded input: its labels equal runtime.Segmenter's.
 """
 from __future__ import annotations
 
 import ast
 import hashlib
-import importlib.util
 import json
 import re
 import subprocess
@@ -25,12 +24,12 @@ import pytest
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
 from crf import CRFParams  # noqa: E402
-from export.triton_config import (ConfigError, ensemble_steps, instance_kinds, parse_config,  # noqa: E402
-                                  string_parameters, validate_repository)
-from export.triton_gpu import write_gpu_repository  # noqa: E402
 from runtime import engine_meta  # noqa: E402
 from runtime.engine_meta import EngineMeta  # noqa: E402
-from runtime.triton_contract import crf_params_from_request, read_config_parameters  # noqa: E402
+from serving import ensemble_steps as steps  # noqa: E402
+from serving.config_check import ConfigError, dtype_name, model_config_pb2, parse_config, validate_repository  # noqa: E402
+from serving.contract import RequestError, crf_params_from_request, read_config_parameters  # noqa: E402
+from serving.repository import RepositoryError, write_gpu_repository  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ONNX = ROOT / "models" / "deeplab_shapes.onnx"
@@ -69,13 +68,19 @@ def repo(tmp_path) -> Path:
     return write_gpu_repository(make_plan(tmp_path), tmp_path / "repo")
 
 
-def load_steps(repo: Path):
-    """ensemble_steps.py as copied into the CRF model (its crf/runtime imports resolve to this checkout's)."""
-    path = repo / "deeplab_crf" / "1" / "ensemble_steps.py"
-    spec = importlib.util.spec_from_file_location("ensemble_steps_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def string_parameters(config) -> dict:
+    """A parsed config's ``parameters`` as {name: string_value}."""
+    return {k: v.string_value for k, v in config.parameters.items()}
+
+
+def ensemble_steps(config) -> list:
+    """An ensemble's steps as plain dicts (model, input_map, output_map), in order."""
+    return [{"model": s.model_name, "input_map": dict(s.input_map), "output_map": dict(s.output_map)}
+            for s in config.ensemble_scheduling.step]
+
+
+def instance_kinds(config) -> list:
+    return [model_config_pb2().ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group]
 
 
 # -- the repository -----------------------------------------------------------------------------------
@@ -93,12 +98,12 @@ def test_repository_validates_with_tritons_protobuf(repo):
     assert pad.backend == "python" and instance_kinds(pad) == ["KIND_CPU"]
     assert ens.platform == "ensemble"
     assert {c.max_batch_size for c in configs.values()} == {8}
-    # self-contained: the Python models carry the toolkit's runtime and CRF, kernel source included
+    # self-contained: the Python models carry the toolkit's serving code, runtime and CRF, kernel source included
     for model in ("deeplab_crf", "deeplab_pad"):
-        d = repo / model
-        assert (d / "1" / "model.py").is_file() and (d / "1" / "ensemble_steps.py").is_file()
-        assert (d / "crf" / "kernels" / "densecrf.cu").read_bytes() == (ROOT / "crf/kernels/densecrf.cu").read_bytes()
-        assert (d / "runtime" / "triton_contract.py").is_file()
+        d = repo / model / "1"
+        assert (d / "model.py").is_file()
+        for f in ("crf/kernels/densecrf.cu", "serving/ensemble_steps.py", "serving/models.py", "runtime/network.py"):
+            assert (d / f).read_bytes() == (ROOT / f).read_bytes(), f
         assert not list(d.rglob("__pycache__"))
 
 
@@ -112,7 +117,6 @@ def test_ensemble_wiring_types_and_dims(repo):
     ]
 
     def io(config, kind):
-        from export.triton_config import dtype_name
         return {t.name: (dtype_name(t.data_type), list(t.dims)) for t in getattr(config, kind)}
 
     c = len(bundled_metadata()[0])
@@ -154,7 +158,7 @@ def test_crf_step_bounds_the_iterations_per_request(tmp_path):
     """The CRF step reads max_iterations from its config; the writer keeps the defaults askable."""
     repo = write_gpu_repository(make_plan(tmp_path), tmp_path / "repo", max_iterations=12)
     assert string_parameters(validate_repository(repo)["deeplab_crf"])["max_iterations"] == "12"
-    with pytest.raises(ValueError, match="max_iterations \\(9\\)"):
+    with pytest.raises(RepositoryError, match="max_iterations \\(9\\)"):
         write_gpu_repository(make_plan(tmp_path), tmp_path / "repo2", max_iterations=9)  # defaults: 10
 
 
@@ -163,21 +167,22 @@ def test_writer_refusals_and_batch_limit(tmp_path):
     with pytest.warns(RuntimeWarning, match="at most 2: max_batch 8 lowered to 2"):
         repo = write_gpu_repository(plan, tmp_path / "repo")
     assert {c.max_batch_size for c in validate_repository(repo).values()} == {2}
-    with pytest.warns(RuntimeWarning), pytest.raises(FileExistsError, match="already holds deeplab"):
-        write_gpu_repository(plan, repo)
-    with pytest.warns(RuntimeWarning):
-        write_gpu_repository(plan, repo, force=True)
+    write_gpu_repository(plan, repo, max_batch=2, probabilities=False)  # again: each model replaced whole
+    assert sorted(p.name for p in repo.iterdir()) == ["deeplab", "deeplab_crf", "deeplab_network", "deeplab_pad"]
+    assert [o.name for o in validate_repository(repo)["deeplab"].output] == ["LABELS"]
     bad = make_plan(tmp_path / "b", profile={"min": [2, 65, 65, 3], "opt": [2, 65, 65, 3], "max": [4, 65, 65, 3]})
-    with pytest.raises(ValueError, match="starts at batch 2"):
+    with pytest.raises(RepositoryError, match="starts at batch 2"):
         write_gpu_repository(bad, tmp_path / "r2")
     bare = make_plan(tmp_path / "bare", sidecar=False)
-    with pytest.warns(RuntimeWarning, match="no metadata sidecar"), pytest.raises(ValueError, match="give class_names"):
+    with pytest.warns(RuntimeWarning, match="no metadata sidecar"), pytest.raises(RepositoryError, match="give class_names"):
         write_gpu_repository(bare, tmp_path / "r3")
     with pytest.warns(RuntimeWarning, match="no metadata sidecar"):
         r = write_gpu_repository(bare, tmp_path / "r4", class_names=["a", "b"])
     assert read_config_parameters(string_parameters(validate_repository(r)["deeplab"]))[0] == ["a", "b"]
-    with pytest.raises(FileNotFoundError, match="plan not found"):
+    with pytest.raises(RepositoryError, match="missing.plan: no such model file"):
         write_gpu_repository(tmp_path / "missing.plan", tmp_path / "r5")
+    with pytest.raises(RepositoryError, match="instances must be a whole number >= 1"):
+        write_gpu_repository(plan, tmp_path / "r6", instances=0)
 
 
 # -- the validator on broken repositories -------------------------------------------------------------
@@ -294,7 +299,9 @@ def test_parse_config_names_the_line():
 
 # What a Triton GPU image's Python has besides the standard library, plus pycuda (deploy/Dockerfile),
 # and what the repository itself provides.
-ALLOWED_IMPORTS = {"numpy", "pycuda", "triton_python_backend_utils", "crf", "runtime", "ensemble_steps"}
+ALLOWED_IMPORTS = {"numpy", "pycuda", "triton_python_backend_utils", "crf", "runtime", "serving"}
+#: The code a GPU Python model runs, as copied into its version folder.
+MODEL_CODE = ("model.py", "serving/models.py", "serving/ensemble_steps.py", "serving/contract.py")
 
 
 def _top_level_imports(source: str) -> set:
@@ -309,49 +316,51 @@ def _top_level_imports(source: str) -> set:
 
 def test_model_files_compile_and_import_only_what_triton_has(repo):
     for model in ("deeplab_crf", "deeplab_pad"):
-        for f in ("model.py", "ensemble_steps.py"):
+        for f in MODEL_CODE:
             source = (repo / model / "1" / f).read_text()
             compile(source, f"{model}/1/{f}", "exec")
             foreign = _top_level_imports(source) - ALLOWED_IMPORTS - set(sys.stdlib_module_names)
             assert not foreign, f"{model}/1/{f} imports {foreign}"
 
 
-def test_steps_import_from_the_repository_alone(repo):
-    """Imported as Triton's Python backend would (the version and model directories on sys.path),
-    in a fresh interpreter where OpenCV, ONNX Runtime, torch, TensorRT, protobuf and tritonclient
-    cannot be imported: the copies of runtime/ and crf/ in the repository are what is loaded."""
-    version = repo / "deeplab_crf" / "1"
+@pytest.mark.parametrize("model, cls", [("deeplab_crf", "CRFModel"), ("deeplab_pad", "PadModel")])
+def test_models_load_from_the_repository_alone(repo, model, cls):
+    """model.py loaded as Triton's Python backend loads it, in a fresh interpreter where OpenCV, ONNX
+    Runtime, torch, TensorRT, protobuf, tritonclient and this checkout cannot be imported (a stand-in
+    for triton_python_backend_utils): its class comes from the repository's own copies."""
+    version = repo / model / "1"
     script = f"""
-import sys
+import runpy, sys, types
 BLOCKED = {{"cv2", "onnxruntime", "torch", "tensorrt", "google", "tritonclient", "export", "tools"}}
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
-sys.path[:0] = [{str(version)!r}, {str(version.parent)!r}]
-import ensemble_steps, crf, runtime.triton_contract
-assert crf.__file__.startswith({str(version.parent)!r}), crf.__file__
+sys.path[:] = [p for p in sys.path if p not in ("", {str(ROOT)!r})]
+sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
+found = runpy.run_path({str(version / "model.py")!r})["TritonPythonModel"]
+import crf, serving.ensemble_steps
+assert found.__name__ == {cls!r} and found.__module__ == "serving.models", found
+assert crf.__file__.startswith({str(version)!r}), crf.__file__
 print("ok")
 """
     res = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, cwd=str(repo))
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
-def test_dlpack_view_reads_the_capsule(repo):
-    steps = load_steps(repo)
+def test_dlpack_view_reads_the_capsule():
     a = np.arange(2 * 5 * 7 * 9, dtype=np.float32).reshape(2, 5, 7, 9)
     view = steps.dlpack_view(a.__dlpack__())
     assert view.buffer.ptr == a.ctypes.data and view.buffer.nbytes == a.nbytes
     assert view.shape == a.shape and view.dtype == np.float32 and view.device_type == steps.K_DL_CPU
-    with pytest.raises(steps.StepError, match="not C-contiguous"):
+    with pytest.raises(RequestError, match="not C-contiguous"):
         steps.dlpack_view(a.transpose(0, 1, 3, 2).__dlpack__())
-    with pytest.raises(steps.StepError, match="not an unconsumed DLPack"):
+    with pytest.raises(RequestError, match="not an unconsumed DLPack"):
         steps.dlpack_view(object())
 
 
-def test_pad_step_pads_as_the_runtime_and_refuses_what_it_would_shrink(repo):
-    steps = load_steps(repo)
+def test_pad_step_pads_as_the_runtime_and_refuses_what_it_would_shrink():
     from runtime.contract import PAD_PIXEL_BGR
 
     bounds = steps.bounds_from_profile(PROFILE)
@@ -361,25 +370,24 @@ def test_pad_step_pads_as_the_runtime_and_refuses_what_it_would_shrink(repo):
     assert (padded[:, :100, :70] == images).all() and (padded[:, 100:] == PAD_PIXEL_BGR).all()
     small = steps.pad_batch(images[:, :20, :30], bounds)
     assert small.shape == (2, 65, 65, 3)  # up to the profile's minimum
-    with pytest.raises(steps.StepError, match="image 1200x70 exceeds max_size 1025 and the engine's profile"):
+    with pytest.raises(RequestError, match="image 1200x70 exceeds max_size 1025 and the engine's profile"):
         steps.pad_batch(np.zeros((1, 1200, 70, 3), np.uint8), bounds)
-    with pytest.raises(steps.StepError, match="IMAGE must be UINT8"):
+    with pytest.raises(RequestError, match="IMAGE must be UINT8"):
         steps.pad_batch(np.zeros((1, 10, 10, 3), np.float32), bounds)
-    with pytest.raises(steps.StepError, match="IMAGE is empty"):
+    with pytest.raises(RequestError, match="IMAGE is empty"):
         steps.pad_batch(np.zeros((1, 0, 10, 3), np.uint8), bounds)
 
 
 @pytest.mark.parametrize("crf_on", [True, False])
-def test_crf_step_on_cpu_kernels_gives_the_segmenters_labels(repo, crf_on, tmp_path, monkeypatch):
+def test_crf_step_on_cpu_kernels_gives_the_segmenters_labels(crf_on, tmp_path, monkeypatch):
     """pad step -> the network (ONNX Runtime standing in for the plan, same padded input) -> the CRF
     step's code with the CRF kernels compiled for the CPU, scores handed by DLPack capsule."""
     monkeypatch.setenv("DEEPLAB_CACHE", str(tmp_path / "cache"))
-    from crf.backend import CPUKernels
+    from crf.cpu_kernels import CPUKernels
     from runtime import Segmenter
     from runtime.contract import load_image
     from runtime.onnx_backend import OnnxRuntimeNetwork
 
-    steps = load_steps(repo)
     image = load_image(ROOT / "samples" / "scene_0.png")
     images = np.stack([image, image[:, ::-1]])
     padded = steps.pad_batch(images, steps.bounds_from_profile(PROFILE))
@@ -397,38 +405,33 @@ def test_crf_step_on_cpu_kernels_gives_the_segmenters_labels(repo, crf_on, tmp_p
         np.testing.assert_allclose(probs[j], expected.probabilities, atol=1e-6)
 
 
-def test_crf_step_refuses_mismatched_inputs(repo):
-    steps = load_steps(repo)
-    from crf.backend import CPUKernels
+def test_crf_step_refuses_mismatched_inputs():
+    from crf.cpu_kernels import CPUKernels
 
     step = steps.CRFStep(CPUKernels())
     scores = np.zeros((1, 5, 65, 65), np.float32)
     buf = step.scores_buffer(steps.dlpack_view(scores.__dlpack__()), None)
-    with pytest.raises(steps.StepError, match="does not fit SCORES"):
+    with pytest.raises(RequestError, match="does not fit SCORES"):
         step.run(buf, scores.shape, np.zeros((2, 60, 60, 3), np.uint8), None, False)
-    with pytest.raises(steps.StepError, match="SCORES 65x65 are smaller than IMAGE 70x60"):
+    with pytest.raises(RequestError, match="SCORES 65x65 are smaller than IMAGE 70x60"):
         step.run(buf, scores.shape, np.zeros((1, 70, 60, 3), np.uint8), None, False)
     as_float64 = steps.dlpack_view(np.zeros((1, 5, 65, 65)).__dlpack__())
-    with pytest.raises(steps.StepError, match="N x C x H x W float32"):
+    with pytest.raises(RequestError, match="N x C x H x W float32"):
         step.scores_buffer(as_float64, None)
-    with pytest.raises(steps.StepError, match="request parameters must be a JSON object"):
-        steps.request_parameters("[1, 2]")
-    assert steps.request_parameters('{"crf": false}') == {"crf": False} and steps.request_parameters("") == {}
 
 
-def test_crf_step_copies_scores_it_cannot_address(repo):
+def test_crf_step_copies_scores_it_cannot_address():
     """A GPU-resident DLPack tensor the CPU kernels cannot read is refused unless a host copy is given."""
-    steps = load_steps(repo)
-    from crf.backend import CPUKernels
+    from crf.cpu_kernels import CPUKernels
 
     step = steps.CRFStep(CPUKernels())
     scores = np.random.default_rng(1).normal(size=(1, 5, 65, 65)).astype(np.float32)
     view = steps.dlpack_view(scores.__dlpack__())._replace(device_type=steps.K_DL_CUDA)
-    with pytest.raises(steps.StepError, match="SCORES are on GPU 0, which the cpu kernels cannot read: on a server "
+    with pytest.raises(RequestError, match="SCORES are on GPU 0, which the cpu kernels cannot read: on a server "
                        "with several GPUs, pin deeplab_network and deeplab_crf to the same GPU"):
         step.scores_buffer(view, None)
     elsewhere = view._replace(device_type=4)  # e.g. OpenCL memory
-    with pytest.raises(steps.StepError, match="SCORES are on DLPack device type 4 #0, which the cpu kernels cannot read"):
+    with pytest.raises(RequestError, match="SCORES are on DLPack device type 4 #0, which the cpu kernels cannot read"):
         step.scores_buffer(elsewhere, None)
     buf = step.scores_buffer(view, scores)
     assert buf.ptr != scores.ctypes.data
@@ -438,10 +441,10 @@ def test_crf_step_copies_scores_it_cannot_address(repo):
 
 
 def test_the_cpu_form_passes_the_same_validator(tmp_path):
-    """export/triton_repo.py's Python-backend repository parses with Triton's own protobuf too, and
+    """The CPU form's Python-backend repository parses with Triton's own protobuf too, and
     its parameters read back as the model's class names, palette and CRF defaults."""
-    from export.triton_repo import write_repository
     from runtime import Segmenter
+    from serving.repository import write_repository
 
     model = ROOT / "models" / "deeplab_shapes.onnx"
     write_repository(model, tmp_path, max_batch=4)

@@ -16,7 +16,7 @@ pytest.importorskip("tritonclient.http", reason=NO_SERVE_EXTRA)
 import tritonclient.http as httpclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from runtime.triton_contract import DEFAULT_MAX_ITERATIONS  # noqa: E402
+from serving.contract import DEFAULT_MAX_ITERATIONS  # noqa: E402
 
 #: This module's repository: a short queue timeout, a batching delay long enough that two requests
 #: sent 20 ms apart reach the model in one batch, and room for a request that computes for several
@@ -31,7 +31,7 @@ SLACK_S = 1.5
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    from export.triton_repo import write_repository
+    from serving.repository import write_repository
 
     out = tmp_path_factory.mktemp("triton_limits")
     write_repository(MODEL, out, max_batch=8, max_pixels=MAX_PIXELS, queue_delay_us=QUEUE_DELAY_US,

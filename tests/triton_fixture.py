@@ -17,7 +17,7 @@ NO_SERVE_EXTRA = "the serve extra is not installed: pip install -e '.[serve]'"
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    from export.triton_repo import write_repository
+    from serving.repository import write_repository
 
     out = tmp_path_factory.mktemp("triton")
     write_repository(MODEL, out, max_batch=8, max_pixels=MAX_PIXELS)
@@ -27,26 +27,26 @@ def repo(tmp_path_factory):
 def require_server() -> None:
     """Skip the calling test, with the reason, when tritonclient or a tritonserver is missing."""
     pytest.importorskip("tritonclient.http", reason=NO_SERVE_EXTRA)
-    from tools import serve
+    from serving import launcher
 
     try:
-        serve.find_server()
-    except serve.ServerError as e:
+        launcher.find_server()
+    except launcher.ServerError as e:
         pytest.skip(f"no Triton server for the serve extra: {e}")
 
 
 @pytest.fixture(scope="module")
 def server(repo):
-    from tools import serve
+    from serving import launcher
 
     require_server()
-    srv = serve.start_server(repo)
+    srv = launcher.start_server(repo)
     yield srv
-    serve.stop_server(srv)
+    launcher.stop_server(srv)
     assert srv.process.poll() is not None
     assert not processes_on(repo), "a model process outlived the server"
     assert not srv.workdir.exists(), "the server's temporary folder outlived it"
-    assert not list(serve.SHM_DIR.glob(srv.shm_prefix + "*")), "the server's shared memory outlived it"
+    assert not list(launcher.SHM_DIR.glob(srv.shm_prefix + "*")), "the server's shared memory outlived it"
 
 
 def processes_on(repo) -> list:

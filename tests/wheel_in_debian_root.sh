@@ -128,7 +128,7 @@ t_seg=$(since "$t1")
 echo "PASS: deeplab-segment exit 0, wrote out/scene_0_mask.png, no compiling"
 
 # 7. which CRF library ran
-in_root "cd /work && /opt/venv/bin/python -c \"from runtime import Segmenter; import crf.backend as b; \
+in_root "cd /work && /opt/venv/bin/python -c \"from runtime import Segmenter; import crf.cpu_library as b; \
 s = Segmenter('deeplab_shapes.onnx'); s('scene_0.png'); print(s.crf_backend, b.cpu_library_source)\"" \
     >"$tmp/which.out" 2>"$tmp/which.err" || { cat "$tmp/which.out" "$tmp/which.err"; fail "Segmenter in the root"; }
 which=$(tail -1 "$tmp/which.out")

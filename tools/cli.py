@@ -12,15 +12,6 @@ def plain_warnings() -> None:
     warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
 
 
-def reason_of(error: BaseException, expected: tuple = (ValueError,)) -> str:
-    """One line saying why an item failed: the message of an expected error (``expected``: theirs
-    name the file), the type too for anything else ("PermissionError: ...", "MemoryError")."""
-    text = " ".join(str(error).split())
-    if isinstance(error, expected) and text:
-        return text
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def int_at_least(low: int):
     """An argparse type: a whole number >= low."""
     def parse(s: str) -> int:

@@ -1,15 +1,18 @@
-#!/usr/bin/env python3
 """Export DeepLab v1 weights to ONNX, and to a TensorRT engine when TensorRT is installed.
 
-    python tools/export.py models/deeplab_shapes.safetensors --out out/deeplab_shapes.onnx
-    python tools/export.py train2_iter_8000.caffemodel --num-classes 21 --out out/largefov.onnx
-    python tools/export.py vgg16.pth --from-vgg16 --num-classes 21 --out out/init.onnx
-    python tools/export.py ckpt.pth --out out/m.onnx --engine out/m.engine --fp16
-    python tools/export.py ckpt.pth --out out/m_int8.onnx --precision int8 --calibration images/
+    deeplab-export models/deeplab_shapes.safetensors --out out/deeplab_shapes.onnx
+    deeplab-export models/deeplab_shapes.safetensors --out out/deeplab_shapes_fp16.onnx --precision fp16
+    deeplab-export models/deeplab_shapes.safetensors --out out/deeplab_shapes_int8.onnx --precision int8 \\
+        --calibration samples/
+    deeplab-export models/deeplab_shapes.safetensors --out out/m.onnx --engine out/m.engine --fp16
+    deeplab-export models/deeplab_shapes.onnx --engine out/m.engine --fp16
 
-Weights: our .safetensors (carries its config and class names), PyTorch .pt/.pth state dicts
-(config inferred from shapes unless given), released Caffe .caffemodel files, or a torchvision
-ImageNet VGG-16 state dict (--from-vgg16: fc6/fc7 decimated as in the paper, fresh fc8).
+(or python -m tools.export ... from a checkout). Weights: our .safetensors (carries its config and
+class names), PyTorch .pt/.pth state dicts (config inferred from shapes unless given), released
+Caffe .caffemodel files (DeepLab-LargeFOV on VOC: --num-classes 21), or a torchvision ImageNet
+VGG-16 state dict (--from-vgg16 --num-classes 21: fc6/fc7 decimated as in the paper, fresh fc8).
+An .onnx with --engine builds the TensorRT plan only (no torch needed). The work is export/
+(weights.py, precision.py, tensorrt_build.py).
 """
 from __future__ import annotations
 
@@ -18,12 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-if __package__:  # imported: tools.export from a checkout, deeplab_tools.export when installed
-    from .cli import int_at_least, plain_warnings, refuse_unwritable, require_packages  # noqa: E402
-else:  # run as a script: python tools/export.py
-    from tools.cli import int_at_least, plain_warnings, refuse_unwritable, require_packages  # noqa: E402
+from .cli import int_at_least, plain_warnings, refuse_unwritable, require_packages
 
 
 def parse_class_names(s: str) -> list[str]:
@@ -43,28 +41,6 @@ def parse_hw(s: str) -> tuple[int, int]:
     if min(hw) < 1:
         raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {s!r}")
     return hw
-
-
-CALIBRATION_SCENE_SEED = 2_000_000  # apart from training (0..) and evaluation (1,000,000..) scenes
-
-
-def calibration_set(spec: str, count: int):
-    """--calibration: a folder (its first ``count`` images by name), or scenes:N, N generated
-    scenes (seeds 2,000,000 + i, sides 193..385 drawn from the seed, as the held-out scenes)."""
-    from export.precision import calibration_from_arrays, calibration_from_folder
-
-    if not spec.startswith("scenes:"):
-        return calibration_from_folder(spec, count)
-    if __package__:  # imported: deeplab_tools.export when installed
-        from .scenes import scene_for_seed
-    else:
-        from tools.scenes import scene_for_seed
-    scenes = []
-    for seed in range(CALIBRATION_SCENE_SEED, CALIBRATION_SCENE_SEED + int_at_least(1)(spec[len("scenes:"):])):
-        image = scene_for_seed(seed)[0]
-        h, w = image.shape[:2]
-        scenes.append((f"scene_{seed}_{h}x{w}", image))
-    return calibration_from_arrays(scenes, spec)
 
 
 def main(argv=None) -> int:
@@ -133,41 +109,23 @@ def main(argv=None) -> int:
                      "exporting weights (an .onnx with --engine needs none of these)")
     calibration = None
     if args.calibration:
-        from export.precision import CalibrationError
+        from export.precision import CalibrationError, calibration_set
 
         try:
             calibration = calibration_set(args.calibration, args.calibration_images)
-        except (CalibrationError, argparse.ArgumentTypeError) as e:
+        except CalibrationError as e:
             ap.error(f"--calibration {args.calibration}: {e}")
 
     import torch
 
     from export.caffe import CaffeModelError
-    from export.model import DeepLabV1, ModelConfig
     from export.onnx_export import LabelError
     from export.precision import export_onnx_with_precision
-    from export.weights import WeightsError, infer_config, load_into, load_model, read_checkpoint, vgg16_to_deeplab
+    from export.weights import WeightsError, load_model_as
 
     t0 = time.perf_counter()
     try:
-        if args.from_vgg16:
-            config = ModelConfig(num_classes=args.num_classes or 21, variant=args.variant or "largefov",
-                                 width=args.width or 1.0)
-            vgg, _ = read_checkpoint(src)
-            model = DeepLabV1(config)
-            load_into(model, vgg16_to_deeplab(vgg, config), source=str(src))
-            model.eval()
-            meta: dict = {}
-        else:
-            config = None
-            if args.num_classes or args.variant or args.width or src.suffix == ".caffemodel":
-                base = ModelConfig()
-                if src.suffix != ".caffemodel":
-                    state, _ = read_checkpoint(src)
-                    base = infer_config(state)
-                config = ModelConfig(num_classes=args.num_classes or base.num_classes,
-                                     variant=args.variant or base.variant, width=args.width or base.width)
-            model, meta = load_model(src, config)
+        model, meta = load_model_as(src, args.num_classes, args.variant, args.width, args.from_vgg16)
     except (WeightsError, CaffeModelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -226,7 +184,7 @@ def engine_from_onnx(ap: argparse.ArgumentParser, args: argparse.Namespace, src:
 def build_engine_step(args: argparse.Namespace, onnx: Path, src: Path, profile, options) -> int:
     """The TensorRT plan of ``onnx`` (src: what the sidecar's rebuild command starts from)."""
     from export.tensorrt_build import EngineBuildError, build_engine
-    from runtime.trt_compat import TensorRTUnavailable
+    from runtime.errors import TensorRTUnavailable
 
     try:
         res = build_engine(onnx, args.engine, profile, options, timing_cache=args.timing_cache,

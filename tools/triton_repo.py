@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
-"""Write a Triton model repository serving a DeepLab model (export/triton_repo.py).
+"""Write a Triton model repository serving a DeepLab model (serving.repository).
 
-    python tools/triton_repo.py models/deeplab_shapes.onnx --out out/triton
-    python tools/serve.py --repo out/triton
+    deeplab-triton-repo models/deeplab_shapes.onnx --out out/triton
+    deeplab-serve --repo out/triton
 
 An .onnx becomes model "deeplab" on the CPU (Python backend running runtime.Segmenter, dynamic
 batching); a TensorRT .engine/.plan becomes the GPU form. Exit status 2 with the reason when the
@@ -12,24 +11,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runtime.errors import ModelFormatError
+from serving.contract import DEFAULT_MAX_ITERATIONS, DEFAULT_MAX_PIXELS
+from serving.repository import DEFAULT_QUEUE_DELAY_US, DEFAULT_QUEUE_TIMEOUT_S, RepositoryError, write_repository
 
-from export.triton_repo import (DEFAULT_QUEUE_DELAY_US, DEFAULT_QUEUE_TIMEOUT_S, RepositoryError,  # noqa: E402
-                                write_repository)
-from runtime.onnx_backend import ModelFormatError  # noqa: E402
-from runtime.triton_contract import DEFAULT_MAX_ITERATIONS, DEFAULT_MAX_PIXELS  # noqa: E402
-
-if __package__:  # imported: tools.triton_repo from a checkout, deeplab_tools.triton_repo when installed
-    from .cli import int_at_least, plain_warnings  # noqa: E402
-else:  # run as a script: python tools/triton_repo.py
-    from tools.cli import int_at_least, plain_warnings  # noqa: E402
+from .cli import int_at_least, plain_warnings
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", help="an .onnx from tools/export.py (or a TensorRT .engine/.plan)")
+    ap.add_argument("model", help="an .onnx from deeplab-export (or a TensorRT .engine/.plan)")
     ap.add_argument("--out", required=True, help="the repository folder (model 'deeplab' is written or replaced in it)")
     ap.add_argument("--instances", type=int_at_least(1), default=1, help="model instances (processes), default 1")
     ap.add_argument("--max-batch", type=int_at_least(1), default=8, help="Triton's max_batch_size, default 8")
@@ -63,7 +55,7 @@ def main(argv=None) -> int:
         return 2
     print(f"wrote {folder}")
     try:  # Triton's own model-config schema, where tritonclient (the serve extra) is installed
-        from export.triton_config import ConfigError, validate_repository
+        from serving.config_check import ConfigError, validate_repository
 
         validate_repository(args.out)
         print("checked against Triton's model configuration schema")
@@ -72,7 +64,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: the repository written does not pass Triton's checks: {e}", file=sys.stderr)
         return 1
-    print(f"serve it: python tools/serve.py --repo {args.out}")
+    print(f"serve it: deeplab-serve --repo {args.out}")
     return 0
 
 

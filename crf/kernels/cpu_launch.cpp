@@ -1,6 +1,6 @@
 // CPU build of densecrf.cu: the kernel file compiled unchanged, plus one launcher per kernel with
 // CUDA's driver-API calling convention (grid, block, void** kernel_params), so that the Python
-// driver launches a kernel the same way on both targets (crf/backend.py).
+// driver launches a kernel the same way on both targets (crf/kernel_interface.py).
 //
 // The blocks of a launch run on a small persistent thread pool of our own (not OpenMP): a CRF call
 // makes ~190 launches, most of a millisecond or less, and on a machine shared with other busy

@@ -1,8 +1,8 @@
 // Dense CRF mean field on the permutohedral lattice (Adams et al. 2010; Kraehenbuehl & Koltun 2011).
 //
 // ONE source for both targets:
-//   - nvcc / pycuda compile it for the GPU (crf/backend.py, GPUKernels);
-//   - g++ compiles the same file for the CPU through cpu_shim.h (crf/backend.py, CPUKernels), which emulates
+//   - nvcc / pycuda compile it for the GPU (crf/gpu_kernels.py);
+//   - g++ compiles the same file for the CPU through cpu_shim.h (crf/cpu_kernels.py), which emulates
 //     threadIdx/blockIdx and the atomics, running the blocks of a launch in parallel (a thread pool) and
 //     the threads of a block one after another.
 // To stay inside what that emulation runs faithfully, kernels use only the .x index variables and

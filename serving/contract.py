@@ -14,7 +14,7 @@ Config parameters of the model: "class_names" and "palette" (JSON lists), "crf_d
 "max_pixels" (the most pixels, N x H x W, of one request's images; more are refused),
 "max_iterations" (the most CRF iterations a request may ask for), "compute_timeout_s" (the most
 seconds one batch of requests may compute: past it, its CRF stops and the requests get UNAVAILABLE, 503).
-The GPU ensemble (export/triton_gpu.py) passes PADDED_IMAGE and SCORES between its steps; its pad
+The GPU ensemble (serving.repository.write_gpu_repository) passes PADDED_IMAGE and SCORES between its steps; its pad
 step's config parameters are "profile" (the engine's, JSON) and "max_size".
 Never imports torch or tritonclient.
 """

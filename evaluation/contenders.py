@@ -30,6 +30,7 @@ class TorchNetwork:
     name = "pytorch"
     fixed_input_dims = (None, None, None)
     size_bounds = None
+    kernels = None  # a host backend: scores come back as numpy arrays
 
     def __init__(self, checkpoint: str | Path):
         import torch

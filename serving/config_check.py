@@ -1,4 +1,4 @@
-"""Triton model repositories checked against Triton's own model-config protobuf, before a server sees them.
+"""Triton model repositories checked as Triton checks them, before a server sees them.
 
 ``parse_config(text)`` parses a ``config.pbtxt`` into ``ModelConfig`` (the message tritonclient ships,
 generated from Triton's model_config.proto): an unknown field, a wrong enum or a syntax error is a
@@ -14,7 +14,9 @@ its models are (Python backend, TensorRT plan, ONNX, ensemble):
   one step; every ensemble input and step output is used; a batching ensemble's composing models
   batch at least as much, or not at all (max_batch_size 0); an ensemble has no instance_group.
 
-tritonclient is imported only here and only when called: ``pip install 'tritonclient[grpc]'``.
+The protobuf checks the fields, their types and enums; the rest is what Triton core checks when it
+loads a repository. tritonclient is imported only here and only when called:
+``pip install 'tritonclient[grpc]'``.
 """
 from __future__ import annotations
 
@@ -242,19 +244,3 @@ def validate_repository(repo: str | Path) -> Dict[str, Any]:
         if m.config.platform == "ensemble":
             _check_ensemble(m, models)
     return {n: m.config for n, m in models.items()}
-
-
-def string_parameters(config: Any) -> Dict[str, str]:
-    """A parsed config's ``parameters`` as {name: string_value}."""
-    return {k: v.string_value for k, v in config.parameters.items()}
-
-
-def ensemble_steps(config: Any) -> List[Dict[str, Any]]:
-    """An ensemble's steps as plain dicts (model, input_map, output_map), in order."""
-    return [{"model": s.model_name, "input_map": dict(s.input_map), "output_map": dict(s.output_map)}
-            for s in config.ensemble_scheduling.step]
-
-
-def instance_kinds(config: Any) -> List[str]:
-    pb2 = model_config_pb2()
-    return [pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group]

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from crf import CRFParams
-from crf.backend import Buffer, CPUKernels, GPUKernels, KernelBackend
+from crf.cpu_kernels import CPUKernels
+from crf.gpu_kernels import GPUKernels
+from crf.kernel_interface import Buffer, KernelBackend
 from crf.driver import DenseCRFDriver
 from export.model import DeepLabPipeline
 from export.weights import load_model

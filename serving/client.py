@@ -1,11 +1,11 @@
 """``TritonSegmenter``: the Segmenter's call and result, answered by a Triton server.
 
-    from runtime.triton_client import TritonSegmenter
+    from serving import TritonSegmenter
     seg = TritonSegmenter("127.0.0.1:8000")              # protocol="grpc" with the gRPC port
     result = seg("samples/scene_0.png")                   # runtime.Segmentation, as Segmenter gives
 
 Needs tritonclient (``pip install '.[serve]'``), imported when a TritonSegmenter is made. Tensor and
-parameter names: runtime/triton_contract.py.
+parameter names: serving/contract.py.
 """
 from __future__ import annotations
 
@@ -13,15 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from crf import CRFParams
+from runtime.contract import as_bgr_uint8, load_image
+from runtime.palette import ClassAccessors, check_palette
+from runtime.segmenter import Segmentation
 
-from .contract import as_bgr_uint8, load_image
-from .palette import ClassAccessors, check_palette
-from .segmenter import Segmentation
-from .triton_contract import (INPUT_IMAGE, MODEL_NAME, OUTPUT_LABELS, OUTPUT_PROBABILITIES, PARAM_CRF,
-                              TIMING_PARAMETERS, read_config_parameters)
+from .contract import (INPUT_IMAGE, MODEL_NAME, OUTPUT_LABELS, OUTPUT_PROBABILITIES, PARAM_CRF, TIMING_PARAMETERS,
+                       read_config_parameters)
 
 _SERVER_DEFAULT = object()
 
@@ -37,14 +35,73 @@ class TritonServerError(RuntimeError):
         self.status = status
 
 
-def _stats_ms(before: dict, after: dict) -> dict:
-    """Server-side milliseconds between two inference-statistics snapshots of the model."""
-    def ns(stats: dict, name: str) -> int:
-        return int(stats.get(name, {}).get("ns", 0))
+#: Triton's per-request statistics of a model's compute.
+COMPUTE_STEPS = ("compute_input", "compute_infer", "compute_output")
 
-    queue = ns(after, "queue") - ns(before, "queue")
-    compute = sum(ns(after, k) - ns(before, k) for k in ("compute_input", "compute_infer", "compute_output"))
-    return {"server_queue": queue / 1e6, "server_compute": compute / 1e6}
+
+class ModelStats:
+    """A model's inference statistics and config, over a connection of its own."""
+
+    def __init__(self, url: str, protocol: str = "http", model: str = MODEL_NAME):
+        if protocol == "http":
+            import tritonclient.http as module
+        else:
+            import tritonclient.grpc as module
+        self.protocol, self.model = protocol, model
+        self._client = module.InferenceServerClient(url)
+
+    def _json(self, method: str, *args) -> dict:
+        fn = getattr(self._client, method)
+        return fn(*args) if self.protocol == "http" else fn(*args, as_json=True)
+
+    def snapshot(self) -> dict:
+        """Counts and nanoseconds (ints: gRPC's JSON gives int64 as strings)."""
+        stats = self._json("get_inference_statistics", self.model)["model_stats"][0]
+        inference = stats.get("inference_stats", {})
+        out = {"inference_count": int(stats.get("inference_count", 0)),
+               "execution_count": int(stats.get("execution_count", 0)),
+               "batches": {int(b["batch_size"]): int(b.get("compute_infer", {}).get("count", 0))
+                           for b in stats.get("batch_stats", [])}}
+        for name in ("success", "fail", "queue") + COMPUTE_STEPS:
+            part = inference.get(name, {})
+            out[name] = (int(part.get("count", 0)), int(part.get("ns", 0)))
+        return out
+
+    def settled(self, interval: float = 0.05, timeout: float = 3.0) -> dict:
+        """A snapshot once the counts stop moving: Triton updates its statistics as it releases a
+        request, which can be just after the client has the response (a single read right after the
+        last response may miss it). Read until two reads ``interval`` apart agree."""
+        last, deadline = self.snapshot(), time.monotonic() + timeout
+        while True:
+            time.sleep(interval)
+            now = self.snapshot()
+            if now == last or time.monotonic() > deadline:
+                return now
+            last = now
+
+    def answered_after(self, before: dict, timeout: float = 1.0) -> dict:
+        """A snapshot once at least one more request is counted than in ``before`` (Triton counts a
+        request as it releases it, which can be just after the client has the response)."""
+        deadline, after = time.monotonic() + timeout, self.snapshot()
+        while sum(after[k][0] - before[k][0] for k in ("success", "fail")) <= 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+            after = self.snapshot()
+        return after
+
+    def describe(self) -> dict:
+        """The server's release and the model's batching and instances, as the server reports them."""
+        meta = self._json("get_server_metadata")
+        config = self._json("get_model_config", self.model)
+        config = config.get("config", config)  # gRPC wraps it
+        delay = config.get("dynamic_batching", {}).get("max_queue_delay_microseconds")
+        return {"server": meta.get("name"), "version": meta.get("version"),
+                "max_batch_size": int(config.get("max_batch_size", 0)),
+                "instances": [f"{g.get('kind')} x {g.get('count')}" for g in config.get("instance_group", [])],
+                "dynamic_batching": "dynamic_batching" in config,
+                "max_queue_delay_us": None if delay is None else int(delay)}
+
+    def close(self) -> None:
+        self._client.close()
 
 
 def _check_url(url: str) -> None:
@@ -56,7 +113,7 @@ def _check_url(url: str) -> None:
 
 
 class TritonSegmenter(ClassAccessors):
-    """Segment images on a Triton server serving the model of tools/triton_repo.py.
+    """Segment images on a Triton server serving a repository of serving.repository.
 
     url: "host:port" of the server's HTTP or gRPC endpoint (``protocol`` "http" or "grpc").
     crf: the server's default CRF (the model's config) when not given; None turns it off;
@@ -86,7 +143,7 @@ class TritonSegmenter(ClassAccessors):
         self._server_exception = InferenceServerException
         self.protocol, self.model, self.url = protocol, model, url
         self.timeout = float(timeout)
-        self.server_stats = server_stats
+        self._stats = ModelStats(url, protocol, model) if server_stats else None
         if protocol == "http":
             self._client = client_module.InferenceServerClient(url, network_timeout=self.timeout,
                                                               connection_timeout=self.timeout)
@@ -117,27 +174,7 @@ class TritonSegmenter(ClassAccessors):
                                     None if status is None else str(status)) from None
         except OSError as e:  # refused, unknown host, timed out: the HTTP client raises these as they are
             raise TritonServerError(f"cannot reach a Triton server at {self.url} ({self.protocol}): {e} "
-                                    "(is it running? tools/serve.py starts one)") from None
-
-    def _inference_stats(self) -> dict:
-        if self.protocol == "http":
-            stats = self._client.get_inference_statistics(self.model)
-        else:
-            stats = self._client.get_inference_statistics(self.model, as_json=True)
-        return stats["model_stats"][0]["inference_stats"]
-
-    def _stats_after(self, before: dict) -> dict:
-        """The statistics once this request is in them: Triton counts a request as it releases it,
-        which can be just after the client has the response (polled for up to 1 s)."""
-        def answered(stats: dict) -> int:
-            return sum(int(stats.get(k, {}).get("count", 0)) for k in ("success", "fail"))
-
-        deadline = time.monotonic() + 1.0
-        after = self._call(self._inference_stats)
-        while answered(after) <= answered(before) and time.monotonic() < deadline:
-            time.sleep(0.005)
-            after = self._call(self._inference_stats)
-        return after
+                                    "(is it running? deeplab-serve starts one)") from None
 
     # -- segmentation ---------------------------------------------------------------------------
     def __call__(self, images, return_probabilities: bool = False):
@@ -157,7 +194,7 @@ class TritonSegmenter(ClassAccessors):
         tensor.set_data_from_numpy(img[None])
         names = [OUTPUT_LABELS] + ([OUTPUT_PROBABILITIES] if return_probabilities else [])
         outputs = [m.InferRequestedOutput(n) for n in names]
-        before = self._call(self._inference_stats) if self.server_stats else None
+        before = self._call(self._stats.snapshot) if self._stats else None
         t1 = time.perf_counter()
         if self.protocol == "http":
             response = self._call(self._client.infer, self.model, [tensor], outputs=outputs,
@@ -170,8 +207,10 @@ class TritonSegmenter(ClassAccessors):
         probs = response.as_numpy(OUTPUT_PROBABILITIES)[0] if return_probabilities else None
         timings = {"request": (t2 - t1) * 1e3}
         timings.update(self._response_timings(response))
-        if before is not None:
-            timings.update(_stats_ms(before, self._stats_after(before)))
+        if before is not None:  # the model's statistics, over every client: this request's own only when alone
+            after = self._call(self._stats.answered_after, before)
+            timings["server_queue"] = (after["queue"][1] - before["queue"][1]) / 1e6
+            timings["server_compute"] = sum(after[k][1] - before[k][1] for k in COMPUTE_STEPS) / 1e6
         timings["total"] = (time.perf_counter() - t0) * 1e3
         return Segmentation(labels, probs, timings, img)
 
@@ -193,6 +232,8 @@ class TritonSegmenter(ClassAccessors):
 
     def close(self) -> None:
         self._client.close()
+        if self._stats:
+            self._stats.close()
 
     def __enter__(self) -> "TritonSegmenter":
         return self

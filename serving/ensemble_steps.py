@@ -1,15 +1,14 @@
-"""The work of the GPU ensemble's Python steps, free of Triton's Python API (model.py holds that).
+"""The work of the GPU ensemble's Python steps, free of Triton's Python API (serving/models.py holds that).
 
-Copied into ``deeplab_pad/1/`` and ``deeplab_crf/1/`` of a repository written by
-export/triton_gpu.py, beside copies of ``runtime/`` and ``crf/`` in the model directories (Triton's
-Python backend puts the version and the model directory on sys.path). Needs numpy, and pycuda with
-nvcc for the GPU kernels: nothing else of the toolkit's dependencies (no OpenCV, no ONNX Runtime).
+Runs inside Triton from the copies of ``serving/``, ``runtime/`` and ``crf/`` in the model's version
+folder (serving.repository). Needs numpy, and pycuda with nvcc for the GPU kernels: nothing else
+of the toolkit's dependencies (no OpenCV, no ONNX Runtime).
 
 - ``pad_batch``: the runtime's size policy for one request's images (runtime.network.network_size,
   runtime.contract.pad_image): padded bottom/right with the mean pixel to the next 8k+1 size,
   within the engine's profile. An image the Segmenter would shrink is refused (shrinking and the
   score resize back are host steps this ensemble does not have).
-- ``dlpack_view``: a crf.backend.Buffer over a DLPack capsule's memory (Triton's GPU tensors), read
+- ``dlpack_view``: a crf.kernel_interface.Buffer over a DLPack capsule's memory (Triton's GPU tensors), read
   with ctypes: no framework is needed to take the pointer.
 - ``CRFStep``: per image, crop the padded scores (device), the CRF and the argmax (device,
   runtime.device_pipeline.DevicePipeline); only the uint8 labels, and the marginals when asked,
@@ -23,18 +22,14 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 import numpy as np
 
 from crf import CRFParams
-from crf.backend import Buffer, KernelBackend
+from crf.kernel_interface import Buffer, KernelBackend
 from crf.features import unary_from_scores
-from runtime.contract import DEFAULT_MAX_SIZE, ImageError, pad_image
+from runtime.contract import DEFAULT_MAX_SIZE, pad_image
 from runtime.device_pipeline import DevicePipeline
 from runtime.network import SizeBounds, network_size
-from runtime.onnx_backend import nonfinite_scores_error
-from runtime.triton_contract import RequestError, check_image_batch, request_parameters  # noqa: F401 (re-exported)
+from runtime.errors import ImageError, nonfinite_scores_error
 
-
-#: A request a step refuses; the model answers it with this message as an error response (the
-#: served model's RequestError: request parameters are parsed by runtime.triton_contract for both).
-StepError = RequestError
+from .contract import RequestError, check_image_batch
 
 
 # -- deeplab_pad -----------------------------------------------------------------------------------
@@ -55,14 +50,14 @@ def pad_batch(images: np.ndarray, bounds: Optional[SizeBounds], max_size: int = 
     size = network_size(h, w, max_size, bounds)
     if size.scale < 1.0:
         limit = f"max_size {max_size}" + (f" and the engine's profile ({bounds.describe()})" if bounds else "")
-        raise StepError(f"image {h}x{w} exceeds {limit}: this ensemble runs images at their own size and does "
+        raise RequestError(f"image {h}x{w} exceeds {limit}: this ensemble runs images at their own size and does "
                         "not shrink them (runtime.Segmenter does); send an image that fits, or rebuild the plan "
                         "with a larger --max-size")
     ph, pw = size.padded
     try:
         return np.stack([pad_image(images[i], ph, pw) for i in range(n)])
     except ImageError as e:  # an image above the profile's maximum when the profile caps 8k+1
-        raise StepError(str(e)) from e
+        raise RequestError(str(e)) from e
 
 
 # -- DLPack ----------------------------------------------------------------------------------------
@@ -106,12 +101,12 @@ def dlpack_view(capsule: Any) -> DLView:
     try:
         address = _capsule_pointer(capsule, b"dltensor")
     except ValueError as e:  # a consumed capsule ("used_dltensor"), or not a DLPack capsule
-        raise StepError(f"not an unconsumed DLPack tensor capsule: {e}") from e
+        raise RequestError(f"not an unconsumed DLPack tensor capsule: {e}") from e
     t = _DLTensor.from_address(address)  # DLManagedTensor starts with its DLTensor
     shape = tuple(int(t.shape[i]) for i in range(t.ndim))
     key = (int(t.dtype.code), int(t.dtype.bits))
     if key not in _DL_DTYPES or t.dtype.lanes != 1:
-        raise StepError(f"DLPack dtype code {key[0]}, {key[1]} bits, {t.dtype.lanes} lanes is not supported")
+        raise RequestError(f"DLPack dtype code {key[0]}, {key[1]} bits, {t.dtype.lanes} lanes is not supported")
     dtype = np.dtype(_DL_DTYPES[key])
     if t.strides:
         expected, stride = [], 1
@@ -120,7 +115,7 @@ def dlpack_view(capsule: Any) -> DLView:
             stride *= d
         actual = [int(t.strides[i]) for i in range(t.ndim)]
         if any(a != e for a, e, d in zip(actual, reversed(expected), shape) if d > 1):
-            raise StepError(f"DLPack tensor of shape {list(shape)} is not C-contiguous (strides {actual})")
+            raise RequestError(f"DLPack tensor of shape {list(shape)} is not C-contiguous (strides {actual})")
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     buf = Buffer(nbytes, int(t.data or 0) + int(t.byte_offset), capsule)
     return DLView(buf, shape, dtype, int(t.device.device_type), int(t.device.device_id))
@@ -150,17 +145,17 @@ class CRFStep:
         """The N x C x Hp x Wp scores as a Buffer of the kernels: in place where addressable, else
         uploaded from ``host`` (Triton handed them on the host)."""
         if view.dtype != np.float32 or len(view.shape) != 4:
-            raise StepError(f"SCORES must be N x C x H x W float32, got {view.dtype} {list(view.shape)}")
+            raise RequestError(f"SCORES must be N x C x H x W float32, got {view.dtype} {list(view.shape)}")
         if self.addressable(view):
             return view.buffer
         if host is None:
             if view.device_type != K_DL_CUDA:
-                raise StepError(f"SCORES are on DLPack device type {view.device_type} #{view.device_id}, which "
+                raise RequestError(f"SCORES are on DLPack device type {view.device_type} #{view.device_id}, which "
                                 f"the {self.k.name} kernels cannot read")
             # Triton hands a Python model a GPU input on the GPU that wrote it, whichever GPU the
             # model instance runs on.
             kernels = f"GPU {self.device_id}" if self.k.name == "gpu" else f"the {self.k.name}"
-            raise StepError(f"SCORES are on GPU {view.device_id}, which {kernels} kernels cannot read: on a "
+            raise RequestError(f"SCORES are on GPU {view.device_id}, which {kernels} kernels cannot read: on a "
                             "server with several GPUs, pin deeplab_network and deeplab_crf to the same GPU "
                             "(instance_group gpus), or serve one GPU per server")
         return self.pipeline.upload(host)
@@ -173,10 +168,10 @@ class CRFStep:
         marginals, or the softmax without CRF), as runtime.Segmenter computes them."""
         n, c, hp, wp = shape
         if images.ndim != 4 or images.shape[0] != n or images.shape[3] != 3 or images.dtype != np.uint8:
-            raise StepError(f"IMAGE {images.dtype} {list(images.shape)} does not fit SCORES {list(shape)}")
+            raise RequestError(f"IMAGE {images.dtype} {list(images.shape)} does not fit SCORES {list(shape)}")
         h, w = images.shape[1:3]
         if h > hp or w > wp:
-            raise StepError(f"SCORES {hp}x{wp} are smaller than IMAGE {h}x{w}")
+            raise RequestError(f"SCORES {hp}x{wp} are smaller than IMAGE {h}x{w}")
         labels = np.empty((n, h, w), np.uint8)
         probs = np.empty((n, c, h, w), np.float32) if probabilities else None
         try:

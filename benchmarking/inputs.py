@@ -1,5 +1,5 @@
-"""Inputs for tests and benchmarks that need no download: photographs shipped inside scikit-image
-and smooth random class scores."""
+"""Inputs for benchmarks and tests that need no download: photographs shipped inside scikit-image,
+smooth random class scores, and pydensecrf2's marginals as the CRF's oracle."""
 from __future__ import annotations
 
 import numpy as np
@@ -43,16 +43,3 @@ def pydensecrf_marginals(unary: np.ndarray, image: np.ndarray, params) -> np.nda
     d.addPairwiseBilateral(sxy=params.bi_xy_std, srgb=params.bi_rgb_std, rgbim=np.ascontiguousarray(image),
                            compat=params.bi_w, normalization=norm)
     return np.array(d.inference(params.iterations)).reshape(c, h, w)
-
-
-def png_declaring(width: int, height: int, colour_type: int = 0, idat: bytes = b"not pixel data") -> bytes:
-    """A complete PNG file (through IEND) whose header declares width x height 8-bit pixels of
-    ``colour_type`` (0 grey, 2 RGB) and whose image data is ``idat``: a decompression bomb's header,
-    for the checks made before any decoder runs."""
-    import struct
-
-    from runtime.image_headers import PNG_SIGNATURE
-    from runtime.palette import png_chunk
-
-    return (PNG_SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0))
-            + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b""))

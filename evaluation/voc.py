@@ -23,7 +23,7 @@ import numpy as np
 from runtime.image_headers import PNG_SIGNATURE
 from runtime.palette import png_chunk
 
-from .cli import reason_of  # noqa: F401  (re-exported: the evaluation's skip reasons)
+from .failures import reason_of
 
 #: Label value that marks pixels left out of the score (object borders and "difficult" regions in VOC).
 IGNORE_LABEL = 255

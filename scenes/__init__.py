@@ -5,6 +5,11 @@ one to four coloured, textured shapes (disc, square, triangle, star) at random s
 rotations, later shapes occluding earlier ones. The class of a shape is its outline, never its
 colour, so a network must learn shape; object colours differ from the background, so image edges
 carry the boundaries that a dense CRF can snap to.
+
+Three disjoint seed ranges, one per use: training draws seeds 0.. (10,000,000 per training seed,
+export/training.py), held-out evaluation scenes HELD_OUT_SEED + i, INT8 calibration scenes
+CALIBRATION_SEED + i. A leaf package (numpy and OpenCV only): training, evaluation, calibration
+and the benchmarks all draw from it, so none of them imports another for its data.
 """
 from __future__ import annotations
 
@@ -83,3 +88,26 @@ def scene_for_seed(seed: int) -> tuple[np.ndarray, np.ndarray]:
     are not of the form 8k+1 and scenes are square only by chance (held-out and calibration scenes)."""
     h, w = (int(v) for v in np.random.default_rng(seed).integers(193, 386, size=2))
     return make_scene(seed, h, w)
+
+
+#: Seeds of the held-out scenes: past any realistic training run (seeds 10,000,000 * seed + iteration
+#: * batch, from 0).
+HELD_OUT_SEED = 1_000_000
+#: Seeds of the INT8 calibration scenes: apart from training (0..) and evaluation (1,000,000..).
+CALIBRATION_SEED = 2_000_000
+
+
+def held_out_scene(i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out scene number i (seed HELD_OUT_SEED + i, sides drawn from the seed): (image, labels)."""
+    return scene_for_seed(HELD_OUT_SEED + i)
+
+
+def calibration_scenes(count: int) -> list[tuple[str, np.ndarray]]:
+    """(name, image) of ``count`` calibration scenes: seeds CALIBRATION_SEED + i, sides 193..385 drawn
+    from the seed, as the held-out scenes; named scene_<seed>_<H>x<W>."""
+    scenes = []
+    for seed in range(CALIBRATION_SEED, CALIBRATION_SEED + count):
+        image = scene_for_seed(seed)[0]
+        h, w = image.shape[:2]
+        scenes.append((f"scene_{seed}_{h}x{w}", image))
+    return scenes

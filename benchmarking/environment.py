@@ -81,11 +81,11 @@ def gpu() -> dict:
         match = re.search(r"CUDA Version:\s*([\d.]+)", header)
         info["cuda_driver_api"] = match.group(1) if match else None
     try:
-        import pycuda  # noqa: F401  (only its version here; the context is crf.backend's)
+        import pycuda  # noqa: F401  (only its version here; the context is crf.gpu_kernels')
     except Exception:  # not installed, or built against a CUDA that is missing
         return info
     info["pycuda"] = getattr(pycuda, "VERSION_TEXT", None)
-    from crf.backend import gpu_identity, import_pycuda
+    from crf.gpu_kernels import gpu_identity, import_pycuda
 
     identity = gpu_identity()
     if identity is not None:
@@ -101,7 +101,8 @@ def gpu() -> dict:
 
 def tensorrt_version() -> str | None:
     """The installed TensorRT's version, None where the real library is absent (type stubs are not it)."""
-    from runtime.trt_compat import TensorRTUnavailable, load_tensorrt
+    from runtime.errors import TensorRTUnavailable
+    from runtime.trt_compat import load_tensorrt
 
     try:
         return str(load_tensorrt().__version__)
