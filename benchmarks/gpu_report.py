@@ -2,8 +2,8 @@
 """The GPU report: CRF timings on the device, launch overhead, memory, and the device-resident
 pipeline (PyTorch network on CUDA -> CRF kernels on the same stream -> uint8 labels).
 
-    python benchmarks/gpu_report.py --json out/gpu_report.json          # on a GPU machine
-    python benchmarks/gpu_report.py --device cpu --runs 3 --pipeline-runs 5   # same code, CPU build
+    PYTHONPATH=$PWD python benchmarks/gpu_report.py --json out/gpu_report.json   # on a GPU machine, from a checkout
+    PYTHONPATH=$PWD python benchmarks/gpu_report.py --device cpu --runs 3 --pipeline-runs 5   # same code, CPU build
 
 CRF (21 labels, 10 iterations, DeepLab-LargeFOV parameters) at 500x375 and 1024x768 with the scores
 and image already in device memory and the labels as output: total per call from CUDA events

@@ -74,6 +74,8 @@ else
   summary; exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD
+# the CPU kernels (the GPU results' reference) are compiled here: a cache that surely works
+export DEEPLAB_CACHE=/tmp/deeplab-cache
 # a driver library outside the loader's cache: the install said what to export
 ld=$(sed -n 's/^device-install: export LD_LIBRARY_PATH=//p' "$OUT/pycuda-install.log" | tail -1)
 [[ -n $ld ]] && export LD_LIBRARY_PATH=$ld
@@ -96,6 +98,14 @@ fi
 fatbin="no fatbin carried: kernels compiled by nvcc"
 if [[ -f .whl/densecrf.fatbin ]]; then
   cp .whl/densecrf.fatbin crf/kernels/densecrf.fatbin && fatbin="shipped fatbin, nvcc hidden"
+  # a fatbin built from another revision of the .cu is never loaded (its stamp): say so now, not as
+  # a report failing later for want of nvcc
+  stale=$(python3 -c "from crf.gpu_module import fatbin_problem; print(fatbin_problem() or '')" 2>&1)
+  if [[ -n $stale ]]; then
+    rm -f crf/kernels/densecrf.fatbin
+    fatbin="carried fatbin unusable ($stale): rerun benchmarks/gpu_prepare.sh; kernels compiled by nvcc"
+    step "fatbin" FAIL "$stale"
+  fi
 fi
 
 # 3. GPU tests (all of them: files without GPU tests are deselected by -m gpu)
