@@ -2,7 +2,8 @@
 from .errors import (BackendUnavailable, CRFTimeout, EngineMismatch, ImageError, ImageTooLarge, ModelFormatError,
                      NetworkOutputError, OutOfDeviceMemory, SidecarError, TensorRTUnavailable)
 from .limits import SizeLimits
-from .segmenter import Segmentation, Segmenter
+from .result import Segmentation
+from .segmenter import Segmenter
 
 __all__ = ["Segmenter", "Segmentation", "SizeLimits", "ImageError", "ImageTooLarge", "ModelFormatError", "SidecarError",
            "NetworkOutputError", "EngineMismatch", "TensorRTUnavailable", "BackendUnavailable", "OutOfDeviceMemory",

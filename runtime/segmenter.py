@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -38,27 +38,11 @@ from .memory import CallMemory
 from .model_check import check_network_output, shape_problems
 from .network import Network, check_input_size, network_image, network_size
 from .palette import ClassAccessors, model_classes
+from .result import Segmentation
 from .upsample import resize_scores, upsampled_argmax
 
 log = logging.getLogger("deeplab")
 _DEFAULT = object()
-
-
-@dataclass
-class Segmentation:
-    """Result of one image. labels: H x W uint8 class ids. probabilities: C x H x W float32 (CRF
-    marginals, or the network's softmax without CRF), only when asked for. timings: milliseconds
-    per stage (preprocess, network, crf, postprocess, total). image: the BGR image segmented.
-    scores: C x H x W float32, the network's upsampled logits (what the CRF starts from), only
-    when asked for. crf_scale: 1, or the factor (< 1) by which the image was shrunk for the CRF
-    because it had more than the limits' crf_max_pixels."""
-
-    labels: np.ndarray
-    probabilities: Optional[np.ndarray]
-    timings: dict
-    image: np.ndarray = field(repr=False)
-    scores: Optional[np.ndarray] = field(default=None, repr=False)
-    crf_scale: float = 1.0
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 from crf import CRFParams
 from runtime.contract import as_bgr_uint8, load_image
 from runtime.palette import ClassAccessors, check_palette
-from runtime.segmenter import Segmentation
+from runtime.result import Segmentation
 
 from .contract import (INPUT_IMAGE, MODEL_NAME, OUTPUT_LABELS, OUTPUT_PROBABILITIES, PARAM_CRF, TIMING_PARAMETERS,
                        read_config_parameters)

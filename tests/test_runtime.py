@@ -246,7 +246,7 @@ def test_runtime_never_imports_torch(bundled_onnx):
 def test_crf_memory_budget_shrinks_large_images(bundled_onnx, seg):
     from runtime.memory import crf_bytes_per_pixel, default_crf_max_pixels
 
-    # The default follows the README's formula: 97.0 MB measured at 500x375 with 21 labels.
+    # The default follows the buffer formula of docs/crf.md: 97.0 MB measured at 500x375 with 21 labels.
     assert abs(crf_bytes_per_pixel(21) * 500 * 375 / 97.0e6 - 1) < 0.1
     assert default_crf_max_pixels(21) * crf_bytes_per_pixel(21) <= 1.5e9 < (default_crf_max_pixels(21) + 1) * crf_bytes_per_pixel(21)
     image, truth = held_out_scene(4)

@@ -196,7 +196,7 @@ def test_bad_request_parameters_get_a_400_naming_them(server, protocol, paramete
 
 
 def test_the_default_repository_bounds_the_queue_wait_and_the_iterations(server):
-    """What the README promises, as the running server reads it: a request still queued after 10 s
+    """The documented defaults (docs/triton.md), as the running server reads them: a request still queued after 10 s
     is refused, whatever it asks (no override), and at most 50 CRF iterations per request."""
     client = httpclient.InferenceServerClient(server.http_url)
     config = client.get_model_config("deeplab")
