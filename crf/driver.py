@@ -122,10 +122,19 @@ FIXED_SPLAT_SLOTS = 32  # list slots per thread in crf_splat_fixed
 #                sums with atomics, no sort: even work per thread however long the lists)
 #   scan_chunk:  elements per thread in the exclusive scans (0 = sqrt(n): two levels, the second
 #                one serial; on a GPU, short chunks and more levels, as no thread may loop long)
+#   insert:      lattice vertices found and numbered by "atomic" hash insertion + mark + scan +
+#                number + offsets, or "serial": one thread inserting in entry order, numbering as
+#                it goes (one pass, no atomics; the same numbering)
+#   lists:       the per-vertex entry lists built by "atomic" count + scan + fill (+ sort for the
+#                gather splat), or "serial": one thread, in entry order, sorted as it goes (on the
+#                CPU, atomics cost more than the work; the same lists)
 CHOICES = {
-    "cpu": {"label_chunk": 0, "label_align": 8, "splat": "gather", "scan_chunk": 0},
-    "gpu": {"label_chunk": 1, "label_align": 1, "splat": "fixed", "scan_chunk": 32},
+    "cpu": {"label_chunk": 0, "label_align": 8, "splat": "gather", "scan_chunk": 0, "insert": "serial",
+            "lists": "serial"},
+    "gpu": {"label_chunk": 1, "label_align": 1, "splat": "fixed", "scan_chunk": 32, "insert": "atomic",
+            "lists": "atomic"},
 }
+SERIAL_OR_ATOMIC = ("atomic", "serial")
 
 
 class DenseCRFDriver:
@@ -142,6 +151,9 @@ class DenseCRFDriver:
         self.choices = {**CHOICES[choices], **overrides}
         if self.choices["splat"] not in SPLATS:
             raise ValueError(f"splat must be one of {SPLATS}, got {self.choices['splat']!r}")
+        for choice in ("insert", "lists"):
+            if self.choices[choice] not in SERIAL_OR_ATOMIC:
+                raise ValueError(f"{choice} must be one of {SERIAL_OR_ATOMIC}, got {self.choices[choice]!r}")
         self.k = backend
         self._pool = BufferPool(backend)
         self.last_vertices: dict[str, int] = {}
@@ -186,9 +198,12 @@ class DenseCRFDriver:
         self._fill_int(flags, 3, 0)
         k.launch("crf_embed", n, image, I32(h), I32(w), I32(d), F32(sxy), F32(srgb), keys, lat.weights, flags)
 
-        slot_of = self._buf("slot_of", e * 4)
+        serial = self.choices["insert"] == "serial"
+        if not serial:
+            slot_of = self._buf("slot_of", e * 4)
         # The ranks live in this lattice's list buffer, which is not filled until they are dead.
         lat.lists = rank = self._buf(lat.tag + "lists", (e + 1) * 4)
+        lat.offsets = self._buf(lat.tag + "offsets", e * 4)
         fill = Buffer(8, flags.ptr + 4, flags.owner)
         # Hash table: first sized for a typical vertex count (photographs give 3-5 % of the entries;
         # this takes up to 1/12 of them in a table that stays in cache), then, if it fills up,
@@ -198,39 +213,47 @@ class DenseCRFDriver:
             table = self._buf("table", cap * 4)
             self._fill_int(table, cap, -1)
             self._fill_int(fill, 2, 0)
-            k.launch("crf_hash_insert", e, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill, slot_of)
-            k.launch("crf_mark_first", e, slot_of, table, I32(e), rank)
-            self._exclusive_scan(rank, e, rank)  # in place: flags -> ranks, rank[e] = vertex count
+            if serial:  # numbered as inserted: table, vertex_entry and offsets in one pass
+                vertex_entry = self._buf("vertex_entry", limit * 4)
+                k.launch("crf_insert_serial", 1, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill,
+                         vertex_entry, lat.offsets)
+            else:
+                k.launch("crf_hash_insert", e, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill, slot_of)
+                k.launch("crf_mark_first", e, slot_of, table, I32(e), rank)
+                self._exclusive_scan(rank, e, rank)  # in place: flags -> ranks, rank[e] = vertex count
             # the one sync of the build: whether the table held, and the vertex count, which sizes what follows
-            key_overflow, _, too_full = (int(v) for v in k.download(flags, (3,), np.int32))
+            key_overflow, taken, too_full = (int(v) for v in k.download(flags, (3,), np.int32))
             if key_overflow:
                 raise CRFInputError(f"lattice coordinates overflow 16 bits: the {'spatial' if d == SPATIAL_D else 'bilateral'} "
                                     f"bandwidth (xy {sxy}, rgb {srgb}) is too small for a {h}x{w} image")
             if not too_full:
                 break
-        m = int(k.download(Buffer(4, rank.ptr + e * 4, rank.owner), (1,), np.int32)[0])
+        m = taken if serial else int(k.download(Buffer(4, rank.ptr + e * 4, rank.owner), (1,), np.int32)[0])
         self._check_counts(h, w, s, {"fixed-point vertex sums": (m + 1) * s * 2, "vertex rows": (m + 1) * s,
                                      "blur neighbours": m * dp1 * 2})
-        vertex_entry = self._buf("vertex_entry", m * 4)
-        k.launch("crf_number_vertices", e, slot_of, rank, I32(e), table, vertex_entry)
+        if not serial:
+            vertex_entry = self._buf("vertex_entry", m * 4)
+            k.launch("crf_number_vertices", e, slot_of, rank, I32(e), table, vertex_entry)
+            k.launch("crf_offsets", e, slot_of, table, I32(e), lat.offsets)
         lat.m = m
         self.last_vertices[lat.tag] = m
 
-        lat.offsets = self._buf(lat.tag + "offsets", e * 4)
-        k.launch("crf_offsets", e, slot_of, table, I32(e), lat.offsets)
         lat.nbr = self._buf(lat.tag + "nbr", m * dp1 * 2 * 4)
         k.launch("crf_neighbours", m * dp1, keys, vertex_entry, I32(m), I32(d), table, U32(cap - 1), lat.nbr)
 
         counts = self._buf("counts", m * 4)
         self._fill_int(counts, m, 0)
-        k.launch("crf_count", e, lat.offsets, I32(e), counts)
         lat.starts = self._buf(lat.tag + "starts", (m + 1) * 4)
-        self._exclusive_scan(counts, m, lat.starts)
-        self._fill_int(counts, m, 0)  # reused as the fill cursor
-        k.launch("crf_fill_lists", e, lat.offsets, I32(e), lat.starts, counts, lat.lists)
         gather = self.splat == "gather"
-        if gather:  # the gather adds in list order: sort each list (the fixed-point splat needs no order)
-            k.launch("crf_sort_lists", m, lat.starts, I32(m), lat.lists)
+        if self.choices["lists"] == "serial":  # sorted as they are filled
+            k.launch("crf_lists_serial", 1, lat.offsets, I32(e), I32(m), counts, lat.starts, lat.lists)
+        else:
+            k.launch("crf_count", e, lat.offsets, I32(e), counts)
+            self._exclusive_scan(counts, m, lat.starts)
+            self._fill_int(counts, m, 0)  # reused as the fill cursor
+            k.launch("crf_fill_lists", e, lat.offsets, I32(e), lat.starts, counts, lat.lists)
+            if gather:  # the gather adds in list order: sort each list (the fixed-point splat needs no order)
+                k.launch("crf_sort_lists", m, lat.starts, I32(m), lat.lists)
         lat.list_w = self._buf(lat.tag + "list_w", e * 4)
         k.launch("crf_list_payload", e, lat.lists, lat.weights, I32(dp1), I32(e), I32(1 if gather else 0), lat.list_w)
         if not gather:

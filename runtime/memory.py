@@ -32,7 +32,7 @@ DEFAULT_MEMORY_BUDGET = 2.5e9
 
 
 def _buffer_bytes(pixels: float, s: int, m_s: float, m_b: float) -> float:
-    """The README's formula for the CRF's buffers: label rows of s floats (the GPU's layout), m_s /
+    """The formula of docs/crf.md for the CRF's buffers: label rows of s floats (the GPU's layout), m_s /
     m_b spatial and bilateral lattice vertices, the hash table at its largest (4 pow2(3N/4) <= 6N)
     and the GPU's extra terms (fixed-point sums 8S·M_max, the uploaded image 3N)."""
     m_max = max(m_s, m_b)

@@ -60,3 +60,37 @@ def test_fma_peak_measures_this_cpus_widest_fma():
     isa, gmacs = fma_peak_gmacs(threads=1, iters=200_000)
     assert isa == expected
     assert gmacs > 1.0  # any FMA unit does more than 1 GMAC/s on one thread
+
+
+def _cell(speedup, cold_ratio, build_ms, labels_pct=100.0, dq=1e-6):
+    warm = 100.0
+    return {"cpu": {"median_ms": warm, "cold_median_ms": warm * cold_ratio, "speedup_vs_pydensecrf2": speedup,
+                    "phases_ms": {"lattice_build_cold": build_ms}, "labels_equal_pct": labels_pct, "max_abs_dq": dq}}
+
+
+def test_crf_bench_judges_each_target_by_the_worst_cell():
+    from benchmarks.crf_bench import TARGETS, judge
+
+    result = {"cpu_threads": 2, "sizes": {
+        "500x375": {"2": _cell(4.5, 1.10, 24.0), "21": _cell(3.9, 1.20, 23.0, labels_pct=99.9)},
+        "1024x768": {"21": _cell(5.0, 1.05, 24.0 * 4.5, dq=2e-3)}}}
+    verdicts = {t.split(" ")[0]: (measured, limit, met) for t, measured, limit, met in judge(result)}
+    assert verdicts["speedup_all_cores"] == (3.9, TARGETS["speedup_all_cores"], False)  # one cell below 4x fails it
+    assert verdicts["cold_over_warm"][0] == pytest.approx(1.20) and not verdicts["cold_over_warm"][2]
+    assert verdicts["build_ms_500x375"] == (23.5, 25.0, True)  # the median over the label counts
+    growth, pixels, met = verdicts["build_growth_500x375_to_1024x768"]
+    assert growth == pytest.approx(24.0 * 4.5 / 23.5) and pixels == pytest.approx(1024 * 768 / (500 * 375)) and not met
+    assert verdicts["labels_equal_pct"] == (99.9, 99.5, True)
+    assert verdicts["max_abs_dq"] == (2e-3, 1e-3, False)
+
+
+def test_crf_bench_one_thread_has_its_own_speedup_target_and_missing_numbers_are_not_judged():
+    from benchmarks.crf_bench import judge
+
+    cell = _cell(2.6, 1.0, 30.0)
+    del cell["cpu"]["speedup_vs_pydensecrf2"], cell["cpu"]["labels_equal_pct"], cell["cpu"]["max_abs_dq"]
+    names = [t.split(" ")[0] for t, *_ in judge({"cpu_threads": 1, "sizes": {"1024x768": {"7": cell}}})]
+    assert names == ["cold_over_warm"]  # no pydensecrf2 numbers, no 500x375 build
+    one = judge({"cpu_threads": 1, "sizes": {"500x375": {"7": _cell(2.6, 1.0, 30.0)}}})
+    assert one[0][0].startswith("speedup_one_thread") and one[0][3] is True
+    assert judge({"sizes": {}}) == []

@@ -102,6 +102,35 @@ def test_gpu_thread_layout_on_the_cpu(chunk, align):
         assert np.array_equal(labels, ref.argmax(0))
 
 
+@pytest.mark.parametrize("image, params", [
+    ("astronaut", CRFParams()),
+    ("astronaut", CRFParams(bi_rgb_std=1.0, bi_xy_std=2.0, pos_xy_std=0.5)),  # vertices past the small table
+    ("noise", CRFParams(bi_rgb_std=1.0, bi_xy_std=2.0, pos_xy_std=0.5)),      # every entry its own vertex
+])
+def test_serial_lattice_build_the_cpus_choice_equals_the_atomic_one(image, params):
+    """The CPU inserts lattice entries and fills the entry lists on one thread, in entry order; the
+    GPU's atomic passes (run here) must give the same vertex numbering and lists: the same bits out,
+    including where the first hash table fills up and the build is redone with the largest one."""
+    from crf import _driver
+    from crf.driver import DenseCRFDriver
+
+    img = photo("astronaut", 120) if image == "astronaut" else \
+        np.random.default_rng(5).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    h, w = img.shape[:2]
+    s = smooth_logits(h, w, 5, seed=2)
+    serial = _driver("cpu")
+    assert (serial.choices["insert"], serial.choices["lists"]) == ("serial", "serial")
+    atomic = DenseCRFDriver(serial.k, insert="atomic", lists="atomic")
+    got, ref = serial.run(s, img, h, w, 5, params)[0], atomic.run(s, img, h, w, 5, params)[0]
+    assert np.array_equal(got, ref) and serial.last_vertices == atomic.last_vertices
+    if image == "noise":
+        assert serial.last_vertices["b_"] == h * w * 6
+    mixed = DenseCRFDriver(serial.k, insert="serial", lists="atomic").run(s, img, h, w, 5, params)[0]
+    assert np.array_equal(mixed, ref)
+    with pytest.raises(ValueError, match="insert"):
+        DenseCRFDriver(serial.k, insert="sometimes")
+
+
 @pytest.mark.parametrize("name", ["astronaut", "flat"])
 def test_fixed_point_splat_the_gpus_choice_on_the_cpu(name):
     """The GPU splats K list slots per thread with exact fixed-point atomics, from unsorted lists:

@@ -200,15 +200,20 @@ void launch_blocks(BlockRange body, const void* job, unsigned grid)
 // those loops become straight-line vector code with no trip-count arithmetic. RowArg / ChunkArg
 // are the positions of S and of the labels per thread in the kernel's arguments (-1: none). The
 // arithmetic is the same, operation for operation: the results are bit-identical.
+//
+// The lattice kernels are compiled the same way for the two lattice dimensions d (2: the spatial
+// kernel, 5: the bilateral one): their loops over d unroll, and divisions by d + 1 become
+// multiplications.
 template <int... W>
 struct Widths {};
 using RowWidths = Widths<8, 16, 24, 32, 40, 48, 64>;  // S: C rounded up to 8 (crf/driver.py label_stride)
+using LatticeDims = Widths<2, 5>;                      // d: crf/driver.py SPATIAL_D, BILATERAL_D
 
-template <auto Kernel, int RowArg = -1, int ChunkArg = -1, typename F = decltype(Kernel)>
+template <auto Kernel, int RowArg = -1, int ChunkArg = -1, typename Ws = RowWidths, typename F = decltype(Kernel)>
 struct Launcher;
 
-template <auto Kernel, int RowArg, int ChunkArg, typename... A>
-struct Launcher<Kernel, RowArg, ChunkArg, void (*)(A...)> {
+template <auto Kernel, int RowArg, int ChunkArg, typename Ws, typename... A>
+struct Launcher<Kernel, RowArg, ChunkArg, Ws, void (*)(A...)> {
     struct Job {
         std::tuple<A...> args;
         unsigned grid, block;
@@ -217,7 +222,7 @@ struct Launcher<Kernel, RowArg, ChunkArg, void (*)(A...)> {
     static void run(unsigned int grid, unsigned int block, void** params)
     {
         const Job job{read(params, std::index_sequence_for<A...>{}), grid, block};  // arguments read once
-        launch_blocks(pick(job, RowWidths{}), &job, grid);
+        launch_blocks(pick(job, Ws{}), &job, grid);
     }
 
     template <std::size_t... I>
@@ -279,18 +284,25 @@ struct Launcher<Kernel, RowArg, ChunkArg, void (*)(A...)> {
         Launcher<name, row_arg, chunk_arg>::run(grid, block, params);                   \
     }
 #define CRF_CPU_LAUNCHER(name) CRF_CPU_LAUNCHER_ROWS(name, -1, -1)
+#define CRF_CPU_LAUNCHER_DIMS(name, d_arg)                                              \
+    extern "C" __attribute__((visibility("default"))) void launch_##name(unsigned int grid, unsigned int block, void** params) \
+    {                                                                                   \
+        Launcher<name, d_arg, -1, LatticeDims>::run(grid, block, params);               \
+    }
 
-CRF_CPU_LAUNCHER(crf_embed)
+CRF_CPU_LAUNCHER_DIMS(crf_embed, 3)
 CRF_CPU_LAUNCHER(crf_hash_insert)
+CRF_CPU_LAUNCHER_DIMS(crf_insert_serial, 2)
 CRF_CPU_LAUNCHER(crf_mark_first)
 CRF_CPU_LAUNCHER(crf_number_vertices)
 CRF_CPU_LAUNCHER(crf_offsets)
-CRF_CPU_LAUNCHER(crf_neighbours)
+CRF_CPU_LAUNCHER_DIMS(crf_neighbours, 3)
 CRF_CPU_LAUNCHER(crf_count)
 CRF_CPU_LAUNCHER(crf_scan_chunks)
 CRF_CPU_LAUNCHER(crf_scan_sums)
 CRF_CPU_LAUNCHER(crf_scan_apply)
 CRF_CPU_LAUNCHER(crf_fill_lists)
+CRF_CPU_LAUNCHER(crf_lists_serial)
 CRF_CPU_LAUNCHER(crf_sort_lists)
 CRF_CPU_LAUNCHER(crf_list_payload)
 CRF_CPU_LAUNCHER(crf_splat)

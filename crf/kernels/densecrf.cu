@@ -170,6 +170,42 @@ extern "C" __global__ void crf_hash_insert(const short* keys, int n_entries, int
     }
 }
 
+// The CPU's insertion (crf/driver.py "insert": "serial"): one thread walks the entries in order,
+// so a vertex is numbered when its first entry arrives, which is the numbering crf_hash_insert +
+// crf_mark_first + the scan + crf_number_vertices + crf_offsets make in five passes with atomics:
+// the same table (slot -> vertex id), vertex_entry and offsets. fill[0] := the vertex count; past
+// `limit` vertices fill[1] is set and the driver builds again with a table for the worst case.
+// vertex_entry holds `limit` ids.
+extern "C" __global__ void crf_insert_serial(const short* keys, int n_entries, int d, int* table, unsigned int mask,
+                                             int limit, int* fill, int* vertex_entry, int* offsets)
+{
+    if (crf_tid() != 0) return;
+    int m = 0;
+    for (int e = 0; e < n_entries; e++) {
+        const short* key = keys + (long long)e * d;
+        unsigned int h = crf_hash(key, d) & mask;
+        for (;;) {
+            const int v = table[h];
+            if (v < 0) {
+                if (m >= limit) {
+                    fill[1] = 1;
+                    return;
+                }
+                table[h] = m;
+                vertex_entry[m] = e;
+                offsets[e] = m++;
+                break;
+            }
+            if (crf_same_key(keys + (long long)vertex_entry[v] * d, key, d)) {
+                offsets[e] = v;
+                break;
+            }
+            h = (h + 1) & mask;
+        }
+    }
+    fill[0] = m;
+}
+
 // Vertex numbering in entry (= pixel) order, so that vertices close in number are close in the
 // image: splat's gathers, the update's reads and the blur then walk memory mostly in order. The
 // representative of a slot is its smallest entry (what the table holds after insertion); a scan
@@ -275,6 +311,29 @@ extern "C" __global__ void crf_fill_lists(const int* offsets, int n_entries, con
     if (e >= n_entries) return;
     const int v = offsets[e];
     list[starts[v] + atomicAdd(&cursor[v], 1)] = e;
+}
+
+// The entry lists in one pass by one thread (the CPU's choice, crf/driver.py "lists": "serial"):
+// walking the entries in order fills each list already sorted, with plain increments. On the CPU
+// the atomics of crf_count / crf_fill_lists cost more than the work itself (a locked add per
+// entry), and the sort pass goes too. counts: M zeros on entry. Same lists as count + scan + fill
+// + sort.
+extern "C" __global__ void crf_lists_serial(const int* offsets, int n_entries, int M, int* counts, int* starts,
+                                            int* list)
+{
+    if (crf_tid() != 0) return;
+    for (int e = 0; e < n_entries; e++) counts[offsets[e]]++;
+    int run = 0;
+    for (int v = 0; v < M; v++) {
+        starts[v] = run;
+        run += counts[v];
+        counts[v] = 0;  // from here on, the fill cursor of v
+    }
+    starts[M] = run;
+    for (int e = 0; e < n_entries; e++) {
+        const int v = offsets[e];
+        list[starts[v] + counts[v]++] = e;
+    }
 }
 
 // Sort each vertex's entries by index: splat then adds in pixel order, as the reference does,
