@@ -387,11 +387,20 @@ extern "C" __global__ void crf_splat(const float* __restrict__ Q, const float* _
     crf_chunk(crf_tid(), S, chunk, v, c0, c1);
     if (v >= M) return;
     float* out = V + (long long)v * S;
-    for (int l = c0; l < c1; l++) out[l] = 0.f;
-    // Four entries per pass over the labels: the same additions in the same order as one at a
-    // time, with a quarter of the loop overhead (label loops are short: ~21 labels).
+    // The first entry sets the row (0 + x is x: the terms are >= +0), rather than a zeroing loop
+    // first: on the CPU that becomes a memset call whose byte stores the first additions' vector
+    // loads would wait for. A vertex has at least one entry.
     const int k_end = starts[v + 1];
     int k = starts[v];
+    {
+        const int pix = list_pix[k];
+        const float sc = prescale ? prescale[pix] : 1.f, w = list_w[k];
+        const float* q = Q + (long long)pix * S;
+        for (int l = c0; l < c1; l++) out[l] = w * (q[l] * sc);
+        k++;
+    }
+    // Four entries per pass over the labels: the same additions in the same order as one at a
+    // time, with a quarter of the loop overhead (label loops are short: ~21 labels).
     for (; k + 4 <= k_end; k += 4) {
         const int p0 = list_pix[k], p1 = list_pix[k + 1], p2 = list_pix[k + 2], p3 = list_pix[k + 3];
         const float s0 = prescale ? prescale[p0] : 1.f, s1 = prescale ? prescale[p1] : 1.f;
@@ -602,8 +611,13 @@ extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C,
             }
     }
     const float m = crf_row_max(q, S);  // padding labels (-1e30) are never the maximum
-    for (int l = 0; l < S; l++) q[l] = expf(q[l] - m);  // separate loops: this one vectorises on the CPU
-    for (int l = C; l < S; l++) q[l] = 0.f;               // padding: exactly 0, whatever expf's floor
+    // Separate loops: this one vectorises on the CPU. Padding comes out exactly 0, whatever expf's
+    // floor: a select, not a second loop from C (a memset call per pixel on the CPU, whose byte
+    // stores the next loop's vector loads then wait for).
+    for (int l = 0; l < S; l++) {
+        const float x = expf(q[l] - m);
+        q[l] = l < C ? x : 0.f;
+    }
     float s = 0.f;
     for (int l = 0; l < C; l++) s += q[l];
     for (int l = 0; l < S; l++) q[l] = q[l] / s;
