@@ -109,6 +109,23 @@ def judge(result: dict) -> list:
     return out
 
 
+def markdown(result: dict) -> str:
+    """A saved result as a markdown table (one row per cell) and its target verdicts."""
+    rows = ["| size | labels | pydensecrf2 | warm | speed-up | cold | speed-up | build (cold) | per iteration "
+            "| labels equal | max \\|ΔQ\\| |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for size, by_labels in result["sizes"].items():
+        for labels, e in by_labels.items():
+            cpu, ref = e.get("cpu", {}), e.get("pydensecrf2", {}).get("median_ms")
+            rows.append(f"| {size} | {labels} | {ref:.0f} ms | {cpu['median_ms']:.0f} ms | "
+                        f"**{cpu.get('speedup_vs_pydensecrf2', float('nan')):.2f}x** | {cpu['cold_median_ms']:.0f} ms | "
+                        f"{cpu.get('cold_speedup_vs_pydensecrf2', float('nan')):.2f}x | "
+                        f"{cpu['phases_ms']['lattice_build_cold']:.0f} ms | {cpu['per_iteration_ms']:.1f} ms | "
+                        f"{cpu.get('labels_equal_pct', float('nan')):.3f} % | {cpu.get('max_abs_dq', float('nan')):.1e} |")
+    verdicts = [f"{t['target']}: {t['measured']:.4g} (limit {t['limit']:.4g}) {'met' if t['met'] else '**not met**'}"
+                for t in result.get("targets", [])]
+    return "\n".join(rows + [""] + [f"- {v}" for v in verdicts])
+
+
 # One cold call of the CPU build on one thread, run under callgrind with collection switched on only
 # inside the kernel launchers (Launcher<...>: cpu_launch.cpp): the instructions of the kernels, not of Python.
 _ONE_CALL = """
@@ -168,7 +185,11 @@ def main(argv=None) -> int:
                     help="run N busy CPU-bound processes for the duration of the measurement")
     ap.add_argument("--instructions", action="store_true", help="also count instructions with callgrind (slow)")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--markdown", metavar="RESULT_JSON", help="print a saved result as a markdown table, measure nothing")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     if args.contention < 0:
         ap.error("--contention must be 0 or more")
     if args.threads is not None and not 1 <= args.threads <= 256:

@@ -94,3 +94,18 @@ def test_crf_bench_one_thread_has_its_own_speedup_target_and_missing_numbers_are
     one = judge({"cpu_threads": 1, "sizes": {"500x375": {"7": _cell(2.6, 1.0, 30.0)}}})
     assert one[0][0].startswith("speedup_one_thread") and one[0][3] is True
     assert judge({"sizes": {}}) == []
+
+
+def test_crf_bench_renders_a_saved_result_one_row_per_cell():
+    from benchmarks.crf_bench import judge, markdown
+
+    cell = _cell(3.0, 1.1, 30.0)
+    cell["pydensecrf2"] = {"median_ms": 300.0}
+    cell["cpu"].update(cold_speedup_vs_pydensecrf2=2.7, per_iteration_ms=6.0)
+    result = {"cpu_threads": 2, "sizes": {"500x375": {"2": cell, "21": cell}}}
+    result["targets"] = [{"target": t, "measured": m, "limit": lim, "met": met} for t, m, lim, met in judge(result)]
+    table = markdown(result).splitlines()
+    rows = [line for line in table if line.startswith("| 500x375")]
+    assert [r.split(" | ")[1] for r in rows] == ["2", "21"]
+    assert "**3.00x**" in rows[0] and "300 ms" in rows[0]
+    assert sum("**not met**" in line for line in table) == 2  # the speed-up and the build; the rest met
