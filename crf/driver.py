@@ -245,8 +245,10 @@ class DenseCRFDriver:
         self._fill_int(counts, m, 0)
         lat.starts = self._buf(lat.tag + "starts", (m + 1) * 4)
         gather = self.splat == "gather"
-        if self.choices["lists"] == "serial":  # sorted as they are filled
-            k.launch("crf_lists_serial", 1, lat.offsets, I32(e), I32(m), counts, lat.starts, lat.lists)
+        lat.list_w = self._buf(lat.tag + "list_w", e * 4)
+        if self.choices["lists"] == "serial":  # sorted as they are filled, with their payload
+            k.launch("crf_lists_serial", 1, lat.offsets, I32(e), I32(m), counts, lat.starts, lat.lists, lat.weights,
+                     I32(dp1), I32(1 if gather else 0), lat.list_w)
         else:
             k.launch("crf_count", e, lat.offsets, I32(e), counts)
             self._exclusive_scan(counts, m, lat.starts)
@@ -254,8 +256,8 @@ class DenseCRFDriver:
             k.launch("crf_fill_lists", e, lat.offsets, I32(e), lat.starts, counts, lat.lists)
             if gather:  # the gather adds in list order: sort each list (the fixed-point splat needs no order)
                 k.launch("crf_sort_lists", m, lat.starts, I32(m), lat.lists)
-        lat.list_w = self._buf(lat.tag + "list_w", e * 4)
-        k.launch("crf_list_payload", e, lat.lists, lat.weights, I32(dp1), I32(e), I32(1 if gather else 0), lat.list_w)
+            k.launch("crf_list_payload", e, lat.lists, lat.weights, I32(dp1), I32(e), I32(1 if gather else 0),
+                     lat.list_w)
         if not gather:
             # Fixed-point sums, one buffer shared by both lattices (they filter one after the
             # other); the second blur pass of every filter leaves it zeroed.

@@ -127,6 +127,10 @@ def test_serial_lattice_build_the_cpus_choice_equals_the_atomic_one(image, param
         assert serial.last_vertices["b_"] == h * w * 6
     mixed = DenseCRFDriver(serial.k, insert="serial", lists="atomic").run(s, img, h, w, 5, params)[0]
     assert np.array_equal(mixed, ref)
+    # the fixed-point splat reads entries, not pixels, from the serial lists: the same sums as from the atomic ones
+    fixed = [DenseCRFDriver(serial.k, splat="fixed", lists=lists).run(s, img, h, w, 5, params)[0]
+             for lists in ("serial", "atomic")]
+    assert np.array_equal(fixed[0], fixed[1])
     with pytest.raises(ValueError, match="insert"):
         DenseCRFDriver(serial.k, insert="sometimes")
 

@@ -316,10 +316,11 @@ extern "C" __global__ void crf_fill_lists(const int* offsets, int n_entries, con
 // The entry lists in one pass by one thread (the CPU's choice, crf/driver.py "lists": "serial"):
 // walking the entries in order fills each list already sorted, with plain increments. On the CPU
 // the atomics of crf_count / crf_fill_lists cost more than the work itself (a locked add per
-// entry), and the sort pass goes too. counts: M zeros on entry. Same lists as count + scan + fill
-// + sort.
+// entry), and the sort pass goes too; what crf_list_payload would write is written here too (the
+// pixel of each entry when to_pixels, and its weight in list_w). counts: M zeros on entry. The
+// same lists as count + scan + fill + sort + payload.
 extern "C" __global__ void crf_lists_serial(const int* offsets, int n_entries, int M, int* counts, int* starts,
-                                            int* list)
+                                            int* list, const float* weights, int dp1, int to_pixels, float* list_w)
 {
     if (crf_tid() != 0) return;
     for (int e = 0; e < n_entries; e++) counts[offsets[e]]++;
@@ -331,8 +332,9 @@ extern "C" __global__ void crf_lists_serial(const int* offsets, int n_entries, i
     }
     starts[M] = run;
     for (int e = 0; e < n_entries; e++) {
-        const int v = offsets[e];
-        list[starts[v] + counts[v]++] = e;
+        const int k = starts[offsets[e]] + counts[offsets[e]]++;
+        list[k] = to_pixels ? e / dp1 : e;
+        list_w[k] = weights[e];
     }
 }
 
