@@ -278,17 +278,16 @@ struct Launcher<Kernel, RowArg, ChunkArg, Ws, void (*)(A...)> {
     }
 };
 
-#define CRF_CPU_LAUNCHER_ROWS(name, row_arg, chunk_arg) \
+// launch_<name>: the kernel's block loop, compiled again for each of ``widths`` where its argument
+// ``arg`` (and ``chunk_arg``, when not -1) takes that value.
+#define CRF_CPU_LAUNCHER_FOR(name, arg, chunk_arg, widths) \
     extern "C" __attribute__((visibility("default"))) void launch_##name(unsigned int grid, unsigned int block, void** params) \
     {                                                                                   \
-        Launcher<name, row_arg, chunk_arg>::run(grid, block, params);                   \
+        Launcher<name, arg, chunk_arg, widths>::run(grid, block, params);               \
     }
+#define CRF_CPU_LAUNCHER_ROWS(name, row_arg, chunk_arg) CRF_CPU_LAUNCHER_FOR(name, row_arg, chunk_arg, RowWidths)
+#define CRF_CPU_LAUNCHER_DIMS(name, d_arg) CRF_CPU_LAUNCHER_FOR(name, d_arg, -1, LatticeDims)
 #define CRF_CPU_LAUNCHER(name) CRF_CPU_LAUNCHER_ROWS(name, -1, -1)
-#define CRF_CPU_LAUNCHER_DIMS(name, d_arg)                                              \
-    extern "C" __attribute__((visibility("default"))) void launch_##name(unsigned int grid, unsigned int block, void** params) \
-    {                                                                                   \
-        Launcher<name, d_arg, -1, LatticeDims>::run(grid, block, params);               \
-    }
 
 CRF_CPU_LAUNCHER_DIMS(crf_embed, 3)
 CRF_CPU_LAUNCHER(crf_hash_insert)

@@ -313,6 +313,15 @@ extern "C" __global__ void crf_fill_lists(const int* offsets, int n_entries, con
     list[starts[v] + atomicAdd(&cursor[v], 1)] = e;
 }
 
+// Slot k of the entry lists as splatting reads it, contiguous: entry e's weight and (to_pixels)
+// its pixel in place of the entry (crf_splat_fixed keeps the entries: to_pixels 0).
+__device__ __forceinline__ void crf_list_slot(int k, int e, const float* weights, int dp1, int to_pixels, int* list,
+                                              float* list_w)
+{
+    list_w[k] = weights[e];
+    list[k] = to_pixels ? e / dp1 : e;
+}
+
 // The entry lists in one pass by one thread (the CPU's choice, crf/driver.py "lists": "serial"):
 // walking the entries in order fills each list already sorted, with plain increments. On the CPU
 // the atomics of crf_count / crf_fill_lists cost more than the work itself (a locked add per
@@ -332,9 +341,7 @@ extern "C" __global__ void crf_lists_serial(const int* offsets, int n_entries, i
     }
     starts[M] = run;
     for (int e = 0; e < n_entries; e++) {
-        const int k = starts[offsets[e]] + counts[offsets[e]]++;
-        list[k] = to_pixels ? e / dp1 : e;
-        list_w[k] = weights[e];
+        crf_list_slot(starts[offsets[e]] + counts[offsets[e]]++, e, weights, dp1, to_pixels, list, list_w);
     }
 }
 
@@ -352,16 +359,13 @@ extern "C" __global__ void crf_sort_lists(const int* starts, int M, int* list)
     }
 }
 
-// Turn the entry lists into what splatting reads, contiguous: the weight of each listed entry, and
-// (to_pixels) the entry replaced by its pixel. crf_splat_fixed keeps the entries (to_pixels 0).
+// The filled entry lists turned into what splatting reads (crf_list_slot), slot by slot.
 extern "C" __global__ void crf_list_payload(int* list, const float* weights, int dp1, int n_entries, int to_pixels,
                                             float* list_w)
 {
     const int k = crf_tid();
     if (k >= n_entries) return;
-    const int e = list[k];
-    list_w[k] = weights[e];
-    if (to_pixels) list[k] = e / dp1;
+    crf_list_slot(k, list[k], weights, dp1, to_pixels, list, list_w);
 }
 
 // ------------------------------------------------------------------------------------------------
