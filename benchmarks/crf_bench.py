@@ -291,8 +291,10 @@ def run(args, overrides: dict) -> int:
 
         result["cpu_threads"] = _driver("cpu").k.threads
         result["cpu_library"] = cpu_library.cpu_library_source
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-        result["cpu_simd"] = "avx512f" if " avx512f" in flags else "avx2" if " avx2" in flags else "other"
+        from crf.build_kernels import cpu_features
+
+        flags = cpu_features()
+        result["cpu_simd"] = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
     if "gpu" in backends:
         import pycuda.driver as cuda
 
