@@ -122,7 +122,7 @@ def build_cpu_library() -> Path:
                 tmp.unlink(missing_ok=True)
                 raise BackendUnavailable(f"building the CPU CRF kernels failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
             os.chmod(tmp, 0o755)  # whatever the umask: never writable by others
-            lib = directory / f"{stem}.{_sha256(tmp)[:16]}.so"
+            lib = directory / f"{stem}.{file_sha256(tmp)[:16]}.so"
             os.replace(tmp, lib)
     except OSError as e:
         raise BackendUnavailable(f"could not build the CPU CRF kernels in {directory}: {e}; "
@@ -130,14 +130,19 @@ def build_cpu_library() -> Path:
     return lib
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's content, read in blocks (ONNX models and TensorRT plans are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _intact(directory: Path, stem: str, remove_damaged: bool = False) -> Path | None:
     """The cached library ``stem.<digest>.so`` whose bytes still match the digest in its name."""
     for lib in sorted(directory.glob(f"{stem}.*.so")):
-        if _sha256(lib)[:16] == lib.name.split(".")[1]:
+        if file_sha256(lib)[:16] == lib.name.split(".")[1]:
             return lib
         if remove_damaged:
             print(f"crf: the cached {lib.name} is damaged (its sha256 differs); compiling it again",

@@ -8,7 +8,6 @@ an identical plan exists (the engine cache key). No torch, no TensorRT.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import warnings
@@ -16,19 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from crf.cpu_library import file_sha256
+
 from . import trt_compat
 from .errors import EngineMismatch, SidecarError
 from .onnx_backend import INPUT_NAME, OUTPUT_NAME, class_names_problem, palette_problem
 from .output_files import write_bytes_atomically
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's content, read in blocks (ONNX models and TensorRT plans are large)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 SCHEMA = 1

@@ -149,11 +149,6 @@ def batch_dims(batch: Any) -> Tuple[int, int, int]:
     return n, h, w
 
 
-def is_device_network(network: Network) -> bool:
-    """Whether ``network`` is a DeviceNetwork: it leaves its scores in the CRF kernels' memory."""
-    return network.kernels is not None
-
-
 def model_metadata(class_names: Optional[list], palette: Optional[list]) -> Dict[str, str]:
     """Metadata as an ONNX model's metadata_props carry it (JSON strings), from a plan's sidecar."""
     meta = {}
