@@ -12,7 +12,6 @@
 # wheel's build requirements, shared with tests/aarch64_emulated.sh) and zig's ~/.cache/zig.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo=$(pwd)
 t_start=$(date +%s.%N)
 SUITE=${SUITE:-bookworm}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}

@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.errors import ModelFormatError
 from serving.contract import DEFAULT_MAX_ITERATIONS, DEFAULT_MAX_PIXELS
-from serving.repository import DEFAULT_QUEUE_DELAY_US, DEFAULT_QUEUE_TIMEOUT_S, RepositoryError, write_repository
+from serving.repository import DEFAULT_QUEUE_DELAY_US, DEFAULT_QUEUE_TIMEOUT_S, write_repository
 
 from .cli import int_at_least, plain_warnings
 
@@ -50,7 +49,7 @@ def main(argv=None) -> int:
                                   crf_params=args.crf_params, no_crf=args.no_crf,
                                   queue_delay_us=args.queue_delay_us, max_pixels=args.max_pixels,
                                   max_iterations=args.max_iterations, queue_timeout_s=args.queue_timeout)
-    except (RepositoryError, ModelFormatError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # RepositoryError and ModelFormatError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {folder}")
