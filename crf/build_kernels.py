@@ -36,7 +36,9 @@ COMMON_FLAGS = ["-O3", "-std=c++17", "-pthread", "-fPIC", "-shared",
                 # no FMA contraction and no fast-math: the CPU path follows the reference's rounding
                 "-ffp-contract=off", "-fno-fast-math",
                 # no FP traps are ever enabled: lets the compiler if-convert float selects, so label loops vectorise
-                "-fno-trapping-math"]
+                "-fno-trapping-math",
+                # CRF_SIMD loops (densecrf.cu) as simd loops; no OpenMP runtime
+                "-fopenmp-simd"]
 #: What a shipped library adds: no debug info (zig's libc++ brings ~3 MB of it), and only the
 #: launchers exported (libc++'s weak operator new/delete stay inside).
 SHIPPED_FLAGS = ["-s", f"-Wl,--version-script={KERNEL_DIR / 'exports.map'}"]

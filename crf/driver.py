@@ -4,9 +4,11 @@ Per image and Gaussian kernel, once: embed + barycentric weights, hash table (in
 numbered in pixel order by a scan), blur neighbours, per-vertex entry lists (count, scan, fill;
 sorted for the gather splat), the normaliser (ones filtered), the per-pixel update coefficients.
 Per iteration: for each kernel splat all labels, blur along the d+1 directions; then one update
-kernel slices both, adds the unary, applies Potts and the softmax, in place. Splatting gathers
-each vertex's sorted entry list in float (the CPU: the reference's order) or sums fixed slices of
-the lists in exact fixed point with atomics (the GPU: even work per thread, no sort, deterministic).
+kernel slices both, adds the unary, applies Potts and the softmax, in place. Splatting scatters
+each pixel's row into its vertices in pixel order, one thread per lattice (the CPU: the
+reference's order, no entry lists), gathers each vertex's sorted entry list in float (the same
+sums, one thread per vertex), or sums fixed slices of the lists in exact fixed point with atomics
+(the GPU: even work per thread, no sort, deterministic).
 
 Buffers are pooled by role and reused across calls (grown when an image is larger), so repeated
 calls of one size allocate nothing. Not thread-safe: use one ``DenseCRFDriver`` per thread
@@ -19,7 +21,7 @@ kernels (M is data-dependent, at most (d+1)N, typically N/5), M_max the larger:
   4*pow2(9N) when more than 1/12 of the entries are vertices) + M_s*(28 + 8S) + M_b*(52 + 8S)
   + M_max*8 (+ M_max*8S for the fixed-point splat's sums, and 3N for the image, on the GPU)
 e.g. 500x375, 21 labels: 97.0 MB with the GPU's choices (S = 21, fixed-point splat; plus the CUDA
-context and module), 96.0 MB on the CPU (S = 24). On the GPU, logits from the host are written into
+context and module), 85 MB on the CPU (S = 24, the scatter splat: no entry lists). On the GPU, logits from the host are written into
 Q's memory; the CPU build reads the caller's arrays and writes the result array in place (no copies).
 """
 from __future__ import annotations
@@ -99,6 +101,7 @@ class _Lattice:
         self.m = self.e = 0
         # device buffers, set by DenseCRFDriver._build (Any: None until then)
         self.weights: Any = None
+        self.coef: Any = None
         self.offsets: Any = None
         self.nbr: Any = None
         self.starts: Any = None
@@ -110,26 +113,29 @@ class _Lattice:
         self.result: Any = None
 
 
-SPLATS = ("gather", "fixed")
+SPLATS = ("gather", "fixed", "scatter")
 FIXED_SPLAT_SLOTS = 32  # list slots per thread in crf_splat_fixed
 
 # How the kernels are launched on each target; the results agree to float rounding whatever the
 # choices (bit for bit within one splat), and the tests run the GPU's choices on the CPU.
 #   label_chunk: labels per thread in splat and blur (0 = the whole row)
 #   label_align: label rows padded to a multiple of this many floats
-#   splat:       "gather" (one thread per vertex over its sorted entry list, float sums in pixel
-#                order as the reference) or "fixed" (32 list slots per thread, exact fixed-point
-#                sums with atomics, no sort: even work per thread however long the lists)
+#   splat:       "scatter" (one thread per lattice adds each pixel's row into its vertices, in
+#                pixel order as the reference: reads Q in order, needs no entry lists; two threads),
+#                "gather" (one thread per vertex over its sorted entry list: the same float sums)
+#                or "fixed" (32 list slots per thread, exact fixed-point sums with atomics, no
+#                sort: even work per thread however long the lists)
 #   scan_chunk:  elements per thread in the exclusive scans (0 = sqrt(n): two levels, the second
 #                one serial; on a GPU, short chunks and more levels, as no thread may loop long)
 #   insert:      lattice vertices found and numbered by "atomic" hash insertion + mark + scan +
 #                number + offsets, or "serial": one thread inserting in entry order, numbering as
 #                it goes (one pass, no atomics; the same numbering)
-#   lists:       the per-vertex entry lists built by "atomic" count + scan + fill (+ sort for the
-#                gather splat), or "serial": one thread, in entry order, sorted as it goes (on the
-#                CPU, atomics cost more than the work; the same lists)
+#   lists:       the per-vertex entry lists (for the gather and fixed splats) built by "atomic"
+#                count + scan + fill (+ sort for the gather splat), or "serial": one thread, in
+#                entry order, sorted as it goes (on the CPU, atomics cost more than the work; the
+#                same lists)
 CHOICES = {
-    "cpu": {"label_chunk": 0, "label_align": 8, "splat": "gather", "scan_chunk": 0, "insert": "serial",
+    "cpu": {"label_chunk": 0, "label_align": 8, "splat": "scatter", "scan_chunk": 0, "insert": "serial",
             "lists": "serial"},
     "gpu": {"label_chunk": 1, "label_align": 1, "splat": "fixed", "scan_chunk": 32, "insert": "atomic",
             "lists": "atomic"},
@@ -201,8 +207,10 @@ class DenseCRFDriver:
         serial = self.choices["insert"] == "serial"
         if not serial:
             slot_of = self._buf("slot_of", e * 4)
-        # The ranks live in this lattice's list buffer, which is not filled until they are dead.
-        lat.lists = rank = self._buf(lat.tag + "lists", (e + 1) * 4)
+        # The ranks live in this lattice's list buffer, which is not filled until they are dead (the
+        # scatter splat needs no lists: the buffer is only made for ranks, then).
+        if not serial or self.splat != "scatter":
+            lat.lists = rank = self._buf(lat.tag + "lists", (e + 1) * 4)
         lat.offsets = self._buf(lat.tag + "offsets", e * 4)
         fill = Buffer(8, flags.ptr + 4, flags.owner)
         # Hash table: first sized for a typical vertex count (photographs give 3-5 % of the entries;
@@ -241,24 +249,13 @@ class DenseCRFDriver:
         lat.nbr = self._buf(lat.tag + "nbr", m * dp1 * 2 * 4)
         k.launch("crf_neighbours", m * dp1, keys, vertex_entry, I32(m), I32(d), table, U32(cap - 1), lat.nbr)
 
-        counts = self._buf("counts", m * 4)
-        self._fill_int(counts, m, 0)
-        lat.starts = self._buf(lat.tag + "starts", (m + 1) * 4)
-        gather = self.splat == "gather"
+        # The list splats read per-vertex entry lists with their weights in list_w; the scatter
+        # splat reads the entries as they are, and list_w takes the update's coefficients instead
+        # (the weights being read by every splat).
         lat.list_w = self._buf(lat.tag + "list_w", e * 4)
-        if self.choices["lists"] == "serial":  # sorted as they are filled, with their payload
-            k.launch("crf_lists_serial", 1, lat.offsets, I32(e), I32(m), counts, lat.starts, lat.lists, lat.weights,
-                     I32(dp1), I32(1 if gather else 0), lat.list_w)
-        else:
-            k.launch("crf_count", e, lat.offsets, I32(e), counts)
-            self._exclusive_scan(counts, m, lat.starts)
-            self._fill_int(counts, m, 0)  # reused as the fill cursor
-            k.launch("crf_fill_lists", e, lat.offsets, I32(e), lat.starts, counts, lat.lists)
-            if gather:  # the gather adds in list order: sort each list (the fixed-point splat needs no order)
-                k.launch("crf_sort_lists", m, lat.starts, I32(m), lat.lists)
-            k.launch("crf_list_payload", e, lat.lists, lat.weights, I32(dp1), I32(e), I32(1 if gather else 0),
-                     lat.list_w)
-        if not gather:
+        if self.splat != "scatter":
+            self._build_lists(lat, m)
+        if self.splat == "fixed":
             # Fixed-point sums, one buffer shared by both lattices (they filter one after the
             # other); the second blur pass of every filter leaves it zeroed.
             vfixed = self._buf("vfixed", (m + 1) * s * 8)
@@ -276,7 +273,29 @@ class DenseCRFDriver:
         k.launch("crf_slice", n, lat.result, lat.offsets, lat.weights, I32(dp1), I32(n), I32(1), F32(lat.alpha), lat.norm)
         k.launch("crf_normaliser", n, lat.norm, I32(n), I32(1 if symmetric else 0), lat.norm)  # in place
         self._zero_row(lat, s)  # for the label filters of every iteration (rows of s floats)
-        k.launch("crf_coefficients", e, lat.weights, lat.norm, I32(dp1), I32(n), F32(np.float32(lat.weight) * lat.alpha))
+        lat.coef = lat.list_w if self.splat == "scatter" else lat.weights
+        k.launch("crf_coefficients", e, lat.weights, lat.norm, I32(dp1), I32(n), F32(np.float32(lat.weight) * lat.alpha),
+                 lat.coef)
+
+    def _build_lists(self, lat: _Lattice, m: int) -> None:
+        """Each vertex's entries (lat.starts, lat.lists: pixels for the gather splat, entry ids for
+        the fixed-point one) and their weights (lat.list_w)."""
+        k, e, dp1 = self.k, lat.e, lat.dp1
+        gather = self.splat == "gather"
+        counts = self._buf("counts", m * 4)
+        self._fill_int(counts, m, 0)
+        lat.starts = self._buf(lat.tag + "starts", (m + 1) * 4)
+        if self.choices["lists"] == "serial":  # sorted as they are filled, with their payload
+            k.launch("crf_lists_serial", 1, lat.offsets, I32(e), I32(m), counts, lat.starts, lat.lists, lat.weights,
+                     I32(dp1), I32(1 if gather else 0), lat.list_w)
+            return
+        k.launch("crf_count", e, lat.offsets, I32(e), counts)
+        self._exclusive_scan(counts, m, lat.starts)
+        self._fill_int(counts, m, 0)  # reused as the fill cursor
+        k.launch("crf_fill_lists", e, lat.offsets, I32(e), lat.starts, counts, lat.lists)
+        if gather:  # the gather adds in list order: sort each list (the fixed-point splat needs no order)
+            k.launch("crf_sort_lists", m, lat.starts, I32(m), lat.lists)
+        k.launch("crf_list_payload", e, lat.lists, lat.weights, I32(dp1), I32(e), I32(1 if gather else 0), lat.list_w)
 
     def _zero_row(self, lat: _Lattice, s: int) -> None:
         """Zero row M (of s floats) of both value buffers: what an absent blur neighbour reads."""
@@ -300,21 +319,37 @@ class DenseCRFDriver:
 
     def _filter(self, lat: _Lattice, values: Buffer, prescale: Buffer | None, s: int) -> None:
         """Splat ``values`` (N rows of s floats) and blur; the result is left in lat.result."""
-        for launch in self._filter_launches(lat, values, prescale, s):
+        for launch in self._filter_launches([(lat, prescale)], values, s):
             launch()
 
-    def _filter_launches(self, lat: _Lattice, values: Buffer, prescale: Buffer | None, s: int) -> list:
-        """The prepared launches of _filter (sets lat.result to where they leave it)."""
+    def _filter_launches(self, filters: list, values: Buffer, s: int) -> list:
+        """The prepared launches that filter ``values`` (N rows of s floats) with each lattice of
+        ``filters`` ((lattice, prescale or None) pairs), leaving each result in its lat.result.
+        The scatter splat does both lattices in one launch, on two threads at once."""
+        launches = []
+        if self.splat == "scatter":
+            n = filters[0][0].e // filters[0][0].dp1
+            per_lattice = []
+            for lat, prescale in (filters + [(None, None)])[:2]:
+                per_lattice += ([prescale, lat.offsets, lat.weights, I32(lat.dp1), I32(lat.m), lat.va] if lat is not None
+                                else [None, None, None, I32(0), I32(0), None])
+            launches.append(self.k.prepare("crf_splat_scatter", 2, values, I32(n), I32(s), *per_lattice))
+        for lat, prescale in filters:
+            launches += self._splat_blur_launches(lat, values, prescale, s)
+        return launches
+
+    def _splat_blur_launches(self, lat: _Lattice, values: Buffer, prescale: Buffer | None, s: int) -> list:
+        """One lattice's filter launches (but the scatter splat: _filter_launches); sets lat.result."""
         k, m = self.k, lat.m
         launches = []
         chunk = self.label_chunk(s)
         per_row = (s + chunk - 1) // chunk
         n_threads = m * per_row
-        gather = self.splat == "gather"
-        if gather:
+        floats = self.splat != "fixed"  # float sums in V, blurred from the first direction
+        if self.splat == "gather":
             launches.append(k.prepare("crf_splat", n_threads, values, prescale, lat.starts, lat.lists, lat.list_w,
                                       I32(m), I32(s), I32(chunk), lat.va))
-        else:
+        elif self.splat == "fixed":
             vfixed = self._pool["vfixed"]
             n_chunks = -(-lat.e // FIXED_SPLAT_SLOTS)
             launches.append(k.prepare("crf_splat_fixed", n_chunks * per_row, values, prescale, lat.lists, lat.list_w,
@@ -324,8 +359,8 @@ class DenseCRFDriver:
             launches.append(k.prepare("crf_blur_fixed", n_threads, vfixed, lat.va, lat.nbr, I32(0), I32(m), I32(s),
                                       I32(chunk)))
         src, dst = lat.va, lat.vb
-        for j in range(0 if gather else 1, lat.dp1):
-            zero = self._pool["vfixed"] if not gather and j == 1 else None
+        for j in range(0 if floats else 1, lat.dp1):
+            zero = self._pool["vfixed"] if not floats and j == 1 else None
             launches.append(k.prepare("crf_blur", n_threads, src, dst, lat.nbr, I32(j), I32(m), I32(s), I32(chunk), zero))
             src, dst = dst, src
         lat.result = src
@@ -437,8 +472,7 @@ class DenseCRFDriver:
         clock.lap("unary")
         if params.iterations > 0:
             # Every iteration makes the same launches: prepared once, replayed.
-            iteration = [launch for lat in lattices
-                         for launch in self._filter_launches(lat, q, lat.norm if symmetric else None, s)]
+            iteration = self._filter_launches([(lat, lat.norm if symmetric else None) for lat in lattices], q, s)
             iteration.append(k.prepare("crf_update", n, u, I32(n), I32(c), I32(s), *self._update_args(lattices[0]),
                                        *self._update_args(lattices[1]), q))
             self.last_iteration = iteration
@@ -479,4 +513,4 @@ class DenseCRFDriver:
 
     @staticmethod
     def _update_args(lat: _Lattice):
-        return (lat.result, lat.offsets, lat.weights, I32(lat.dp1))  # weights now hold the coefficients
+        return (lat.result, lat.offsets, lat.coef, I32(lat.dp1))

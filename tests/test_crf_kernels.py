@@ -119,14 +119,17 @@ def test_serial_lattice_build_the_cpus_choice_equals_the_atomic_one(image, param
     h, w = img.shape[:2]
     s = smooth_logits(h, w, 5, seed=2)
     serial = _driver("cpu")
-    assert (serial.choices["insert"], serial.choices["lists"]) == ("serial", "serial")
+    assert (serial.choices["insert"], serial.splat) == ("serial", "scatter")
     atomic = DenseCRFDriver(serial.k, insert="atomic", lists="atomic")
     got, ref = serial.run(s, img, h, w, 5, params)[0], atomic.run(s, img, h, w, 5, params)[0]
     assert np.array_equal(got, ref) and serial.last_vertices == atomic.last_vertices
     if image == "noise":
         assert serial.last_vertices["b_"] == h * w * 6
-    mixed = DenseCRFDriver(serial.k, insert="serial", lists="atomic").run(s, img, h, w, 5, params)[0]
-    assert np.array_equal(mixed, ref)
+    # the gather splat reads the entry lists: built serially or with atomics, the same bits as the
+    # scatter splat (the CPU's choice), which reads the entries in pixel order and needs no lists
+    for lists in ("serial", "atomic"):
+        gathered = DenseCRFDriver(serial.k, splat="gather", lists=lists).run(s, img, h, w, 5, params)[0]
+        assert np.array_equal(gathered, ref)
     # the fixed-point splat reads entries, not pixels, from the serial lists: the same sums as from the atomic ones
     fixed = [DenseCRFDriver(serial.k, splat="fixed", lists=lists).run(s, img, h, w, 5, params)[0]
              for lists in ("serial", "atomic")]
@@ -151,7 +154,7 @@ def test_fixed_point_splat_the_gpus_choice_on_the_cpu(name):
         p = CRFParams(normalization=norm)
         ref = refine(s, img, p, backend="cpu")
         gpu_choices = DenseCRFDriver(k, "gpu")
-        assert gpu_choices.splat == "fixed" and DenseCRFDriver(k).splat == "gather"
+        assert gpu_choices.splat == "fixed" and DenseCRFDriver(k).splat == "scatter"
         got = gpu_choices.run(s, img, h, w, 21, p)[0]
         assert (got.argmax(0) == ref.argmax(0)).all()
         assert np.abs(got - ref).max() < 1e-5
@@ -163,7 +166,7 @@ def test_fixed_point_splat_the_gpus_choice_on_the_cpu(name):
         assert lengths.max() > 40 * 32  # lists far longer than one thread's slots
 
 
-@pytest.mark.parametrize("splat", ["gather", "fixed"])
+@pytest.mark.parametrize("splat", ["gather", "fixed", "scatter"])
 def test_hash_table_grows_when_the_lattice_has_many_vertices(splat):
     """The hash table is first sized for a photograph's few % of vertices per entry; a noise image
     with a tiny colour bandwidth makes nearly every entry a vertex: the build must start again
@@ -194,8 +197,8 @@ def test_bad_driver_choices_are_refused():
         DenseCRFDriver(k, "tpu")
     with pytest.raises(TypeError, match="unknown driver choices.*'label_chunks'"):
         DenseCRFDriver(k, label_chunks=4)
-    with pytest.raises(ValueError, match="splat must be one of.*'scatter'"):
-        DenseCRFDriver(k, splat="scatter")
+    with pytest.raises(ValueError, match="splat must be one of.*'sideways'"):
+        DenseCRFDriver(k, splat="sideways")
 
 
 @pytest.mark.parametrize("choices", ["cpu", "gpu"])

@@ -62,10 +62,11 @@ public:
         workers_.clear();
     }
 
-    // Runs blocks [0, n_blocks) on the calling thread and on whichever workers wake up in time.
-    void run(BlockRange body, const void* job, unsigned n_blocks)
+    // Runs blocks [0, n_blocks) on the calling thread and on whichever workers wake up in time,
+    // per_claim blocks at a time.
+    void run(BlockRange body, const void* job, unsigned n_blocks, unsigned per_claim)
     {
-        const unsigned n_claims = (n_blocks + kBlocksPerClaim - 1) / kBlocksPerClaim;
+        const unsigned n_claims = (n_blocks + per_claim - 1) / per_claim;
         std::uint32_t gen;
         {
             std::lock_guard<std::mutex> lock(m_);
@@ -74,11 +75,12 @@ public:
             job_ = job;
             n_blocks_ = n_blocks;
             n_claims_ = n_claims;
+            per_claim_ = per_claim;
             done_.store(0, std::memory_order_relaxed);
             cursor_.store((std::uint64_t)gen << 32, std::memory_order_release);
         }
         wake_.notify_all();
-        const unsigned mine = take_claims(gen, body, job, n_blocks, n_claims);
+        const unsigned mine = take_claims(gen, body, job, n_blocks, n_claims, per_claim);
         if (done_.fetch_add(mine, std::memory_order_acq_rel) + mine == n_claims) return;
         // Some claims are still running on workers: sleep until the last one reports.
         std::unique_lock<std::mutex> lock(m_);
@@ -87,7 +89,8 @@ public:
 
 private:
     // Claims of generation gen, taken one at a time until none is left; returns how many it ran.
-    unsigned take_claims(std::uint32_t gen, BlockRange body, const void* job, unsigned n_blocks, unsigned n_claims)
+    unsigned take_claims(std::uint32_t gen, BlockRange body, const void* job, unsigned n_blocks, unsigned n_claims,
+                         unsigned per_claim)
     {
         unsigned ran = 0;
         std::uint64_t c = cursor_.load(std::memory_order_acquire);
@@ -97,8 +100,8 @@ private:
             if ((std::uint32_t)(c >> 32) != gen || (std::uint32_t)c >= n_claims) return ran;
             if (!cursor_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_acquire))
                 continue;
-            const unsigned first = (unsigned)(std::uint32_t)c * kBlocksPerClaim;
-            body(job, first, std::min(n_blocks, first + kBlocksPerClaim));
+            const unsigned first = (unsigned)(std::uint32_t)c * per_claim;
+            body(job, first, std::min(n_blocks, first + per_claim));
             ran++;
             c = cursor_.load(std::memory_order_acquire);
         }
@@ -114,11 +117,11 @@ private:
             seen = generation_;
             const BlockRange body = body_;
             const void* job = job_;
-            const unsigned n_blocks = n_blocks_, n_claims = n_claims_;
+            const unsigned n_blocks = n_blocks_, n_claims = n_claims_, per_claim = per_claim_;
             lock.unlock();
             // The launch stays open (job valid) while any claim of it is unfinished, so the job
             // read above is alive whenever a claim succeeds.
-            const unsigned ran = take_claims(seen, body, job, n_blocks, n_claims);
+            const unsigned ran = take_claims(seen, body, job, n_blocks, n_claims, per_claim);
             if (ran && done_.fetch_add(ran, std::memory_order_acq_rel) + ran == n_claims) {
                 lock.lock();  // under the mutex: the caller cannot miss this between its check and its wait
                 finished_.notify_one();
@@ -133,7 +136,7 @@ private:
     // the current launch, written under m_
     BlockRange body_ = nullptr;
     const void* job_ = nullptr;
-    unsigned n_blocks_ = 0, n_claims_ = 0;
+    unsigned n_blocks_ = 0, n_claims_ = 0, per_claim_ = 1;
     std::uint32_t generation_ = 0;
     bool stop_ = false;
     std::atomic<std::uint64_t> cursor_{0};  // (generation << 32) | next claim
@@ -176,18 +179,19 @@ Pool* pool()
     return g_pool;
 }
 
-void launch_blocks(BlockRange body, const void* job, unsigned grid)
+// Units [0, n) of a launch (blocks, or a task launcher's threads), per_claim at a time.
+void launch_blocks(BlockRange body, const void* job, unsigned n, unsigned per_claim = kBlocksPerClaim)
 {
-    if (grid > kSerialBlocks) {
+    if (n > std::min(per_claim, kSerialBlocks)) {
         std::unique_lock<std::mutex> busy(g_launch, std::try_to_lock);
         if (busy.owns_lock()) {
             if (Pool* p = pool()) {
-                p->run(body, job, grid);
+                p->run(body, job, n, per_claim);
                 return;
             }
         }
     }
-    body(job, 0, grid);
+    body(job, 0, n);
 }
 
 }  // namespace
@@ -209,11 +213,15 @@ struct Widths {};
 using RowWidths = Widths<8, 16, 24, 32, 40, 48, 64>;  // S: C rounded up to 8 (crf/driver.py label_stride)
 using LatticeDims = Widths<2, 5>;                      // d: crf/driver.py SPATIAL_D, BILATERAL_D
 
-template <auto Kernel, int RowArg = -1, int ChunkArg = -1, typename Ws = RowWidths, typename F = decltype(Kernel)>
+// Tasks > 0: a task launcher. Its first Tasks threads each do a large independent job (one per
+// lattice, say), so each thread is a claim of its own and they run on as many cores; the threads
+// past them do nothing and are not run.
+template <auto Kernel, int RowArg = -1, int ChunkArg = -1, typename Ws = RowWidths, int Tasks = 0,
+          typename F = decltype(Kernel)>
 struct Launcher;
 
-template <auto Kernel, int RowArg, int ChunkArg, typename Ws, typename... A>
-struct Launcher<Kernel, RowArg, ChunkArg, Ws, void (*)(A...)> {
+template <auto Kernel, int RowArg, int ChunkArg, typename Ws, int Tasks, typename... A>
+struct Launcher<Kernel, RowArg, ChunkArg, Ws, Tasks, void (*)(A...)> {
     struct Job {
         std::tuple<A...> args;
         unsigned grid, block;
@@ -222,7 +230,10 @@ struct Launcher<Kernel, RowArg, ChunkArg, Ws, void (*)(A...)> {
     static void run(unsigned int grid, unsigned int block, void** params)
     {
         const Job job{read(params, std::index_sequence_for<A...>{}), grid, block};  // arguments read once
-        launch_blocks(pick(job, Ws{}), &job, grid);
+        if constexpr (Tasks > 0)
+            launch_blocks(pick(job, Ws{}), &job, std::min<unsigned>(Tasks, grid * block), 1);
+        else
+            launch_blocks(pick(job, Ws{}), &job, grid);
     }
 
     template <std::size_t... I>
@@ -256,7 +267,8 @@ struct Launcher<Kernel, RowArg, ChunkArg, Ws, void (*)(A...)> {
             return std::get<I>(job.args);
     }
 
-    // Blocks [first, end) on this thread, the threads of each block in order.
+    // Blocks [first, end) on this thread, the threads of each block in order (a task launcher:
+    // threads [first, end)).
     template <int S>
     static void blocks(const void* p, unsigned first, unsigned end)
     {
@@ -268,6 +280,14 @@ struct Launcher<Kernel, RowArg, ChunkArg, Ws, void (*)(A...)> {
     {
         blockDim.x = job.block;
         gridDim.x = job.grid;
+        if constexpr (Tasks > 0) {
+            for (unsigned u = first; u < end; u++) {
+                blockIdx.x = u / job.block;
+                threadIdx.x = u % job.block;
+                Kernel(arg<S, I>(job)...);
+            }
+            return;
+        }
         for (unsigned b = first; b < end; b++) {
             blockIdx.x = b;
             for (unsigned t = 0; t < job.block; t++) {
@@ -279,15 +299,17 @@ struct Launcher<Kernel, RowArg, ChunkArg, Ws, void (*)(A...)> {
 };
 
 // launch_<name>: the kernel's block loop, compiled again for each of ``widths`` where its argument
-// ``arg`` (and ``chunk_arg``, when not -1) takes that value.
-#define CRF_CPU_LAUNCHER_FOR(name, arg, chunk_arg, widths) \
+// ``arg`` (and ``chunk_arg``, when not -1) takes that value; ``tasks`` > 0 makes a task launcher.
+#define CRF_CPU_LAUNCHER_FOR(name, arg, chunk_arg, widths, tasks) \
     extern "C" __attribute__((visibility("default"))) void launch_##name(unsigned int grid, unsigned int block, void** params) \
     {                                                                                   \
-        Launcher<name, arg, chunk_arg, widths>::run(grid, block, params);               \
+        Launcher<name, arg, chunk_arg, widths, tasks>::run(grid, block, params);        \
     }
-#define CRF_CPU_LAUNCHER_ROWS(name, row_arg, chunk_arg) CRF_CPU_LAUNCHER_FOR(name, row_arg, chunk_arg, RowWidths)
-#define CRF_CPU_LAUNCHER_DIMS(name, d_arg) CRF_CPU_LAUNCHER_FOR(name, d_arg, -1, LatticeDims)
+#define CRF_CPU_LAUNCHER_ROWS(name, row_arg, chunk_arg) CRF_CPU_LAUNCHER_FOR(name, row_arg, chunk_arg, RowWidths, 0)
+#define CRF_CPU_LAUNCHER_DIMS(name, d_arg) CRF_CPU_LAUNCHER_FOR(name, d_arg, -1, LatticeDims, 0)
 #define CRF_CPU_LAUNCHER(name) CRF_CPU_LAUNCHER_ROWS(name, -1, -1)
+// Launcher's Tasks: ``tasks`` threads, each a claim of its own, compiled for the row widths at ``row_arg``.
+#define CRF_CPU_LAUNCHER_TASKS(name, row_arg, tasks) CRF_CPU_LAUNCHER_FOR(name, row_arg, -1, RowWidths, tasks)
 
 CRF_CPU_LAUNCHER_DIMS(crf_embed, 3)
 CRF_CPU_LAUNCHER(crf_hash_insert)
@@ -305,6 +327,7 @@ CRF_CPU_LAUNCHER(crf_lists_serial)
 CRF_CPU_LAUNCHER(crf_sort_lists)
 CRF_CPU_LAUNCHER(crf_list_payload)
 CRF_CPU_LAUNCHER(crf_splat)
+CRF_CPU_LAUNCHER_TASKS(crf_splat_scatter, 2, 2)
 CRF_CPU_LAUNCHER(crf_splat_fixed)
 CRF_CPU_LAUNCHER_ROWS(crf_blur, 5, 6)
 CRF_CPU_LAUNCHER(crf_blur_fixed)

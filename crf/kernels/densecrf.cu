@@ -20,6 +20,9 @@
 
 #define CRF_MAX_D 5  // bilateral kernel: x, y and three colour channels
 #define CRF_PAD_ENERGY 1e30f  // unary of a padding label: never the maximum, exp() of it is 0
+#ifndef CRF_SIMD
+#define CRF_SIMD  // the CPU build (cpu_shim.h) marks some label loops for vectorisation
+#endif
 
 __device__ __forceinline__ int crf_tid() { return (int)(blockIdx.x * blockDim.x + threadIdx.x); }
 
@@ -427,6 +430,50 @@ extern "C" __global__ void crf_splat(const float* __restrict__ Q, const float* _
     }
 }
 
+// One lattice's scatter splat (crf_splat_scatter): rows 0..M-1 of V zeroed, then each pixel's row
+// added into its d+1 vertex rows, pixel after pixel.
+__device__ __forceinline__ void crf_scatter_lattice(const float* __restrict__ Q, const float* __restrict__ prescale,
+                                                    const int* __restrict__ offsets,
+                                                    const float* __restrict__ weights, int N, int dp1, int M, int S,
+                                                    float* __restrict__ V)
+{
+    for (long long j = 0; j < (long long)M * S; j++) V[j] = 0.f;
+    for (int i = 0; i < N; i++) {
+        const float sc = prescale ? prescale[i] : 1.f;
+        const float* q = Q + (long long)i * S;
+        for (int r = 0; r < dp1; r++) {
+            const float w = weights[i * dp1 + r];
+            float* out = V + (long long)offsets[i * dp1 + r] * S;
+            CRF_SIMD
+            for (int l = 0; l < S; l++) out[l] += w * (q[l] * sc);
+        }
+    }
+}
+
+// The CPU's splat (crf/driver.py "splat": "scatter"): one thread per lattice (thread 0: lattice a,
+// thread 1: lattice b, absent when offsets_b is NULL) walks the pixels in order and adds each
+// pixel's row into its d+1 vertex rows. Every vertex gets the same additions in the same order as
+// crf_splat's sorted gather (pixel order, as the reference): the same bits. But Q is read once and
+// in order, and the vertex rows written stay in cache (neighbouring pixels share their vertices),
+// where the gather reads a pixel row at random per entry; and no entry lists are needed. The CPU
+// build runs each thread of this launch as its own claim (cpu_launch.cpp), so the two lattices
+// are splatted at once on two cores. weights: the barycentric weights in entry order. Row M of V
+// (the blur's zero row) is not touched.
+extern "C" __global__ void crf_splat_scatter(const float* __restrict__ Q, int N, int S,
+                                             const float* __restrict__ prescale_a, const int* __restrict__ offsets_a,
+                                             const float* __restrict__ weights_a, int dp1_a, int M_a,
+                                             float* __restrict__ V_a,
+                                             const float* __restrict__ prescale_b, const int* __restrict__ offsets_b,
+                                             const float* __restrict__ weights_b, int dp1_b, int M_b,
+                                             float* __restrict__ V_b)
+{
+    const int t = crf_tid();
+    if (t == 0)
+        crf_scatter_lattice(Q, prescale_a, offsets_a, weights_a, N, dp1_a, M_a, S, V_a);
+    else if (t == 1 && offsets_b)
+        crf_scatter_lattice(Q, prescale_b, offsets_b, weights_b, N, dp1_b, M_b, S, V_b);
+}
+
 // The GPU's splat. crf_splat gives one thread a whole vertex: on a GPU that is one thread looping
 // over thousands of entries where a vertex covers a flat region (4,572 entries at most on a 500x375
 // photograph, 6,517 on a flat image), and it needs the lists sorted (one thread per vertex again).
@@ -533,13 +580,14 @@ extern "C" __global__ void crf_normaliser(const float* ones_filtered, int N, int
 
 // Per pixel-vertex coefficients of the update, once per image: coef = (w_k * alpha) * norm[pixel] *
 // weight, so that the message of kernel k to pixel i is sum_r coef_r * V[vertex_r] (the weight, the
-// slice's alpha and the normalisation folded into one factor). Written over the weights, which
-// nothing reads after the normaliser.
-extern "C" __global__ void crf_coefficients(float* weights, const float* norm, int dp1, int N, float scale)
+// slice's alpha and the normalisation folded into one factor). coef may be weights (written over
+// them where nothing reads them after the normaliser: the list splats keep their own copy).
+extern "C" __global__ void crf_coefficients(const float* weights, const float* norm, int dp1, int N, float scale,
+                                            float* coef)
 {
     const int e = crf_tid();
     if (e >= N * dp1) return;
-    weights[e] = scale * norm[e / dp1] * weights[e];
+    coef[e] = scale * norm[e / dp1] * weights[e];
 }
 
 // max of q[0..n): eight running maxima, so that the CPU build compares whole vectors (one running
