@@ -205,6 +205,7 @@ class DenseCRFDriver:
         k.launch("crf_embed", n, image, I32(h), I32(w), I32(d), F32(sxy), F32(srgb), keys, lat.weights, flags)
 
         serial = self.choices["insert"] == "serial"
+        sums = None
         if not serial:
             slot_of = self._buf("slot_of", e * 4)
         # The ranks live in this lattice's list buffer, which is not filled until they are dead (the
@@ -223,8 +224,10 @@ class DenseCRFDriver:
             self._fill_int(fill, 2, 0)
             if serial:  # numbered as inserted: table, vertex_entry and offsets in one pass
                 vertex_entry = self._buf("vertex_entry", limit * 4)
+                # with the float splats, the normaliser's splat of ones is summed as the entries go in
+                sums = self._buf("weight_sums", (limit + 1) * 4) if self.splat != "fixed" else None
                 k.launch("crf_insert_serial", 1, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill,
-                         vertex_entry, lat.offsets)
+                         vertex_entry, lat.offsets, lat.weights, sums)
             else:
                 k.launch("crf_hash_insert", e, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill, slot_of)
                 k.launch("crf_mark_first", e, slot_of, table, I32(e), rank)
@@ -264,11 +267,17 @@ class DenseCRFDriver:
         # Value buffers hold M rows plus row M of zeros, the absent blur neighbour.
         lat.va = self._buf(lat.tag + "va", (m + 1) * s * 4)
         lat.vb = self._buf(lat.tag + "vb", (m + 1) * s * 4)
-        # Normaliser: the lattice applied to ones (held in the unary's memory, not yet computed).
-        ones = self._buf("unary", n * s * 4)
-        k.launch("crf_fill_float", n, ones, I32(n), F32(1.0))
+        # Normaliser: the lattice applied to ones (held in the unary's memory, not yet computed),
+        # or the blur of the ones' splat that crf_insert_serial summed.
         self._zero_row(lat, 1)
-        self._filter(lat, ones, None, 1)
+        if sums is not None:
+            k.launch("crf_fill_float", 1, Buffer(4, sums.ptr + m * 4, sums.owner), I32(1), F32(0.0))  # row M
+            for launch in self._blur_launches(lat, sums, 1, 0):
+                launch()
+        else:
+            ones = self._buf("unary", n * s * 4)
+            k.launch("crf_fill_float", n, ones, I32(n), F32(1.0))
+            self._filter(lat, ones, None, 1)
         lat.norm = self._buf(lat.tag + "norm", n * 4)
         k.launch("crf_slice", n, lat.result, lat.offsets, lat.weights, I32(dp1), I32(n), I32(1), F32(lat.alpha), lat.norm)
         k.launch("crf_normaliser", n, lat.norm, I32(n), I32(1 if symmetric else 0), lat.norm)  # in place
@@ -358,11 +367,21 @@ class DenseCRFDriver:
             # the first blur pass reads the fixed-point sums, the second clears them for the next splat
             launches.append(k.prepare("crf_blur_fixed", n_threads, vfixed, lat.va, lat.nbr, I32(0), I32(m), I32(s),
                                       I32(chunk)))
-        src, dst = lat.va, lat.vb
-        for j in range(0 if floats else 1, lat.dp1):
-            zero = self._pool["vfixed"] if not floats and j == 1 else None
-            launches.append(k.prepare("crf_blur", n_threads, src, dst, lat.nbr, I32(j), I32(m), I32(s), I32(chunk), zero))
-            src, dst = dst, src
+        return launches + self._blur_launches(lat, lat.va, s, 0 if floats else 1)
+
+    def _blur_launches(self, lat: _Lattice, splatted: Buffer, s: int, first: int) -> list:
+        """The blur passes along directions first..d of the float sums in ``splatted`` (M rows of
+        s floats, then a row of zeros; may be neither of lat.va, lat.vb); sets lat.result."""
+        chunk = self.label_chunk(s)
+        n_threads = lat.m * ((s + chunk - 1) // chunk)
+        launches = []
+        src = splatted
+        for j in range(first, lat.dp1):
+            dst = lat.vb if src is lat.va else lat.va
+            zero = self._pool["vfixed"] if first == 1 and j == 1 else None
+            launches.append(self.k.prepare("crf_blur", n_threads, src, dst, lat.nbr, I32(j), I32(lat.m), I32(s),
+                                           I32(chunk), zero))
+            src = dst
         lat.result = src
         return launches
 

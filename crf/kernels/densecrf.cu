@@ -178,9 +178,13 @@ extern "C" __global__ void crf_hash_insert(const short* keys, int n_entries, int
 // crf_mark_first + the scan + crf_number_vertices + crf_offsets make in five passes with atomics:
 // the same table (slot -> vertex id), vertex_entry and offsets. fill[0] := the vertex count; past
 // `limit` vertices fill[1] is set and the driver builds again with a table for the worst case.
-// vertex_entry holds `limit` ids.
+// vertex_entry holds `limit` ids. weight_sums (or NULL): each vertex's barycentric weights added in
+// entry order, the splat of ones that the normaliser filters (the same additions as the float
+// splats make of it, so the same bits) at the cost of one addition per entry here instead of a
+// pass over all entries; `limit` floats.
 extern "C" __global__ void crf_insert_serial(const short* keys, int n_entries, int d, int* table, unsigned int mask,
-                                             int limit, int* fill, int* vertex_entry, int* offsets)
+                                             int limit, int* fill, int* vertex_entry, int* offsets,
+                                             const float* weights, float* weight_sums)
 {
     if (crf_tid() != 0) return;
     int m = 0;
@@ -196,10 +200,12 @@ extern "C" __global__ void crf_insert_serial(const short* keys, int n_entries, i
                 }
                 table[h] = m;
                 vertex_entry[m] = e;
+                if (weight_sums) weight_sums[m] = weights[e];
                 offsets[e] = m++;
                 break;
             }
             if (crf_same_key(keys + (long long)vertex_entry[v] * d, key, d)) {
+                if (weight_sums) weight_sums[v] += weights[e];
                 offsets[e] = v;
                 break;
             }
