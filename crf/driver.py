@@ -339,7 +339,8 @@ class DenseCRFDriver:
         if self.splat == "scatter":
             n = filters[0][0].e // filters[0][0].dp1
             per_lattice = []
-            for lat, prescale in (filters + [(None, None)])[:2]:
+            # the larger lattice first: the calling thread starts on it at once, a woken worker takes the other
+            for lat, prescale in (sorted(filters, key=lambda f: -f[0].e) + [(None, None)])[:2]:
                 per_lattice += ([prescale, lat.offsets, lat.weights, I32(lat.dp1), I32(lat.m), lat.va] if lat is not None
                                 else [None, None, None, I32(0), I32(0), None])
             launches.append(self.k.prepare("crf_splat_scatter", 2, values, I32(n), I32(s), *per_lattice))
