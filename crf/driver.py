@@ -222,12 +222,12 @@ class DenseCRFDriver:
             table = self._buf("table", cap * 4)
             self._fill_int(table, cap, -1)
             self._fill_int(fill, 2, 0)
-            if serial:  # numbered as inserted: table, vertex_entry and offsets in one pass
-                vertex_entry = self._buf("vertex_entry", limit * 4)
+            if serial:  # numbered as inserted: table, vertex keys and offsets in one pass
+                vertex_keys = self._buf("vertex_keys", limit * d * 2)
                 # with the float splats, the normaliser's splat of ones is summed as the entries go in
                 sums = self._buf("weight_sums", (limit + 1) * 4) if self.splat != "fixed" else None
                 k.launch("crf_insert_serial", 1, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill,
-                         vertex_entry, lat.offsets, lat.weights, sums)
+                         vertex_keys, lat.offsets, lat.weights, sums)
             else:
                 k.launch("crf_hash_insert", e, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill, slot_of)
                 k.launch("crf_mark_first", e, slot_of, table, I32(e), rank)
@@ -250,7 +250,9 @@ class DenseCRFDriver:
         self.last_vertices[lat.tag] = m
 
         lat.nbr = self._buf(lat.tag + "nbr", m * dp1 * 2 * 4)
-        k.launch("crf_neighbours", m * dp1, keys, vertex_entry, I32(m), I32(d), table, U32(cap - 1), lat.nbr)
+        # the vertices' keys: their own array (serial insertion), or the entries' keys through vertex_entry
+        key_args = (vertex_keys, None) if serial else (keys, vertex_entry)
+        k.launch("crf_neighbours", m * dp1, *key_args, I32(m), I32(d), table, U32(cap - 1), lat.nbr)
 
         # The list splats read per-vertex entry lists with their weights in list_w; the scatter
         # splat reads the entries as they are, and list_w takes the update's coefficients instead

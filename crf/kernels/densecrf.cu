@@ -176,14 +176,16 @@ extern "C" __global__ void crf_hash_insert(const short* keys, int n_entries, int
 // The CPU's insertion (crf/driver.py "insert": "serial"): one thread walks the entries in order,
 // so a vertex is numbered when its first entry arrives, which is the numbering crf_hash_insert +
 // crf_mark_first + the scan + crf_number_vertices + crf_offsets make in five passes with atomics:
-// the same table (slot -> vertex id), vertex_entry and offsets. fill[0] := the vertex count; past
-// `limit` vertices fill[1] is set and the driver builds again with a table for the worst case.
-// vertex_entry holds `limit` ids. weight_sums (or NULL): each vertex's barycentric weights added in
+// the same table (slot -> vertex id) and offsets. fill[0] := the vertex count; past `limit`
+// vertices fill[1] is set and the driver builds again with a table for the worst case.
+// vertex_keys (`limit` keys of d) gets each vertex's key, in vertex order: the keys compared while
+// probing are then in a compact array that stays in cache, not spread over all entries' keys (what
+// vertex_entry points into on the GPU). weight_sums (or NULL): each vertex's barycentric weights added in
 // entry order, the splat of ones that the normaliser filters (the same additions as the float
 // splats make of it, so the same bits) at the cost of one addition per entry here instead of a
 // pass over all entries; `limit` floats.
 extern "C" __global__ void crf_insert_serial(const short* keys, int n_entries, int d, int* table, unsigned int mask,
-                                             int limit, int* fill, int* vertex_entry, int* offsets,
+                                             int limit, int* fill, short* vertex_keys, int* offsets,
                                              const float* weights, float* weight_sums)
 {
     if (crf_tid() != 0) return;
@@ -199,12 +201,12 @@ extern "C" __global__ void crf_insert_serial(const short* keys, int n_entries, i
                     return;
                 }
                 table[h] = m;
-                vertex_entry[m] = e;
+                for (int k = 0; k < d; k++) vertex_keys[(long long)m * d + k] = key[k];
                 if (weight_sums) weight_sums[m] = weights[e];
                 offsets[e] = m++;
                 break;
             }
-            if (crf_same_key(keys + (long long)vertex_entry[v] * d, key, d)) {
+            if (crf_same_key(vertex_keys + (long long)v * d, key, d)) {
                 if (weight_sums) weight_sums[v] += weights[e];
                 offsets[e] = v;
                 break;
@@ -245,6 +247,13 @@ extern "C" __global__ void crf_offsets(const int* slot_of, const int* table, int
     offsets[e] = table[slot_of[e]];
 }
 
+// The key of vertex v: keys[vertex_entry[v]] (the entries' keys, the GPU's atomic insertion), or
+// with vertex_entry NULL, row v of keys (crf_insert_serial's vertex_keys).
+__device__ __forceinline__ const short* crf_vertex_key(const short* keys, const int* vertex_entry, int v, int d)
+{
+    return keys + (long long)(vertex_entry ? vertex_entry[v] : v) * d;
+}
+
 __device__ int crf_find(const int* key, int d, const short* keys, const int* vertex_entry, const int* table,
                         unsigned int mask)
 {
@@ -252,7 +261,7 @@ __device__ int crf_find(const int* key, int d, const short* keys, const int* ver
     for (;;) {
         const int v = table[h];
         if (v < 0) return -1;
-        if (crf_same_key(keys + (long long)vertex_entry[v] * d, key, d)) return v;
+        if (crf_same_key(crf_vertex_key(keys, vertex_entry, v, d), key, d)) return v;
         h = (h + 1) & mask;
     }
 }
@@ -260,13 +269,14 @@ __device__ int crf_find(const int* key, int d, const short* keys, const int* ver
 // Blur neighbours of vertex v along direction j: key -1 on every coordinate and +d on coordinate j
 // (and the opposite); direction d moves all coordinates by -1/+1. nbr[(j*M + v)*2 + {0,1}]; an
 // absent neighbour is M, a row of zeros kept at the end of the value buffers (no branch in the blur).
+// Vertex keys as crf_vertex_key.
 extern "C" __global__ void crf_neighbours(const short* keys, const int* vertex_entry, int M, int d, const int* table,
                                           unsigned int mask, int* nbr)
 {
     const int t = crf_tid();
     if (t >= M * (d + 1)) return;
     const int v = t % M, j = t / M;
-    const short* key = keys + (long long)vertex_entry[v] * d;
+    const short* key = crf_vertex_key(keys, vertex_entry, v, d);
     int n1[CRF_MAX_D], n2[CRF_MAX_D];
     for (int k = 0; k < d; k++) { n1[k] = key[k] - 1; n2[k] = key[k] + 1; }
     if (j < d) { n1[j] = key[j] + d; n2[j] = key[j] - d; }
