@@ -130,17 +130,21 @@ FIXED_SPLAT_SLOTS = 32  # list slots per thread in crf_splat_fixed
 #   insert:      lattice vertices found and numbered by "atomic" hash insertion + mark + scan +
 #                number + offsets, or "serial": one thread inserting in entry order, numbering as
 #                it goes (one pass, no atomics; the same numbering)
+#   update_pixels: pixels per thread of the update (1 to 8): the CPU takes 8 and does each step
+#                for all of them before the next, so that a core overlaps their chains of dependent
+#                steps; the same bits whatever the count
 #   lists:       the per-vertex entry lists (for the gather and fixed splats) built by "atomic"
 #                count + scan + fill (+ sort for the gather splat), or "serial": one thread, in
 #                entry order, sorted as it goes (on the CPU, atomics cost more than the work; the
 #                same lists)
 CHOICES = {
     "cpu": {"label_chunk": 0, "label_align": 8, "splat": "scatter", "scan_chunk": 0, "insert": "serial",
-            "lists": "serial"},
+            "lists": "serial", "update_pixels": 8},
     "gpu": {"label_chunk": 1, "label_align": 1, "splat": "fixed", "scan_chunk": 32, "insert": "atomic",
-            "lists": "atomic"},
+            "lists": "atomic", "update_pixels": 1},
 }
 SERIAL_OR_ATOMIC = ("atomic", "serial")
+UPDATE_MAX_PIXELS = 8  # densecrf.cu CRF_UPDATE_MAX_PIXELS
 
 
 class DenseCRFDriver:
@@ -160,6 +164,9 @@ class DenseCRFDriver:
         for choice in ("insert", "lists"):
             if self.choices[choice] not in SERIAL_OR_ATOMIC:
                 raise ValueError(f"{choice} must be one of {SERIAL_OR_ATOMIC}, got {self.choices[choice]!r}")
+        ppt = self.choices["update_pixels"]
+        if isinstance(ppt, bool) or not isinstance(ppt, int) or not 1 <= ppt <= UPDATE_MAX_PIXELS:
+            raise ValueError(f"update_pixels must be an integer from 1 to {UPDATE_MAX_PIXELS}, got {ppt!r}")
         self.k = backend
         self._pool = BufferPool(backend)
         self.last_vertices: dict[str, int] = {}
@@ -490,13 +497,15 @@ class DenseCRFDriver:
         u = self._buf("unary", n * s * 4)
         k.launch("crf_unary", n, src, I32(n), I32(c), I32(s), I32(1 if is_logits else 0), u)
         nulls = (None, None, None, I32(1))
-        k.launch("crf_update", n, u, I32(n), I32(c), I32(s), *nulls, *nulls, q)  # Q = softmax(-U)
+        ppt = self.choices["update_pixels"]
+        update_threads = -(-n // ppt)
+        k.launch("crf_update", update_threads, u, I32(n), I32(c), I32(s), *nulls, *nulls, q, I32(ppt))  # Q = softmax(-U)
         clock.lap("unary")
         if params.iterations > 0:
             # Every iteration makes the same launches: prepared once, replayed.
             iteration = self._filter_launches([(lat, lat.norm if symmetric else None) for lat in lattices], q, s)
-            iteration.append(k.prepare("crf_update", n, u, I32(n), I32(c), I32(s), *self._update_args(lattices[0]),
-                                       *self._update_args(lattices[1]), q))
+            iteration.append(k.prepare("crf_update", update_threads, u, I32(n), I32(c), I32(s), *self._update_args(lattices[0]),
+                                       *self._update_args(lattices[1]), q, I32(ppt)))
             self.last_iteration = iteration
             # On the GPU one iteration is captured as a CUDA graph and replayed: one launch per
             # iteration instead of 12 (host work per launch is what a millisecond CRF cannot afford).

@@ -622,18 +622,14 @@ __device__ __forceinline__ float crf_row_max(const float* q, int n)
     return m;
 }
 
-// The mean-field update of pixel i: t = -U_i + sum over kernels and their d+1 vertices of
-// coef * V[vertex] (Potts compatibility -w, subtracted, as densecrf), then Q_i = softmax(t).
-// With V_s and V_b NULL this is softmax(-U). Q is updated in place: both splats of this iteration
-// have already read it. Rows are S wide; labels C..S-1 (padding) come out exactly 0.
-extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C, int S,
-                                      const float* __restrict__ V_s, const int* __restrict__ off_s,
-                                      const float* __restrict__ coef_s, int dp1_s,
-                                      const float* __restrict__ V_b, const int* __restrict__ off_b,
-                                      const float* __restrict__ coef_b, int dp1_b, float* __restrict__ Q)
+// The messages to pixel i: Q_i := t = -U_i + sum over kernels and their d+1 vertices of coef *
+// V[vertex] (Potts compatibility -w, subtracted, as densecrf); with V_s and V_b NULL, t = -U_i.
+__device__ __forceinline__ void crf_update_messages(int i, const float* __restrict__ U, int S,
+                                                    const float* __restrict__ V_s, const int* __restrict__ off_s,
+                                                    const float* __restrict__ coef_s, int dp1_s,
+                                                    const float* __restrict__ V_b, const int* __restrict__ off_b,
+                                                    const float* __restrict__ coef_b, int dp1_b, float* __restrict__ Q)
 {
-    const int i = crf_tid();
-    if (i >= N) return;
     float* q = Q + (long long)i * S;
     const float* u = U + (long long)i * S;
     if (V_s && V_b && dp1_s == 3 && dp1_b == 6) {
@@ -680,17 +676,60 @@ extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C,
                 for (int l = 0; l < S; l++) q[l] += c * row[l];
             }
     }
-    const float m = crf_row_max(q, S);  // padding labels (-1e30) are never the maximum
-    // Separate loops: this one vectorises on the CPU. Padding comes out exactly 0, whatever expf's
-    // floor: a select, not a second loop from C (a memset call per pixel on the CPU, whose byte
-    // stores the next loop's vector loads then wait for).
+}
+
+// q := exp(q - m) on the C labels, exactly 0 on the padding. Separate loops: this one vectorises
+// on the CPU. Padding comes out exactly 0, whatever expf's floor: a select, not a second loop from
+// C (a memset call per pixel on the CPU, whose byte stores the next loop's vector loads then wait for).
+__device__ __forceinline__ void crf_exp_row(float* __restrict__ q, float m, int C, int S)
+{
     for (int l = 0; l < S; l++) {
         const float x = expf(q[l] - m);
         q[l] = l < C ? x : 0.f;
     }
+}
+
+// q := q / sum of its C labels.
+__device__ __forceinline__ void crf_normalise_row(float* __restrict__ q, int C, int S)
+{
     float s = 0.f;
     for (int l = 0; l < C; l++) s += q[l];
     for (int l = 0; l < S; l++) q[l] = q[l] / s;
+}
+
+#define CRF_UPDATE_MAX_PIXELS 8  // pixels per thread of crf_update, at most
+
+// The mean-field update of pixels P*t .. P*t + P - 1 (thread t): Q_i = softmax over the C labels
+// of the messages to i (crf_update_messages), in place: both splats of this iteration have already
+// read Q. Rows are S wide; labels C..S-1 (padding) come out exactly 0. The GPU takes one pixel per
+// thread. The CPU takes a few and does each step for all of them before the next (messages, row
+// maxima, exp, normalisation): each pixel's chain of dependent steps is long, and a core overlaps
+// the independent chains of neighbouring pixels only when they sit close together in the
+// instruction stream (P = 8: crf_update 25-30 % faster than P = 1). The same operations per pixel
+// whatever P: the same bits.
+extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C, int S,
+                                      const float* __restrict__ V_s, const int* __restrict__ off_s,
+                                      const float* __restrict__ coef_s, int dp1_s,
+                                      const float* __restrict__ V_b, const int* __restrict__ off_b,
+                                      const float* __restrict__ coef_b, int dp1_b, float* __restrict__ Q, int P)
+{
+    const long long first = (long long)crf_tid() * P;
+    if (first >= N) return;
+    const int i0 = (int)first;
+    if (P == 1) {
+        float* q = Q + (long long)i0 * S;
+        crf_update_messages(i0, U, S, V_s, off_s, coef_s, dp1_s, V_b, off_b, coef_b, dp1_b, Q);
+        crf_exp_row(q, crf_row_max(q, S), C, S);  // padding labels (-1e30) are never the maximum
+        crf_normalise_row(q, C, S);
+        return;
+    }
+    const int i1 = min(N, i0 + min(P, CRF_UPDATE_MAX_PIXELS));
+    float mx[CRF_UPDATE_MAX_PIXELS];
+    for (int i = i0; i < i1; i++)
+        crf_update_messages(i, U, S, V_s, off_s, coef_s, dp1_s, V_b, off_b, coef_b, dp1_b, Q);
+    for (int i = i0; i < i1; i++) mx[i - i0] = crf_row_max(Q + (long long)i * S, S);
+    for (int i = i0; i < i1; i++) crf_exp_row(Q + (long long)i * S, mx[i - i0], C, S);
+    for (int i = i0; i < i1; i++) crf_normalise_row(Q + (long long)i * S, C, S);
 }
 
 // ------------------------------------------------------------------------------------------------
