@@ -88,10 +88,13 @@ extern "C" __global__ void crf_embed(const unsigned char* image, int H, int W, i
     // Fixed-size clears (not up to d): a variable-length one compiles to a slow `rep stos` on the CPU.
     int rank[CRF_MAX_D + 1];
     for (int k = 0; k <= CRF_MAX_D; k++) rank[k] = 0;
+    // Counted without branches: the comparisons go either way at random (a mispredicted branch
+    // each on the CPU).
     for (int a = 0; a < d; a++)
         for (int b = a + 1; b <= d; b++) {
-            if (elevated[a] - rem0[a] < elevated[b] - rem0[b]) rank[a]++;
-            else rank[b]++;
+            const int lt = elevated[a] - rem0[a] < elevated[b] - rem0[b];
+            rank[a] += lt;
+            rank[b] += 1 - lt;
         }
     // Bring the point back onto the plane if the rounding left it off.
     for (int k = 0; k <= d; k++) {
