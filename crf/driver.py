@@ -130,7 +130,7 @@ FIXED_SPLAT_SLOTS = 32  # list slots per thread in crf_splat_fixed
 #   insert:      lattice vertices found and numbered by "atomic" hash insertion + mark + scan +
 #                number + offsets, or "serial": one thread inserting in entry order, numbering as
 #                it goes (one pass, no atomics; the same numbering)
-#   update_pixels: pixels per thread of the update (1 to 8): the CPU takes 8 and does each step
+#   pixels_per_thread: of the update and the unary (1 to 8): the CPU takes 8 and does each step
 #                for all of them before the next, so that a core overlaps their chains of dependent
 #                steps; the same bits whatever the count
 #   lists:       the per-vertex entry lists (for the gather and fixed splats) built by "atomic"
@@ -139,12 +139,12 @@ FIXED_SPLAT_SLOTS = 32  # list slots per thread in crf_splat_fixed
 #                same lists)
 CHOICES = {
     "cpu": {"label_chunk": 0, "label_align": 8, "splat": "scatter", "scan_chunk": 0, "insert": "serial",
-            "lists": "serial", "update_pixels": 8},
+            "lists": "serial", "pixels_per_thread": 8},
     "gpu": {"label_chunk": 1, "label_align": 1, "splat": "fixed", "scan_chunk": 32, "insert": "atomic",
-            "lists": "atomic", "update_pixels": 1},
+            "lists": "atomic", "pixels_per_thread": 1},
 }
 SERIAL_OR_ATOMIC = ("atomic", "serial")
-UPDATE_MAX_PIXELS = 8  # densecrf.cu CRF_UPDATE_MAX_PIXELS
+MAX_PIXELS_PER_THREAD = 8  # densecrf.cu CRF_MAX_PIXELS_PER_THREAD
 
 
 class DenseCRFDriver:
@@ -164,9 +164,9 @@ class DenseCRFDriver:
         for choice in ("insert", "lists"):
             if self.choices[choice] not in SERIAL_OR_ATOMIC:
                 raise ValueError(f"{choice} must be one of {SERIAL_OR_ATOMIC}, got {self.choices[choice]!r}")
-        ppt = self.choices["update_pixels"]
-        if isinstance(ppt, bool) or not isinstance(ppt, int) or not 1 <= ppt <= UPDATE_MAX_PIXELS:
-            raise ValueError(f"update_pixels must be an integer from 1 to {UPDATE_MAX_PIXELS}, got {ppt!r}")
+        ppt = self.choices["pixels_per_thread"]
+        if isinstance(ppt, bool) or not isinstance(ppt, int) or not 1 <= ppt <= MAX_PIXELS_PER_THREAD:
+            raise ValueError(f"pixels_per_thread must be an integer from 1 to {MAX_PIXELS_PER_THREAD}, got {ppt!r}")
         self.k = backend
         self._pool = BufferPool(backend)
         self.last_vertices: dict[str, int] = {}
@@ -495,16 +495,16 @@ class DenseCRFDriver:
             clock.lap("lattice_build")
 
         u = self._buf("unary", n * s * 4)
-        k.launch("crf_unary", n, src, I32(n), I32(c), I32(s), I32(1 if is_logits else 0), u)
+        ppt = self.choices["pixels_per_thread"]
+        rows = -(-n // ppt)  # threads of the per-pixel kernels, ppt pixels each
+        k.launch("crf_unary", rows, src, I32(n), I32(c), I32(s), I32(1 if is_logits else 0), u, I32(ppt))
         nulls = (None, None, None, I32(1))
-        ppt = self.choices["update_pixels"]
-        update_threads = -(-n // ppt)
-        k.launch("crf_update", update_threads, u, I32(n), I32(c), I32(s), *nulls, *nulls, q, I32(ppt))  # Q = softmax(-U)
+        k.launch("crf_update", rows, u, I32(n), I32(c), I32(s), *nulls, *nulls, q, I32(ppt))  # Q = softmax(-U)
         clock.lap("unary")
         if params.iterations > 0:
             # Every iteration makes the same launches: prepared once, replayed.
             iteration = self._filter_launches([(lat, lat.norm if symmetric else None) for lat in lattices], q, s)
-            iteration.append(k.prepare("crf_update", update_threads, u, I32(n), I32(c), I32(s), *self._update_args(lattices[0]),
+            iteration.append(k.prepare("crf_update", rows, u, I32(n), I32(c), I32(s), *self._update_args(lattices[0]),
                                        *self._update_args(lattices[1]), q, I32(ppt)))
             self.last_iteration = iteration
             # On the GPU one iteration is captured as a CUDA graph and replayed: one launch per

@@ -20,6 +20,7 @@
 
 #define CRF_MAX_D 5  // bilateral kernel: x, y and three colour channels
 #define CRF_PAD_ENERGY 1e30f  // unary of a padding label: never the maximum, exp() of it is 0
+#define CRF_MAX_PIXELS_PER_THREAD 8  // crf_update and crf_unary: pixels per thread, at most
 #ifndef CRF_SIMD
 #define CRF_SIMD  // the CPU build (cpu_shim.h) marks some label loops for vectorisation
 #endif
@@ -700,8 +701,6 @@ __device__ __forceinline__ void crf_normalise_row(float* __restrict__ q, int C, 
     for (int l = 0; l < S; l++) q[l] = q[l] / s;
 }
 
-#define CRF_UPDATE_MAX_PIXELS 8  // pixels per thread of crf_update, at most
-
 // The mean-field update of pixels P*t .. P*t + P - 1 (thread t): Q_i = softmax over the C labels
 // of the messages to i (crf_update_messages), in place: both splats of this iteration have already
 // read Q. Rows are S wide; labels C..S-1 (padding) come out exactly 0. The GPU takes one pixel per
@@ -726,8 +725,8 @@ extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C,
         crf_normalise_row(q, C, S);
         return;
     }
-    const int i1 = min(N, i0 + min(P, CRF_UPDATE_MAX_PIXELS));
-    float mx[CRF_UPDATE_MAX_PIXELS];
+    const int i1 = min(N, i0 + min(P, CRF_MAX_PIXELS_PER_THREAD));
+    float mx[CRF_MAX_PIXELS_PER_THREAD];
     for (int i = i0; i < i1; i++)
         crf_update_messages(i, U, S, V_s, off_s, coef_s, dp1_s, V_b, off_b, coef_b, dp1_b, Q);
     for (int i = i0; i < i1; i++) mx[i - i0] = crf_row_max(Q + (long long)i * S, S);
@@ -738,27 +737,44 @@ extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C,
 // ------------------------------------------------------------------------------------------------
 // Input and output on the device
 
-// U[i*S + l] from planar src[l*N + i]: -log softmax of logits (is_logits) or a copy of unary
-// energies; padding labels C..S-1 get CRF_PAD_ENERGY.
-extern "C" __global__ void crf_unary(const float* src, int N, int C, int S, int is_logits, float* U)
+// U[i*S + l] from planar src[l*N + i] for pixels P*t .. P*t + P - 1 (thread t; P as crf_update's):
+// -log softmax of logits (is_logits) or a copy of unary energies; padding labels C..S-1 get
+// CRF_PAD_ENERGY. Each step is done for all P pixels before the next, the pixels innermost where
+// the step runs over the labels: their chains (the running maximum, the sum) interleave, and
+// neighbouring pixels' logits are neighbours in src. The same operations per pixel whatever P.
+extern "C" __global__ void crf_unary(const float* src, int N, int C, int S, int is_logits, float* U, int P)
 {
-    const int i = crf_tid();
-    if (i >= N) return;
-    float* u = U + (long long)i * S;
-    for (int l = C; l < S; l++) u[l] = CRF_PAD_ENERGY;
+    const long long first = (long long)crf_tid() * P;
+    if (first >= N) return;
+    const int i0 = (int)first, n = min(N - i0, min(P, CRF_MAX_PIXELS_PER_THREAD));
+    for (int p = 0; p < n; p++)
+        for (int l = C; l < S; l++) U[(long long)(i0 + p) * S + l] = CRF_PAD_ENERGY;
     if (!is_logits) {
-        for (int l = 0; l < C; l++) u[l] = src[(long long)l * N + i];
+        for (int p = 0; p < n; p++)
+            for (int l = 0; l < C; l++) U[(long long)(i0 + p) * S + l] = src[(long long)l * N + i0 + p];
         return;
     }
-    float m = -3.402823466e38f;
-    for (int l = 0; l < C; l++) { const float x = src[(long long)l * N + i]; m = x > m ? x : m; }
-    // exp over the contiguous row in a loop of its own (it vectorises on the CPU), then the sum
-    for (int l = 0; l < C; l++) u[l] = src[(long long)l * N + i] - m;
-    for (int l = 0; l < C; l++) u[l] = expf(u[l]);
-    float s = 0.f;
-    for (int l = 0; l < C; l++) s += u[l];
-    const float lse = logf(s) + m;
-    for (int l = 0; l < C; l++) u[l] = lse - src[(long long)l * N + i];
+    float m[CRF_MAX_PIXELS_PER_THREAD], s[CRF_MAX_PIXELS_PER_THREAD];
+    for (int p = 0; p < n; p++) m[p] = -3.402823466e38f;
+    for (int l = 0; l < C; l++)
+        for (int p = 0; p < n; p++) {
+            const float x = src[(long long)l * N + i0 + p];
+            m[p] = x > m[p] ? x : m[p];
+        }
+    // exp over each contiguous row in a loop of its own (it vectorises on the CPU), then the sums
+    for (int p = 0; p < n; p++) {
+        float* u = U + (long long)(i0 + p) * S;
+        for (int l = 0; l < C; l++) u[l] = src[(long long)l * N + i0 + p] - m[p];
+        for (int l = 0; l < C; l++) u[l] = expf(u[l]);
+    }
+    for (int p = 0; p < n; p++) s[p] = 0.f;
+    for (int l = 0; l < C; l++)
+        for (int p = 0; p < n; p++) s[p] += U[(long long)(i0 + p) * S + l];
+    for (int p = 0; p < n; p++) {
+        float* u = U + (long long)(i0 + p) * S;
+        const float lse = logf(s[p]) + m[p];
+        for (int l = 0; l < C; l++) u[l] = lse - src[(long long)l * N + i0 + p];
+    }
 }
 
 // flag[0] = 1 if any of n values is NaN or infinite (checked on the device, before any work).
