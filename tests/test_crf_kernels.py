@@ -94,6 +94,7 @@ def test_gpu_thread_layout_on_the_cpu(chunk, align):
     s = smooth_logits(h, w, 21, seed=chunk)
     layout = DenseCRFDriver(_driver("cpu").k, label_chunk=chunk, label_align=align)
     assert layout.label_stride(21) == (21 if align == 1 else 32) and _driver("cpu").label_stride(21) == 24
+    assert [_driver("cpu").label_stride(c) for c in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
     for norm in ("after", "symmetric"):
         p = CRFParams(normalization=norm)
         got, labels = layout.run(s, img, h, w, 21, p, labels=True)

@@ -110,7 +110,7 @@ def test_concurrent_launches_from_two_drivers(kernels):
 
 @pytest.mark.parametrize("c, fixed_align, general_align", [(21, 8, 1), (40, 8, 7), (3, 8, 3)])
 def test_fixed_row_width_launchers_equal_the_general_ones(kernels, c, fixed_align, general_align):
-    """Rows of 8, 24 or 40 floats run update and blur compiled for that width; rows of 21, 42 or 3
+    """Rows of 24, 40 or 4 floats run update and blur compiled for that width; rows of 21, 42 or 3
     the general loops. Padding labels are exact zeros, so the real labels agree bit for bit."""
     img = photo("astronaut", 170)
     unary = unary_from_scores(smooth_logits(*img.shape[:2], c, seed=c))

@@ -210,7 +210,7 @@ void launch_blocks(BlockRange body, const void* job, unsigned n, unsigned per_cl
 // multiplications.
 template <int... W>
 struct Widths {};
-using RowWidths = Widths<8, 16, 24, 32, 40, 48, 64>;  // S: C rounded up to 8 (crf/driver.py label_stride)
+using RowWidths = Widths<2, 4, 8, 16, 24, 32, 40, 48, 64>;  // S: C rounded up to 8, or 2 / 4 (crf/driver.py label_stride)
 using LatticeDims = Widths<2, 5>;                      // d: crf/driver.py SPATIAL_D, BILATERAL_D
 
 // Tasks > 0: a task launcher. Its first Tasks threads each do a large independent job (one per
