@@ -28,8 +28,10 @@ Q's memory; the CPU build reads the caller's arrays and writes the result array 
 from __future__ import annotations
 
 import math
+import threading
 import time
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import numpy as np
 
@@ -201,21 +203,24 @@ class DenseCRFDriver:
 
     # -- lattice construction -------------------------------------------------------------------
     def _build(self, lat: _Lattice, image: Buffer | None, h: int, w: int, sxy: float, srgb: float,
-               symmetric: bool, s: int) -> None:
+               symmetric: bool, s: int, scratch: str = "", before_insert: Callable[[], None] | None = None) -> None:
+        """Build lat for this image. scratch: a prefix for the roles of the buffers only the build
+        uses (two builds at once need their own); before_insert: called once, as the insertion
+        (one thread's pass on the CPU) is about to start."""
         k, d, dp1 = self.k, lat.d, lat.dp1
         n = h * w
         e = lat.e = n * dp1
-        keys = self._buf("keys", e * d * 2)  # int16, as the reference's lattice keys
+        keys = self._buf(scratch + "keys", e * d * 2)  # int16, as the reference's lattice keys
         lat.weights = self._buf(lat.tag + "weights", e * 4)
         # flags: [0] a key overflowed 16 bits (crf_embed), [1] hash slots taken, [2] table too full
-        flags = self._buf("flags", 12)
+        flags = self._buf(scratch + "flags", 12)
         self._fill_int(flags, 3, 0)
         k.launch("crf_embed", n, image, I32(h), I32(w), I32(d), F32(sxy), F32(srgb), keys, lat.weights, flags)
 
         serial = self.choices["insert"] == "serial"
         sums = None
         if not serial:
-            slot_of = self._buf("slot_of", e * 4)
+            slot_of = self._buf(scratch + "slot_of", e * 4)
         # The ranks live in this lattice's list buffer, which is not filled until they are dead (the
         # scatter splat needs no lists: the buffer is only made for ranks, then).
         if not serial or self.splat != "scatter":
@@ -227,13 +232,16 @@ class DenseCRFDriver:
         # for the worst case (every entry its own vertex), which can never fill.
         small, worst = _next_pow2(-(-e // 8)), _next_pow2(math.ceil(1.5 * e))
         for cap, limit in ((small, small // 2), (worst, e + 1)):  # (slots, vertices it may take)
-            table = self._buf("table", cap * 4)
+            table = self._buf(scratch + "table", cap * 4)
             self._fill_int(table, cap, -1)
             self._fill_int(fill, 2, 0)
+            if before_insert is not None:
+                before_insert()
+                before_insert = None
             if serial:  # numbered as inserted: table, vertex keys and offsets in one pass
-                vertex_keys = self._buf("vertex_keys", limit * d * 2)
+                vertex_keys = self._buf(scratch + "vertex_keys", limit * d * 2)
                 # with the float splats, the normaliser's splat of ones is summed as the entries go in
-                sums = self._buf("weight_sums", (limit + 1) * 4) if self.splat != "fixed" else None
+                sums = self._buf(scratch + "weight_sums", (limit + 1) * 4) if self.splat != "fixed" else None
                 k.launch("crf_insert_serial", 1, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill,
                          vertex_keys, lat.offsets, lat.weights, sums)
             else:
@@ -251,7 +259,7 @@ class DenseCRFDriver:
         self._check_counts(h, w, s, {"fixed-point vertex sums": (m + 1) * s * 2, "vertex rows": (m + 1) * s,
                                      "blur neighbours": m * dp1 * 2})
         if not serial:
-            vertex_entry = self._buf("vertex_entry", m * 4)
+            vertex_entry = self._buf(scratch + "vertex_entry", m * 4)
             k.launch("crf_number_vertices", e, slot_of, rank, I32(e), table, vertex_entry)
             k.launch("crf_offsets", e, slot_of, table, I32(e), lat.offsets)
         lat.m = m
@@ -267,7 +275,7 @@ class DenseCRFDriver:
         # (the weights being read by every splat).
         lat.list_w = self._buf(lat.tag + "list_w", e * 4)
         if self.splat != "scatter":
-            self._build_lists(lat, m)
+            self._build_lists(lat, m, scratch)
         if self.splat == "fixed":
             # Fixed-point sums, one buffer shared by both lattices (they filter one after the
             # other); the second blur pass of every filter leaves it zeroed.
@@ -285,7 +293,7 @@ class DenseCRFDriver:
             for launch in self._blur_launches(lat, sums, 1, 0):
                 launch()
         else:
-            ones = self._buf("unary", n * s * 4)
+            ones = self._buf(scratch + "unary", n * s * 4)
             k.launch("crf_fill_float", n, ones, I32(n), F32(1.0))
             self._filter(lat, ones, None, 1)
         lat.norm = self._buf(lat.tag + "norm", n * 4)
@@ -296,12 +304,41 @@ class DenseCRFDriver:
         k.launch("crf_coefficients", e, lat.weights, lat.norm, I32(dp1), I32(n), F32(np.float32(lat.weight) * lat.alpha),
                  lat.coef)
 
-    def _build_lists(self, lat: _Lattice, m: int) -> None:
+    def _both(self, first: Callable[..., None], second: Callable[..., None]) -> None:
+        """Run two lattice builds (functions taking _build's before_insert). On the CPU with more
+        than one thread, the first starts on a thread of its own when the second reaches its
+        insertion, a one-thread pass during which the other core would otherwise idle (a launch
+        made while the other build holds the thread pool runs on its own thread). The same
+        buffers and bits as one after the other."""
+        if self.k.name != "cpu" or self.choices["insert"] != "serial" or getattr(self.k, "threads", 1) < 2:
+            first()
+            second()
+            return
+        failed: list[BaseException] = []
+
+        def run_first() -> None:
+            try:
+                first()
+            except BaseException as exc:  # re-raised in the calling thread
+                failed.append(exc)
+
+        helper = threading.Thread(target=run_first, name="crf-lattice-build", daemon=True)
+        try:
+            second(before_insert=helper.start)
+        finally:
+            if helper.is_alive():
+                helper.join()
+        if helper.ident is None:  # the second build never reached its insertion
+            first()
+        if failed:
+            raise failed[0]
+
+    def _build_lists(self, lat: _Lattice, m: int, scratch: str) -> None:
         """Each vertex's entries (lat.starts, lat.lists: pixels for the gather splat, entry ids for
         the fixed-point one) and their weights (lat.list_w)."""
         k, e, dp1 = self.k, lat.e, lat.dp1
         gather = self.splat == "gather"
-        counts = self._buf("counts", m * 4)
+        counts = self._buf(scratch + "counts", m * 4)
         self._fill_int(counts, m, 0)
         lat.starts = self._buf(lat.tag + "starts", (m + 1) * 4)
         if self.choices["lists"] == "serial":  # sorted as they are filled, with their payload
@@ -488,14 +525,19 @@ class DenseCRFDriver:
         lattices = []
         if params.iterations > 0:
             spatial_key = (h, w, s, float(params.pos_xy_std), float(params.pos_w), symmetric)
+            bilateral = _Lattice("b_", BILATERAL_D, params.bi_w)
+            build_bilateral = partial(self._build, bilateral, img, h, w, params.bi_xy_std, params.bi_rgb_std,
+                                      symmetric, s)
             if self._spatial is None or self._spatial_key != spatial_key:
                 self._spatial_key = None  # a build that fails half-way leaves no stale entry behind
                 self._spatial = _Lattice("s_", SPATIAL_D, params.pos_w)
-                self._build(self._spatial, None, h, w, params.pos_xy_std, 1.0, symmetric, s)
+                build_spatial = partial(self._build, self._spatial, None, h, w, params.pos_xy_std, 1.0, symmetric,
+                                        s, scratch="s_")
+                self._both(build_spatial, build_bilateral)
                 self._spatial_key = spatial_key
+            else:
+                build_bilateral()
             spatial = self._spatial
-            bilateral = _Lattice("b_", BILATERAL_D, params.bi_w)
-            self._build(bilateral, img, h, w, params.bi_xy_std, params.bi_rgb_std, symmetric, s)
             lattices = [spatial, bilateral]
             clock.lap("lattice_build")
 
