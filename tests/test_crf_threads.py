@@ -118,3 +118,32 @@ def test_fixed_row_width_launchers_equal_the_general_ones(kernels, c, fixed_alig
         fixed = _run(kernels, img, unary, params, label_align=fixed_align)
         general = _run(kernels, img, unary, params, label_align=general_align)
         assert np.array_equal(fixed, general)
+
+
+def test_cold_call_builds_both_lattices_at_once_and_reports_a_failure(kernels, monkeypatch):
+    """With two or more threads a cold call builds the spatial lattice on a thread of its own while
+    the bilateral build runs its insertion: a failure there reaches the caller, nothing is kept
+    from it, and the next call builds both again."""
+    from crf.driver import DenseCRFDriver
+
+    kernels.threads = 2
+    img = photo("astronaut", 90)
+    h, w = img.shape[:2]
+    unary = unary_from_scores(smooth_logits(h, w, 5, seed=8))
+    drv = DenseCRFDriver(kernels)
+    built, real_build = [], DenseCRFDriver._build
+
+    def failing_build(self, lat, *args, **kwargs):
+        built.append((lat.tag, threading.current_thread() is threading.main_thread()))
+        if lat.tag == "s_":
+            raise MemoryError("spatial lattice")
+        return real_build(self, lat, *args, **kwargs)
+
+    monkeypatch.setattr(DenseCRFDriver, "_build", failing_build)
+    with pytest.raises(MemoryError, match="spatial lattice"):
+        drv.run(unary, img, h, w, 5, CRFParams(), is_logits=False)
+    assert sorted(built) == [("b_", True), ("s_", False)]  # the spatial one on the helper thread
+    monkeypatch.setattr(DenseCRFDriver, "_build", real_build)
+    got = drv.run(unary, img, h, w, 5, CRFParams(), is_logits=False)[0]
+    kernels.threads = 1
+    assert np.array_equal(got, _run(kernels, img, unary))
