@@ -103,13 +103,21 @@ extern "C" __global__ void crf_embed(const unsigned char* image, int H, int W, i
         if (rank[k] < 0) { rank[k] += d + 1; rem0[k] += (float)(d + 1); }
         else if (rank[k] > d) { rank[k] -= d + 1; rem0[k] -= (float)(d + 1); }
     }
-    float bary[CRF_MAX_D + 2];
-    for (int k = 0; k <= CRF_MAX_D + 1; k++) bary[k] = 0.f;
+    // Barycentric weights: coordinate k adds its residual v_k at d - rank[k] and subtracts it at
+    // d - rank[k] + 1 (the reference's loop). The ranks are a permutation, so each weight gets one
+    // residual of each sign, and (0 + a) - b and (0 - b) + a are both a - b exactly: taken here
+    // through the inverse permutation, without the reference's read-modify-writes at computed
+    // indices (a chain of dependent stores and loads on the CPU).
+    float v[CRF_MAX_D + 1];
+    int by_rank[CRF_MAX_D + 1];
     for (int k = 0; k <= d; k++) {
-        const float v = (elevated[k] - rem0[k]) * down_factor;
-        bary[d - rank[k]] += v;
-        bary[d - rank[k] + 1] -= v;
+        v[k] = (elevated[k] - rem0[k]) * down_factor;
+        by_rank[rank[k]] = k;
     }
+    float bary[CRF_MAX_D + 2];
+    bary[0] = v[by_rank[d]];
+    for (int r = 1; r <= d; r++) bary[r] = v[by_rank[d - r]] - v[by_rank[d - r + 1]];
+    bary[d + 1] = -v[by_rank[0]];
     bary[0] = (float)((double)bary[0] + (1.0 + (double)bary[d + 1]));
 
     for (int r = 0; r <= d; r++) {
