@@ -86,11 +86,12 @@ class _PhaseClock:
         self.k, self.sink = backend, sink
         self.t = time.perf_counter()
 
-    def lap(self, name: str) -> None:
+    def lap(self, name: str, at: float | None = None) -> None:
+        """The phase ``name`` ends now (or at the perf_counter() time ``at``, already past)."""
         if self.sink is None:
             return
         self.k.synchronize()
-        now = time.perf_counter()
+        now = time.perf_counter() if at is None else at
         self.sink[name] = (now - self.t) * 1e3
         self.t = now
 
@@ -304,34 +305,47 @@ class DenseCRFDriver:
         k.launch("crf_coefficients", e, lat.weights, lat.norm, I32(dp1), I32(n), F32(np.float32(lat.weight) * lat.alpha),
                  lat.coef)
 
-    def _both(self, first: Callable[..., None], second: Callable[..., None]) -> None:
-        """Run two lattice builds (functions taking _build's before_insert). On the CPU with more
-        than one thread, the first starts on a thread of its own when the second reaches its
-        insertion, a one-thread pass during which the other core would otherwise idle (a launch
-        made while the other build holds the thread pool runs on its own thread). The same
-        buffers and bits as one after the other."""
-        if self.k.name != "cpu" or self.choices["insert"] != "serial" or getattr(self.k, "threads", 1) < 2:
-            first()
-            second()
-            return
+    def _beside(self, build: Callable[..., None], builds: list, then: Callable[[], None]) -> float | None:
+        """build (the bilateral lattice; a function taking _build's before_insert), the other
+        ``builds`` and then ``then`` (the unary, which needs no lattice). On the CPU with more than
+        one thread, ``builds`` and ``then`` run on a thread of their own, started when ``build``
+        reaches its insertion: a one-thread pass during which the other core would otherwise idle
+        (a launch made while the other thread holds the pool runs on its own thread; each build
+        has its own scratch buffers); returns the perf_counter() time all builds had ended. Else
+        the builds one after the other, ``then`` left to the caller: returns None. The same bits
+        either way."""
+        # Only where the builds use no buffer of the unary's: with the float splats the serial
+        # insertion sums the normaliser's splat (the ones it otherwise filters live in the unary's).
+        beside_ok = self.choices["insert"] == "serial" and self.splat != "fixed"
+        if self.k.name != "cpu" or not beside_ok or getattr(self.k, "threads", 1) < 2:
+            for f in builds:
+                f()
+            build()
+            return None
         failed: list[BaseException] = []
+        ended = [0.0]
 
-        def run_first() -> None:
+        def beside() -> None:
             try:
-                first()
+                for f in builds:
+                    f()
+                ended[0] = time.perf_counter()
+                then()
             except BaseException as exc:  # re-raised in the calling thread
                 failed.append(exc)
 
-        helper = threading.Thread(target=run_first, name="crf-lattice-build", daemon=True)
+        helper = threading.Thread(target=beside, name="crf-beside-insertion", daemon=True)
         try:
-            second(before_insert=helper.start)
+            build(before_insert=helper.start)
+            built = time.perf_counter()
         finally:
             if helper.is_alive():
                 helper.join()
-        if helper.ident is None:  # the second build never reached its insertion
-            first()
+        if helper.ident is None:  # the build never reached its insertion
+            beside()
         if failed:
             raise failed[0]
+        return max(built, ended[0])
 
     def _build_lists(self, lat: _Lattice, m: int, scratch: str) -> None:
         """Each vertex's entries (lat.starts, lat.lists: pixels for the gather splat, entry ids for
@@ -522,31 +536,36 @@ class DenseCRFDriver:
         clock.lap("upload_and_check")
 
         symmetric = params.normalization == "symmetric"
+        u = self._buf("unary", n * s * 4)
+        ppt = self.choices["pixels_per_thread"]
+        rows = -(-n // ppt)  # threads of the per-pixel kernels, ppt pixels each
+
+        def unary() -> None:  # U from the scores, Q = softmax(-U)
+            k.launch("crf_unary", rows, src, I32(n), I32(c), I32(s), I32(1 if is_logits else 0), u, I32(ppt))
+            nulls = (None, None, None, I32(1))
+            k.launch("crf_update", rows, u, I32(n), I32(c), I32(s), *nulls, *nulls, q, I32(ppt))
+
         lattices = []
         if params.iterations > 0:
             spatial_key = (h, w, s, float(params.pos_xy_std), float(params.pos_w), symmetric)
             bilateral = _Lattice("b_", BILATERAL_D, params.bi_w)
             build_bilateral = partial(self._build, bilateral, img, h, w, params.bi_xy_std, params.bi_rgb_std,
                                       symmetric, s)
+            builds = []
             if self._spatial is None or self._spatial_key != spatial_key:
                 self._spatial_key = None  # a build that fails half-way leaves no stale entry behind
                 self._spatial = _Lattice("s_", SPATIAL_D, params.pos_w)
-                build_spatial = partial(self._build, self._spatial, None, h, w, params.pos_xy_std, 1.0, symmetric,
-                                        s, scratch="s_")
-                self._both(build_spatial, build_bilateral)
-                self._spatial_key = spatial_key
-            else:
-                build_bilateral()
+                builds.append(partial(self._build, self._spatial, None, h, w, params.pos_xy_std, 1.0, symmetric, s,
+                                      scratch="s_"))
+            built_at = self._beside(build_bilateral, builds, unary)
+            self._spatial_key = spatial_key
             spatial = self._spatial
             lattices = [spatial, bilateral]
-            clock.lap("lattice_build")
-
-        u = self._buf("unary", n * s * 4)
-        ppt = self.choices["pixels_per_thread"]
-        rows = -(-n // ppt)  # threads of the per-pixel kernels, ppt pixels each
-        k.launch("crf_unary", rows, src, I32(n), I32(c), I32(s), I32(1 if is_logits else 0), u, I32(ppt))
-        nulls = (None, None, None, I32(1))
-        k.launch("crf_update", rows, u, I32(n), I32(c), I32(s), *nulls, *nulls, q, I32(ppt))  # Q = softmax(-U)
+            clock.lap("lattice_build", at=built_at)
+            if built_at is None:
+                unary()
+        else:
+            unary()
         clock.lap("unary")
         if params.iterations > 0:
             # Every iteration makes the same launches: prepared once, replayed.
