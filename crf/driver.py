@@ -134,21 +134,22 @@ FIXED_SPLAT_SLOTS = 32  # list slots per thread in crf_splat_fixed
 #   insert:      lattice vertices found and numbered by "atomic" hash insertion + mark + scan +
 #                number + offsets, or "serial": one thread inserting in entry order, numbering as
 #                it goes (one pass, no atomics; the same numbering)
-#   pixels_per_thread: of the update and the unary (1 to 8): the CPU takes 8 and does each step
-#                for all of them before the next, so that a core overlaps their chains of dependent
-#                steps; the same bits whatever the count
+#   pixels_per_thread: of the update, the unary and the marginals (1 to 16): the CPU takes 16
+#                and does each step for all of them before the next, so that a core overlaps their
+#                chains of dependent steps and reads or writes whole cache lines of each label
+#                plane; the same bits whatever the count
 #   lists:       the per-vertex entry lists (for the gather and fixed splats) built by "atomic"
 #                count + scan + fill (+ sort for the gather splat), or "serial": one thread, in
 #                entry order, sorted as it goes (on the CPU, atomics cost more than the work; the
 #                same lists)
 CHOICES = {
     "cpu": {"label_chunk": 0, "label_align": 8, "splat": "scatter", "scan_chunk": 0, "insert": "serial",
-            "lists": "serial", "pixels_per_thread": 8},
+            "lists": "serial", "pixels_per_thread": 16},
     "gpu": {"label_chunk": 1, "label_align": 1, "splat": "fixed", "scan_chunk": 32, "insert": "atomic",
             "lists": "atomic", "pixels_per_thread": 1},
 }
 SERIAL_OR_ATOMIC = ("atomic", "serial")
-MAX_PIXELS_PER_THREAD = 8  # densecrf.cu CRF_MAX_PIXELS_PER_THREAD
+MAX_PIXELS_PER_THREAD = 16  # densecrf.cu CRF_MAX_PIXELS_PER_THREAD
 
 
 class DenseCRFDriver:
@@ -594,7 +595,7 @@ class DenseCRFDriver:
             out_m = np.empty((c, h, w), np.float32)
             mb = k.host_view(out_m)  # the CPU build writes the result array directly
             # else the unary, not needed any more, takes the transposed marginals on the device
-            k.launch("crf_marginals", n, q, I32(n), I32(c), I32(s), mb if mb is not None else u)
+            k.launch("crf_marginals", rows, q, I32(n), I32(c), I32(s), mb if mb is not None else u, I32(ppt))
         if labels:
             lb = self._buf("labels", n)
             k.launch("crf_argmax", n, q, I32(n), I32(c), I32(s), lb)

@@ -190,23 +190,24 @@ def test_hash_table_grows_when_the_lattice_has_many_vertices(splat):
 
 
 def test_pixels_per_thread_give_the_same_bits():
-    """The CPU's update and unary take 8 pixels per thread (each step for all of them before the
-    next), the GPU's one: the same operations per pixel, so the same bits, also where the pixel
-    count is no multiple of the count (a last thread with fewer), from logits and from energies."""
+    """The CPU's update, unary and marginals take 16 pixels per thread (each step for all of them
+    before the next), the GPU's one: the same operations per pixel, so the same bits, also where
+    the pixel count is no multiple of the count (a last thread with fewer), from logits and from
+    energies."""
     from crf import _driver
     from crf.driver import DenseCRFDriver
 
-    img = photo("astronaut", 61, 59)  # 3599 pixels: a multiple of none of 3, 5 and 8
+    img = photo("astronaut", 61, 59)  # 3599 pixels: a multiple of none of 3, 5, 8 and 16
     h, w = img.shape[:2]
     s = smooth_logits(h, w, 7, seed=3)
     cpu = _driver("cpu")
-    assert cpu.choices["pixels_per_thread"] == 8 and DenseCRFDriver(cpu.k, "gpu").choices["pixels_per_thread"] == 1
+    assert cpu.choices["pixels_per_thread"] == 16 and DenseCRFDriver(cpu.k, "gpu").choices["pixels_per_thread"] == 1
     for is_logits in (True, False):
         ref = cpu.run(s, img, h, w, 7, CRFParams(), is_logits=is_logits)[0]
         for ppt in (1, 3, 5):
             got = DenseCRFDriver(cpu.k, pixels_per_thread=ppt).run(s, img, h, w, 7, CRFParams(), is_logits=is_logits)[0]
             assert np.array_equal(got, ref), (ppt, is_logits)
-    for bad in (0, 9, 2.0, True):
+    for bad in (0, 17, 2.0, True):
         with pytest.raises(ValueError, match="pixels_per_thread"):
             DenseCRFDriver(cpu.k, pixels_per_thread=bad)
 

@@ -20,7 +20,7 @@
 
 #define CRF_MAX_D 5  // bilateral kernel: x, y and three colour channels
 #define CRF_PAD_ENERGY 1e30f  // unary of a padding label: never the maximum, exp() of it is 0
-#define CRF_MAX_PIXELS_PER_THREAD 8  // crf_update and crf_unary: pixels per thread, at most
+#define CRF_MAX_PIXELS_PER_THREAD 16  // crf_update, crf_unary, crf_marginals: pixels per thread, at most
 #ifndef CRF_SIMD
 #define CRF_SIMD  // the CPU build (cpu_shim.h) marks some label loops for vectorisation
 #endif
@@ -715,7 +715,7 @@ __device__ __forceinline__ void crf_normalise_row(float* __restrict__ q, int C, 
 // thread. The CPU takes a few and does each step for all of them before the next (messages, row
 // maxima, exp, normalisation): each pixel's chain of dependent steps is long, and a core overlaps
 // the independent chains of neighbouring pixels only when they sit close together in the
-// instruction stream (P = 8: crf_update 25-30 % faster than P = 1). The same operations per pixel
+// instruction stream (P = 8: crf_update 25-30 % faster than P = 1; 16: a few % more). The same operations per pixel
 // whatever P: the same bits.
 extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C, int S,
                                       const float* __restrict__ V_s, const int* __restrict__ off_s,
@@ -757,9 +757,12 @@ extern "C" __global__ void crf_unary(const float* src, int N, int C, int S, int 
     const int i0 = (int)first, n = min(N - i0, min(P, CRF_MAX_PIXELS_PER_THREAD));
     for (int p = 0; p < n; p++)
         for (int l = C; l < S; l++) U[(long long)(i0 + p) * S + l] = CRF_PAD_ENERGY;
+    // src is read plane by plane, the pixels innermost: 16 pixels are a whole cache line of each
+    // plane, used at once (planes a power of two apart share cache sets: a line read back pixel
+    // by pixel is evicted before its next use, at 1024x768)
     if (!is_logits) {
-        for (int p = 0; p < n; p++)
-            for (int l = 0; l < C; l++) U[(long long)(i0 + p) * S + l] = src[(long long)l * N + i0 + p];
+        for (int l = 0; l < C; l++)
+            for (int p = 0; p < n; p++) U[(long long)(i0 + p) * S + l] = src[(long long)l * N + i0 + p];
         return;
     }
     float m[CRF_MAX_PIXELS_PER_THREAD], s[CRF_MAX_PIXELS_PER_THREAD];
@@ -769,20 +772,19 @@ extern "C" __global__ void crf_unary(const float* src, int N, int C, int S, int 
             const float x = src[(long long)l * N + i0 + p];
             m[p] = x > m[p] ? x : m[p];
         }
+    for (int l = 0; l < C; l++)
+        for (int p = 0; p < n; p++) U[(long long)(i0 + p) * S + l] = src[(long long)l * N + i0 + p] - m[p];
     // exp over each contiguous row in a loop of its own (it vectorises on the CPU), then the sums
     for (int p = 0; p < n; p++) {
         float* u = U + (long long)(i0 + p) * S;
-        for (int l = 0; l < C; l++) u[l] = src[(long long)l * N + i0 + p] - m[p];
         for (int l = 0; l < C; l++) u[l] = expf(u[l]);
     }
     for (int p = 0; p < n; p++) s[p] = 0.f;
     for (int l = 0; l < C; l++)
         for (int p = 0; p < n; p++) s[p] += U[(long long)(i0 + p) * S + l];
-    for (int p = 0; p < n; p++) {
-        float* u = U + (long long)(i0 + p) * S;
-        const float lse = logf(s[p]) + m[p];
-        for (int l = 0; l < C; l++) u[l] = lse - src[(long long)l * N + i0 + p];
-    }
+    for (int p = 0; p < n; p++) s[p] = logf(s[p]) + m[p];  // log-sum-exp
+    for (int l = 0; l < C; l++)
+        for (int p = 0; p < n; p++) U[(long long)(i0 + p) * S + l] = s[p] - src[(long long)l * N + i0 + p];
 }
 
 // flag[0] = 1 if any of n values is NaN or infinite (checked on the device, before any work).
@@ -794,15 +796,19 @@ extern "C" __global__ void crf_check_finite(const float* x, int n, int* flag)
     if (!(v - v == 0.f)) flag[0] = 1;  // NaN and +-inf give NaN; no isfinite() needed on either target
 }
 
-// Planar (C, H, W) output, one thread per pixel: the thread reads its row in order, and the
-// threads of a block write C runs of consecutive floats (one thread per element, walking the
-// planes, would read Q once per label: C passes over a Q that does not fit in the CPU's caches).
-extern "C" __global__ void crf_marginals(const float* Q, int N, int C, int S, float* out)
+// Planar (C, H, W) output for pixels P*t .. P*t + P - 1 (thread t; P as crf_update's): the rows
+// are read in order, and each plane gets runs of consecutive floats (one thread per element,
+// walking the planes, would read Q once per label: C passes over a Q that does not fit in the
+// CPU's caches). The CPU's 16 pixels write whole cache lines of each plane at once: planes a power
+// of two apart in memory (1024x768) share cache sets, and runs of 8 or fewer floats per pixel
+// thread were evicted before their line was complete (crf_marginals 20x slower than at 500x375).
+extern "C" __global__ void crf_marginals(const float* Q, int N, int C, int S, float* out, int P)
 {
-    const int i = crf_tid();
-    if (i >= N) return;
-    const float* q = Q + (long long)i * S;
-    for (int l = 0; l < C; l++) out[(long long)l * N + i] = q[l];
+    const long long first = (long long)crf_tid() * P;
+    if (first >= N) return;
+    const int i0 = (int)first, n = min(N - i0, min(P, CRF_MAX_PIXELS_PER_THREAD));
+    for (int l = 0; l < C; l++)
+        for (int p = 0; p < n; p++) out[(long long)l * N + i0 + p] = Q[(long long)(i0 + p) * S + l];
 }
 
 extern "C" __global__ void crf_argmax(const float* Q, int N, int C, int S, unsigned char* labels)
