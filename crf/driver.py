@@ -328,10 +328,11 @@ class DenseCRFDriver:
 
         def beside() -> None:
             try:
-                for f in builds:
-                    f()
-                ended[0] = time.perf_counter()
-                then()
+                with self.k.active():  # as run() in the calling thread: buffers grown or dropped here too
+                    for f in builds:
+                        f()
+                    ended[0] = time.perf_counter()
+                    then()
             except BaseException as exc:  # re-raised in the calling thread
                 failed.append(exc)
 
