@@ -27,6 +27,17 @@
 
 __device__ __forceinline__ int crf_tid() { return (int)(blockIdx.x * blockDim.x + threadIdx.x); }
 
+// The pixels of this thread in the kernels that take P pixels per thread (crf_update, crf_unary,
+// crf_marginals): i0 .. i0 + n - 1, n at most CRF_MAX_PIXELS_PER_THREAD; false when none is left.
+__device__ __forceinline__ bool crf_pixel_run(int N, int P, int& i0, int& n)
+{
+    const long long first = (long long)crf_tid() * P;
+    if (first >= N) return false;
+    i0 = (int)first;
+    n = min(N - i0, min(P, CRF_MAX_PIXELS_PER_THREAD));
+    return true;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Lattice construction (once per image and Gaussian kernel)
 
@@ -715,26 +726,18 @@ __device__ __forceinline__ void crf_normalise_row(float* __restrict__ q, int C, 
 // thread. The CPU takes a few and does each step for all of them before the next (messages, row
 // maxima, exp, normalisation): each pixel's chain of dependent steps is long, and a core overlaps
 // the independent chains of neighbouring pixels only when they sit close together in the
-// instruction stream (P = 8: crf_update 25-30 % faster than P = 1; 16: a few % more). The same operations per pixel
-// whatever P: the same bits.
+// instruction stream (P = 8: crf_update 25-30 % faster than P = 1; 16: a few % more). The same
+// operations per pixel whatever P: the same bits.
 extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C, int S,
                                       const float* __restrict__ V_s, const int* __restrict__ off_s,
                                       const float* __restrict__ coef_s, int dp1_s,
                                       const float* __restrict__ V_b, const int* __restrict__ off_b,
                                       const float* __restrict__ coef_b, int dp1_b, float* __restrict__ Q, int P)
 {
-    const long long first = (long long)crf_tid() * P;
-    if (first >= N) return;
-    const int i0 = (int)first;
-    if (P == 1) {
-        float* q = Q + (long long)i0 * S;
-        crf_update_messages(i0, U, S, V_s, off_s, coef_s, dp1_s, V_b, off_b, coef_b, dp1_b, Q);
-        crf_exp_row(q, crf_row_max(q, S), C, S);  // padding labels (-1e30) are never the maximum
-        crf_normalise_row(q, C, S);
-        return;
-    }
-    const int i1 = min(N, i0 + min(P, CRF_MAX_PIXELS_PER_THREAD));
-    float mx[CRF_MAX_PIXELS_PER_THREAD];
+    int i0, n;
+    if (!crf_pixel_run(N, P, i0, n)) return;
+    const int i1 = i0 + n;
+    float mx[CRF_MAX_PIXELS_PER_THREAD];  // padding labels (-1e30) are never the maximum
     for (int i = i0; i < i1; i++)
         crf_update_messages(i, U, S, V_s, off_s, coef_s, dp1_s, V_b, off_b, coef_b, dp1_b, Q);
     for (int i = i0; i < i1; i++) mx[i - i0] = crf_row_max(Q + (long long)i * S, S);
@@ -752,9 +755,8 @@ extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C,
 // neighbouring pixels' logits are neighbours in src. The same operations per pixel whatever P.
 extern "C" __global__ void crf_unary(const float* src, int N, int C, int S, int is_logits, float* U, int P)
 {
-    const long long first = (long long)crf_tid() * P;
-    if (first >= N) return;
-    const int i0 = (int)first, n = min(N - i0, min(P, CRF_MAX_PIXELS_PER_THREAD));
+    int i0, n;
+    if (!crf_pixel_run(N, P, i0, n)) return;
     for (int p = 0; p < n; p++)
         for (int l = C; l < S; l++) U[(long long)(i0 + p) * S + l] = CRF_PAD_ENERGY;
     // src is read plane by plane, the pixels innermost: 16 pixels are a whole cache line of each
@@ -804,9 +806,8 @@ extern "C" __global__ void crf_check_finite(const float* x, int n, int* flag)
 // thread were evicted before their line was complete (crf_marginals 20x slower than at 500x375).
 extern "C" __global__ void crf_marginals(const float* Q, int N, int C, int S, float* out, int P)
 {
-    const long long first = (long long)crf_tid() * P;
-    if (first >= N) return;
-    const int i0 = (int)first, n = min(N - i0, min(P, CRF_MAX_PIXELS_PER_THREAD));
+    int i0, n;
+    if (!crf_pixel_run(N, P, i0, n)) return;
     for (int l = 0; l < C; l++)
         for (int p = 0; p < n; p++) out[(long long)l * N + i0 + p] = Q[(long long)(i0 + p) * S + l];
 }
