@@ -200,6 +200,12 @@ class DenseCRFDriver:
     def pooled_bytes(self) -> int:
         return self._pool.nbytes()
 
+    @property
+    def _insertion_sums_ones(self) -> bool:
+        """Whether the build takes the normaliser's splat of ones from the serial insertion (its
+        float sums, the float splats' own), rather than filtering ones held in the unary's buffer."""
+        return self.choices["insert"] == "serial" and self.splat != "fixed"
+
     def _fill_int(self, buf: Buffer, n: int, value: int) -> None:
         self.k.launch("crf_fill_int", n, buf, I32(n), I32(value))
 
@@ -242,8 +248,7 @@ class DenseCRFDriver:
                 before_insert = None
             if serial:  # numbered as inserted: table, vertex keys and offsets in one pass
                 vertex_keys = self._buf(scratch + "vertex_keys", limit * d * 2)
-                # with the float splats, the normaliser's splat of ones is summed as the entries go in
-                sums = self._buf(scratch + "weight_sums", (limit + 1) * 4) if self.splat != "fixed" else None
+                sums = self._buf(scratch + "weight_sums", (limit + 1) * 4) if self._insertion_sums_ones else None
                 k.launch("crf_insert_serial", 1, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill,
                          vertex_keys, lat.offsets, lat.weights, sums)
             else:
@@ -315,10 +320,9 @@ class DenseCRFDriver:
         has its own scratch buffers); returns the perf_counter() time all builds had ended. Else
         the builds one after the other, ``then`` left to the caller: returns None. The same bits
         either way."""
-        # Only where the builds use no buffer of the unary's: with the float splats the serial
-        # insertion sums the normaliser's splat (the ones it otherwise filters live in the unary's).
-        beside_ok = self.choices["insert"] == "serial" and self.splat != "fixed"
-        if self.k.name != "cpu" or not beside_ok or getattr(self.k, "threads", 1) < 2:
+        # Only where the builds use no buffer of the unary's: the ones a build filters for its
+        # normaliser otherwise live in the unary's.
+        if self.k.name != "cpu" or not self._insertion_sums_ones or getattr(self.k, "threads", 1) < 2:
             for f in builds:
                 f()
             build()
