@@ -533,13 +533,11 @@ class DenseCRFDriver:
                 k.upload(img, image)
         else:
             img = image
-        if check_finite:
+        flag = None
+        if check_finite:  # crf_unary checks the scores as it reads them: refused below, before the iterations
             flag = self._buf("flag", 4)
             self._fill_int(flag, 1, 0)
-            k.launch("crf_check_finite", n * c, src, I32(n * c), flag)
-            if int(k.download(flag, (1,), np.int32)[0]):
-                raise CRFInputError("scores contain NaN/inf values")
-        clock.lap("upload_and_check")
+        clock.lap("upload")
 
         symmetric = params.normalization == "symmetric"
         u = self._buf("unary", n * s * 4)
@@ -547,7 +545,7 @@ class DenseCRFDriver:
         rows = -(-n // ppt)  # threads of the per-pixel kernels, ppt pixels each
 
         def unary() -> None:  # U from the scores, Q = softmax(-U)
-            k.launch("crf_unary", rows, src, I32(n), I32(c), I32(s), I32(1 if is_logits else 0), u, I32(ppt))
+            k.launch("crf_unary", rows, src, I32(n), I32(c), I32(s), I32(1 if is_logits else 0), u, I32(ppt), flag)
             nulls = (None, None, None, I32(1))
             k.launch("crf_update", rows, u, I32(n), I32(c), I32(s), *nulls, *nulls, q, I32(ppt))
 
@@ -572,6 +570,8 @@ class DenseCRFDriver:
                 unary()
         else:
             unary()
+        if flag is not None and int(k.download(flag, (1,), np.int32)[0]):
+            raise CRFInputError("scores contain NaN/inf values")
         clock.lap("unary")
         if params.iterations > 0:
             # Every iteration makes the same launches: prepared once, replayed.

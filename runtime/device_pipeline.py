@@ -11,7 +11,7 @@ HostPipeline: a host backend's scores are a numpy array; cropping is slicing, do
 DevicePipeline: the scores stay where a device backend (runtime/network.py) left them in a Buffer.
 ``crop`` copies the image's part of the padded N x C x Hp x Wp scores into a dense planar buffer
 (kernel crf_crop_scores), ``labels`` uploads the image once and runs the CRF (DenseCRFDriver, whose
-crf_check_finite refuses NaN/inf scores: NetworkOutputError naming the image) on the cropped scores,
+unary kernel refuses NaN/inf scores: NetworkOutputError naming the image) on the cropped scores,
 the argmax kernel writing the labels into pinned host memory: only the H x W uint8 labels come back
 (and the marginals when asked). ``download`` brings the cropped scores to the host, for what stays a
 host step: the score resize of a shrunk image, the CRF on a shrunken copy of an image above

@@ -292,23 +292,32 @@ def test_concurrent_calls_from_threads_are_safe():
         assert np.array_equal(g, expected[k % 3])
 
 
-def test_device_side_nan_check():
-    """Logits already on the device (the TensorRT pipeline) are checked there, not on the host."""
+@pytest.mark.parametrize("is_logits", [True, False])
+@pytest.mark.parametrize("where", ["middle", "last pixel"])
+def test_device_side_nan_check(is_logits, where):
+    """Logits (or energies) already on the device (the TensorRT pipeline) are checked there, not on
+    the host, by the unary kernel as it reads them: anywhere, the last pixel of a run of fewer than
+    16 included, on the logits' and the energies' paths, with 0 iterations too."""
     from crf import _driver
 
     d = _driver("cpu")
-    img = photo("coffee", 40)
+    img = photo("coffee", 40)[:, :-1]  # pixels not a multiple of 16: the last thread has fewer
     h, w = img.shape[:2]
+    assert (h * w) % 16
     s = smooth_logits(h, w, 3)
-    s[2, 5, 7] = np.inf
+    at = (2, 5, 7) if where == "middle" else (2, h - 1, w - 1)
+    s[at] = np.inf if where == "middle" else np.nan
     buf = d.k.alloc(s.nbytes)
     d.k.upload(buf, s)
-    with pytest.raises(CRFInputError, match="NaN/inf"):
-        d.run(Buffer(s.nbytes, buf.ptr, buf.owner), img, h, w, 3, CRFParams())
-    s[2, 5, 7] = 0
+    for iterations in (10, 0):
+        with pytest.raises(CRFInputError, match="NaN/inf"):
+            d.run(Buffer(s.nbytes, buf.ptr, buf.owner), img, h, w, 3, CRFParams(iterations=iterations),
+                  is_logits=is_logits)
+    s[at] = 0
     d.k.upload(buf, s)
-    _, labels = d.run(buf, img, h, w, 3, CRFParams(), marginals=False, labels=True)
-    assert (labels == refine(s, img, backend="cpu").argmax(0)).all()
+    _, labels = d.run(buf, img, h, w, 3, CRFParams(), is_logits=is_logits, marginals=False, labels=True)
+    expected = refine(s, img, backend="cpu") if is_logits else refine_unary(s, img, backend="cpu")
+    assert (labels == expected.argmax(0)).all()
 
 
 def test_lattice_key_overflow_is_an_error_not_garbage():

@@ -25,6 +25,9 @@ static thread_local dim3 gridDim;
 // A label loop whose iterations are independent, to be vectorised (-fopenmp-simd): where GCC
 // would otherwise keep a row's loads in scalar registers across an outer loop and add lane by lane.
 #define CRF_SIMD _Pragma("omp simd")
+// A line wanted soon, where the hardware's prefetchers do not see it coming (a few lines of each
+// of C label planes at once, C up to hundreds of streams). Past the end of an array it is harmless.
+#define CRF_PREFETCH(address, for_write) __builtin_prefetch((address), (for_write))
 
 using std::min;
 using std::max;

@@ -21,8 +21,12 @@
 #define CRF_MAX_D 5  // bilateral kernel: x, y and three colour channels
 #define CRF_PAD_ENERGY 1e30f  // unary of a padding label: never the maximum, exp() of it is 0
 #define CRF_MAX_PIXELS_PER_THREAD 16  // crf_update, crf_unary, crf_marginals: pixels per thread, at most
+#define CRF_PLANE_AHEAD 128  // floats ahead of a planar read or write that the CPU prefetches
 #ifndef CRF_SIMD
 #define CRF_SIMD  // the CPU build (cpu_shim.h) marks some label loops for vectorisation
+#endif
+#ifndef CRF_PREFETCH
+#define CRF_PREFETCH(address, for_write)  // the CPU build (cpu_shim.h) fetches lines ahead of use
 #endif
 
 __device__ __forceinline__ int crf_tid() { return (int)(blockIdx.x * blockDim.x + threadIdx.x); }
@@ -748,54 +752,65 @@ extern "C" __global__ void crf_update(const float* __restrict__ U, int N, int C,
 // ------------------------------------------------------------------------------------------------
 // Input and output on the device
 
+// The unary of pixels i0 .. i0 + n - 1 (crf_unary): every step runs over the labels with the
+// pixels innermost, reading src plane by plane (n neighbouring pixels are neighbours in each
+// plane: at 16, one cache line of each plane). The exponentials are summed as they are made and
+// never stored: -log softmax is log(sum exp(x - m)) + m - x. Called with n a constant where it
+// can be, so that the CPU build keeps the n running maxima and sums in vector registers.
+__device__ __forceinline__ void crf_unary_run(const float* __restrict__ src, int N, int C, int S, int is_logits,
+                                              float* __restrict__ U, int i0, int n, int* flag)
+{
+    for (int p = 0; p < n; p++)
+        for (int l = C; l < S; l++) U[(long long)(i0 + p) * S + l] = CRF_PAD_ENERGY;
+    // The scores' check: x - x is 0 for a finite x and NaN for NaN and +-inf, and a NaN added in
+    // stays: no isfinite() needed on either target, and a loop of float additions vectorises.
+    float nan_if_bad[CRF_MAX_PIXELS_PER_THREAD];
+    for (int p = 0; p < n; p++) nan_if_bad[p] = 0.f;
+    if (!is_logits) {
+        for (int l = 0; l < C; l++) {
+            const float* x = src + (long long)l * N + i0;
+            CRF_PREFETCH(x + CRF_PLANE_AHEAD, 0);
+            for (int p = 0; p < n; p++) {
+                nan_if_bad[p] += x[p] - x[p];
+                U[(long long)(i0 + p) * S + l] = x[p];
+            }
+        }
+    } else {
+        float m[CRF_MAX_PIXELS_PER_THREAD], s[CRF_MAX_PIXELS_PER_THREAD];
+        for (int p = 0; p < n; p++) m[p] = -3.402823466e38f;
+        for (int l = 0; l < C; l++) {
+            const float* x = src + (long long)l * N + i0;
+            CRF_PREFETCH(x + CRF_PLANE_AHEAD, 0);
+            for (int p = 0; p < n; p++) {
+                nan_if_bad[p] += x[p] - x[p];
+                m[p] = x[p] > m[p] ? x[p] : m[p];
+            }
+        }
+        for (int p = 0; p < n; p++) s[p] = 0.f;
+        for (int l = 0; l < C; l++)
+            for (int p = 0; p < n; p++) s[p] += expf(src[(long long)l * N + i0 + p] - m[p]);
+        for (int p = 0; p < n; p++) s[p] = logf(s[p]) + m[p];  // log-sum-exp
+        for (int l = 0; l < C; l++)
+            for (int p = 0; p < n; p++) U[(long long)(i0 + p) * S + l] = s[p] - src[(long long)l * N + i0 + p];
+    }
+    if (flag)
+        for (int p = 0; p < n; p++)
+            if (!(nan_if_bad[p] == 0.f)) flag[0] = 1;
+}
+
 // U[i*S + l] from planar src[l*N + i] for pixels P*t .. P*t + P - 1 (thread t; P as crf_update's):
 // -log softmax of logits (is_logits) or a copy of unary energies; padding labels C..S-1 get
-// CRF_PAD_ENERGY. Each step is done for all P pixels before the next, the pixels innermost where
-// the step runs over the labels: their chains (the running maximum, the sum) interleave, and
-// neighbouring pixels' logits are neighbours in src. The same operations per pixel whatever P.
-extern "C" __global__ void crf_unary(const float* src, int N, int C, int S, int is_logits, float* U, int P)
+// CRF_PAD_ENERGY. flag (NULL: not checked): flag[0] = 1 if any of the scores is NaN or infinite
+// (the driver reads it before it uses what this wrote). The same operations per pixel whatever P.
+extern "C" __global__ void crf_unary(const float* __restrict__ src, int N, int C, int S, int is_logits,
+                                     float* __restrict__ U, int P, int* flag)
 {
     int i0, n;
     if (!crf_pixel_run(N, P, i0, n)) return;
-    for (int p = 0; p < n; p++)
-        for (int l = C; l < S; l++) U[(long long)(i0 + p) * S + l] = CRF_PAD_ENERGY;
-    // src is read plane by plane, the pixels innermost: 16 pixels are a whole cache line of each
-    // plane, used at once (planes a power of two apart share cache sets: a line read back pixel
-    // by pixel is evicted before its next use, at 1024x768)
-    if (!is_logits) {
-        for (int l = 0; l < C; l++)
-            for (int p = 0; p < n; p++) U[(long long)(i0 + p) * S + l] = src[(long long)l * N + i0 + p];
-        return;
-    }
-    float m[CRF_MAX_PIXELS_PER_THREAD], s[CRF_MAX_PIXELS_PER_THREAD];
-    for (int p = 0; p < n; p++) m[p] = -3.402823466e38f;
-    for (int l = 0; l < C; l++)
-        for (int p = 0; p < n; p++) {
-            const float x = src[(long long)l * N + i0 + p];
-            m[p] = x > m[p] ? x : m[p];
-        }
-    for (int l = 0; l < C; l++)
-        for (int p = 0; p < n; p++) U[(long long)(i0 + p) * S + l] = src[(long long)l * N + i0 + p] - m[p];
-    // exp over each contiguous row in a loop of its own (it vectorises on the CPU), then the sums
-    for (int p = 0; p < n; p++) {
-        float* u = U + (long long)(i0 + p) * S;
-        for (int l = 0; l < C; l++) u[l] = expf(u[l]);
-    }
-    for (int p = 0; p < n; p++) s[p] = 0.f;
-    for (int l = 0; l < C; l++)
-        for (int p = 0; p < n; p++) s[p] += U[(long long)(i0 + p) * S + l];
-    for (int p = 0; p < n; p++) s[p] = logf(s[p]) + m[p];  // log-sum-exp
-    for (int l = 0; l < C; l++)
-        for (int p = 0; p < n; p++) U[(long long)(i0 + p) * S + l] = s[p] - src[(long long)l * N + i0 + p];
-}
-
-// flag[0] = 1 if any of n values is NaN or infinite (checked on the device, before any work).
-extern "C" __global__ void crf_check_finite(const float* x, int n, int* flag)
-{
-    const int k = crf_tid();
-    if (k >= n) return;
-    const float v = x[k];
-    if (!(v - v == 0.f)) flag[0] = 1;  // NaN and +-inf give NaN; no isfinite() needed on either target
+    if (n == CRF_MAX_PIXELS_PER_THREAD)
+        crf_unary_run(src, N, C, S, is_logits, U, i0, CRF_MAX_PIXELS_PER_THREAD, flag);
+    else
+        crf_unary_run(src, N, C, S, is_logits, U, i0, n, flag);
 }
 
 // Planar (C, H, W) output for pixels P*t .. P*t + P - 1 (thread t; P as crf_update's): the rows
@@ -808,8 +823,10 @@ extern "C" __global__ void crf_marginals(const float* Q, int N, int C, int S, fl
 {
     int i0, n;
     if (!crf_pixel_run(N, P, i0, n)) return;
-    for (int l = 0; l < C; l++)
+    for (int l = 0; l < C; l++) {
+        CRF_PREFETCH(out + (long long)l * N + i0 + CRF_PLANE_AHEAD, 1);
         for (int p = 0; p < n; p++) out[(long long)l * N + i0 + p] = Q[(long long)(i0 + p) * S + l];
+    }
 }
 
 extern "C" __global__ void crf_argmax(const float* Q, int N, int C, int S, unsigned char* labels)
