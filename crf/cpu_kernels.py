@@ -14,6 +14,9 @@ from .cpu_library import load_cpu_library
 from .kernel_interface import BLOCK, Buffer, KernelBackend, check_count
 
 
+CACHE_LINE = 64  # bytes; where the buffers start
+
+
 class CPUKernels(KernelBackend):
     """threads: how many threads a launch uses, the caller's included (1: every launch on the
     calling thread); None keeps the process's setting (by default OMP_NUM_THREADS, else the CPUs
@@ -41,8 +44,12 @@ class CPUKernels(KernelBackend):
         self.lib.crf_cpu_set_threads(int(n))
 
     def alloc(self, nbytes: int) -> Buffer:
-        arr = np.empty(max(int(nbytes), 4), np.uint8)
-        return Buffer(int(nbytes), arr.ctypes.data, arr)
+        # Aligned to a cache line (numpy's memory is 16-byte aligned): label rows of 16 floats or
+        # a multiple are then whole lines, and two threads writing different labels of one row
+        # (the scatter splat's tasks) never share a line.
+        arr = np.empty(max(int(nbytes), 4) + CACHE_LINE, np.uint8)
+        skip = -arr.ctypes.data % CACHE_LINE
+        return Buffer(int(nbytes), arr.ctypes.data + skip, arr)
 
     def upload(self, buf: Buffer, array: np.ndarray) -> None:
         a = np.ascontiguousarray(array)
