@@ -124,6 +124,11 @@ def test_serial_lattice_build_the_cpus_choice_equals_the_atomic_one(image, param
     atomic = DenseCRFDriver(serial.k, insert="atomic", lists="atomic")
     got, ref = serial.run(s, img, h, w, 5, params)[0], atomic.run(s, img, h, w, 5, params)[0]
     assert np.array_equal(got, ref) and serial.last_vertices == atomic.last_vertices
+    # the spatial lattice is blurred inside the scatter launch, by the thread that splatted it, where
+    # it is the smaller lattice (DeepLab's bandwidth 3); with a spatial bandwidth of 0.5 it is
+    # nearly a vertex per pixel, and both lattices are blurred by launches of their own
+    blurs = [launch.spec[0] for launch in serial.last_iteration].count("crf_blur")
+    assert blurs == (6 if params.pos_xy_std >= 1 else 6 + 3)
     if image == "noise":
         assert serial.last_vertices["b_"] == h * w * 6
     # the gather splat reads the entry lists: built serially or with atomics, the same bits as the

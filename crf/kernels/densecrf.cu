@@ -493,30 +493,6 @@ __device__ __forceinline__ void crf_scatter_lattice(const float* __restrict__ Q,
     }
 }
 
-// The CPU's splat (crf/driver.py "splat": "scatter"): one thread per lattice (thread 0: lattice a,
-// thread 1: lattice b, absent when offsets_b is NULL) walks the pixels in order and adds each
-// pixel's row into its d+1 vertex rows. Every vertex gets the same additions in the same order as
-// crf_splat's sorted gather (pixel order, as the reference): the same bits. But Q is read once and
-// in order, and the vertex rows written stay in cache (neighbouring pixels share their vertices),
-// where the gather reads a pixel row at random per entry; and no entry lists are needed. The CPU
-// build runs each thread of this launch as its own claim (cpu_launch.cpp), so the two lattices
-// are splatted at once on two cores. weights: the barycentric weights in entry order. Row M of V
-// (the blur's zero row) is not touched.
-extern "C" __global__ void crf_splat_scatter(const float* __restrict__ Q, int N, int S,
-                                             const float* __restrict__ prescale_a, const int* __restrict__ offsets_a,
-                                             const float* __restrict__ weights_a, int dp1_a, int M_a,
-                                             float* __restrict__ V_a,
-                                             const float* __restrict__ prescale_b, const int* __restrict__ offsets_b,
-                                             const float* __restrict__ weights_b, int dp1_b, int M_b,
-                                             float* __restrict__ V_b)
-{
-    const int t = crf_tid();
-    if (t == 0)
-        crf_scatter_lattice(Q, prescale_a, offsets_a, weights_a, N, dp1_a, M_a, S, V_a);
-    else if (t == 1 && offsets_b)
-        crf_scatter_lattice(Q, prescale_b, offsets_b, weights_b, N, dp1_b, M_b, S, V_b);
-}
-
 // The GPU's splat. crf_splat gives one thread a whole vertex: on a GPU that is one thread looping
 // over thousands of entries where a vertex covers a flat region (4,572 entries at most on a 500x375
 // photograph, 6,517 on a flat image), and it needs the lists sorted (one thread per vertex again).
@@ -560,6 +536,19 @@ extern "C" __global__ void crf_splat_fixed(const float* __restrict__ Q, const fl
 __device__ __forceinline__ float crf_value(float x) { return x; }
 __device__ __forceinline__ float crf_value(unsigned long long x) { return (float)(long long)x * (1.0f / CRF_FIXED_ONE); }
 
+// Labels [c0, c1) of vertex v's row after the blur along direction j: its value plus half of each
+// neighbour's (row M of in, zeros, where a neighbour is absent).
+template <typename T>
+__device__ __forceinline__ void crf_blur_row(const T* __restrict__ in, float* __restrict__ out,
+                                             const int* __restrict__ nbr, int j, int M, int S, int v, int c0, int c1)
+{
+    const T* a = in + (long long)nbr[(j * M + v) * 2] * S;
+    const T* b = in + (long long)nbr[(j * M + v) * 2 + 1] * S;
+    const T* x = in + (long long)v * S;
+    float* y = out + (long long)v * S;
+    for (int l = c0; l < c1; l++) y[l] = crf_value(x[l]) + 0.5f * (crf_value(a[l]) + crf_value(b[l]));
+}
+
 // One blur pass along direction j of this thread's labels: out = in + 0.5 (in[n1] + in[n2]); row M
 // of in is zeros. Returns the thread's row (M or more: none).
 template <typename T>
@@ -570,11 +559,7 @@ __device__ __forceinline__ int crf_blur_pass(const T* __restrict__ in, float* __
     int v;
     crf_chunk(crf_tid(), S, chunk, v, c0, c1);
     if (v >= M) return v;
-    const T* a = in + (long long)nbr[(j * M + v) * 2] * S;
-    const T* b = in + (long long)nbr[(j * M + v) * 2 + 1] * S;
-    const T* x = in + (long long)v * S;
-    float* y = out + (long long)v * S;
-    for (int l = c0; l < c1; l++) y[l] = crf_value(x[l]) + 0.5f * (crf_value(a[l]) + crf_value(b[l]));
+    crf_blur_row(in, out, nbr, j, M, S, v, c0, c1);
     return v;
 }
 
@@ -597,6 +582,43 @@ extern "C" __global__ void crf_blur_fixed(const unsigned long long* __restrict__
 {
     int c0, c1;
     crf_blur_pass(in, out, nbr, j, M, S, chunk, c0, c1);
+}
+
+// The CPU's splat (crf/driver.py "splat": "scatter"): one thread per lattice (thread 0: lattice a,
+// thread 1: lattice b, absent when offsets_b is NULL) walks the pixels in order and adds each
+// pixel's row into its d+1 vertex rows. Every vertex gets the same additions in the same order as
+// crf_splat's sorted gather (pixel order, as the reference): the same bits. But Q is read once and
+// in order, and the vertex rows written stay in cache (neighbouring pixels share their vertices),
+// where the gather reads a pixel row at random per entry; and no entry lists are needed. The CPU
+// build runs each thread of this launch as its own claim (cpu_launch.cpp), so the two lattices
+// are splatted at once on two cores. weights: the barycentric weights in entry order. Row M of V
+// (the blur's zero row) is not touched.
+//
+// nbr_b (else NULL): thread 1 also blurs lattice b, all its directions, once its splat is done,
+// between V_b and W_b (the result in W_b for an odd d + 1, else in V_b), while thread 0 is still
+// splatting the larger lattice a (DeepLab's: 6 vertex rows per pixel against 3): what crf_blur's
+// launches would do after the splat, row for row the same arithmetic: the same bits.
+extern "C" __global__ void crf_splat_scatter(const float* __restrict__ Q, int N, int S,
+                                             const float* __restrict__ prescale_a, const int* __restrict__ offsets_a,
+                                             const float* __restrict__ weights_a, int dp1_a, int M_a,
+                                             float* __restrict__ V_a,
+                                             const float* __restrict__ prescale_b, const int* __restrict__ offsets_b,
+                                             const float* __restrict__ weights_b, int dp1_b, int M_b,
+                                             float* __restrict__ V_b, const int* __restrict__ nbr_b,
+                                             float* __restrict__ W_b)
+{
+    const int t = crf_tid();
+    if (t == 0)
+        crf_scatter_lattice(Q, prescale_a, offsets_a, weights_a, N, dp1_a, M_a, S, V_a);
+    else if (t == 1 && offsets_b) {
+        crf_scatter_lattice(Q, prescale_b, offsets_b, weights_b, N, dp1_b, M_b, S, V_b);
+        if (nbr_b)
+            for (int j = 0; j < dp1_b; j++) {
+                const float* in = j % 2 ? W_b : V_b;
+                float* out = j % 2 ? V_b : W_b;
+                for (int v = 0; v < M_b; v++) crf_blur_row(in, out, nbr_b, j, M_b, S, v, 0, S);
+            }
+    }
 }
 
 // out[i*C + l] = sum_r (weight * V[vertex][l]) * alpha, the reference's slice; used once per image
