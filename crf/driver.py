@@ -223,7 +223,9 @@ class DenseCRFDriver:
         # flags: [0] a key overflowed 16 bits (crf_embed), [1] hash slots taken, [2] table too full
         flags = self._buf(scratch + "flags", 12)
         self._fill_int(flags, 3, 0)
-        k.launch("crf_embed", n, image, I32(h), I32(w), I32(d), F32(sxy), F32(srgb), keys, lat.weights, flags)
+        ppt = self.choices["pixels_per_thread"]
+        k.launch("crf_embed", -(-n // ppt), image, I32(h), I32(w), I32(d), F32(sxy), F32(srgb), keys, lat.weights, flags,
+                 I32(ppt))
 
         serial = self.choices["insert"] == "serial"
         sums = None

@@ -217,6 +217,39 @@ def test_pixels_per_thread_give_the_same_bits():
             DenseCRFDriver(cpu.k, pixels_per_thread=bad)
 
 
+@pytest.mark.parametrize("image", ["photo", "noise", "flat", "narrow", "width 17"])
+def test_embedding_16_pixels_at_once_gives_the_same_bits(image):
+    """The CPU embeds 16 pixels per thread, each step for all of them at once (vectorised across
+    the pixels, selects in place of branches and of the indexing by rank); the GPU one pixel per
+    thread: the same keys, weights and overflow flag, on photographs, noise, a flat image, images
+    narrower than 16 pixels and of odd widths (rows wrapping inside a run of 16), for both
+    lattice dimensions and bandwidths from DeepLab's to ones that overflow the 16-bit keys."""
+    from crf import _driver
+    from crf.driver import F32, I32
+
+    k = _driver("cpu").k
+    rng = np.random.default_rng(7)
+    img = {"photo": photo("astronaut", 90), "noise": rng.integers(0, 256, (61, 77, 3), dtype=np.uint8),
+           "flat": np.full((50, 64, 3), 200, np.uint8), "narrow": rng.integers(0, 256, (40, 9, 3), dtype=np.uint8),
+           "width 17": rng.integers(0, 256, (33, 17, 3), dtype=np.uint8)}[image]
+    h, w = img.shape[:2]
+    n = h * w
+    for d, sxy, srgb in ((5, 80.0, 13.0), (5, 2.0, 1.0), (5, 0.004, 0.01), (2, 3.0, 1.0), (2, 0.5, 1.0)):
+        got = []
+        for ppt in (1, 16):
+            keys, weights, flags = k.alloc(n * (d + 1) * d * 2), k.alloc(n * (d + 1) * 4), k.alloc(12)
+            k.upload(flags, np.zeros(3, np.int32))
+            pixels = k.host_view(img) if d == 5 else None  # the spatial lattice reads no image
+            k.launch("crf_embed", -(-n // ppt), pixels, I32(h), I32(w), I32(d), F32(sxy), F32(srgb),
+                     keys, weights, flags, I32(ppt))
+            got.append((k.download(keys, (n * (d + 1) * d,), np.int16),
+                        k.download(weights, (n * (d + 1),), np.float32).view(np.uint32),
+                        k.download(flags, (3,), np.int32)))
+        for one, sixteen in zip(*got):
+            assert np.array_equal(one, sixteen), (d, sxy, srgb)
+        assert got[0][2][0] == (sxy < 0.01)  # the key overflow is reported either way
+
+
 def test_bad_driver_choices_are_refused():
     from crf import _driver
     from crf.driver import DenseCRFDriver

@@ -50,11 +50,9 @@ __device__ __forceinline__ bool crf_pixel_run(int N, int P, int& i0, int& n)
 // barycentric weights. image may be NULL when d == 2 (the spatial kernel). Keys are stored as
 // 16-bit integers, as in the reference; a key outside that range (a bandwidth tiny for the image)
 // sets overflow[0] and the driver refuses the result.
-extern "C" __global__ void crf_embed(const unsigned char* image, int H, int W, int d, float sxy, float srgb,
-                                     short* keys, float* weights, int* overflow)
+__device__ __forceinline__ void crf_embed_pixel(int i, const unsigned char* image, int W, int d, float sxy, float srgb,
+                                                short* keys, float* weights, int* overflow)
 {
-    const int i = crf_tid();
-    if (i >= H * W) return;
     float f[CRF_MAX_D];
     f[0] = (float)(i % W) / sxy;
     f[1] = (float)(i / W) / sxy;
@@ -144,6 +142,132 @@ extern "C" __global__ void crf_embed(const unsigned char* image, int H, int W, i
         }
         weights[e] = bary[r];
     }
+}
+
+// crf_embed for n pixels i0 .. i0 + n - 1 at once, each step for all of them before the next (the
+// pixels innermost: with n a constant, the CPU build does each step as vector operations across
+// the pixels): crf_embed_pixel's operations, selects instead of its branches and of its indexing
+// by rank (each select picks one exact value): the same bits. A block in which any coordinate
+// falls outside the 16-bit keys is done again pixel by pixel, for crf_embed_pixel's zeroing.
+__device__ __forceinline__ void crf_embed_run(int i0, int n, const unsigned char* image, int W, int d, float sxy,
+                                              float srgb, short* keys, float* weights, int* overflow)
+{
+    float el[CRF_MAX_D + 1][CRF_MAX_PIXELS_PER_THREAD], rem0[CRF_MAX_D + 1][CRF_MAX_PIXELS_PER_THREAD];
+    int rank[CRF_MAX_D + 1][CRF_MAX_PIXELS_PER_THREAD], sum[CRF_MAX_PIXELS_PER_THREAD];
+    float sm[CRF_MAX_PIXELS_PER_THREAD];
+    const float inv_std_dev = (float)(sqrt(2.0 / 3.0) * (d + 1));
+    const double inv_sqrt[CRF_MAX_D + 1] = {0.0, 0.7071067811865475, 0.4082482904638631, 0.2886751345948129,
+                                            0.22360679774997896, 0.18257418583505536};
+    // x and y of each pixel without a division per pixel (the caller ensures n <= W: one wrap at most)
+    int px[CRF_MAX_PIXELS_PER_THREAD], py[CRF_MAX_PIXELS_PER_THREAD];
+    const int x0 = i0 % W, y0 = i0 / W;
+    for (int p = 0; p < n; p++) {
+        const int wrap = x0 + p >= W;
+        px[p] = x0 + p - (wrap ? W : 0);
+        py[p] = y0 + wrap;
+    }
+    for (int p = 0; p < n; p++) sm[p] = 0.f;
+    for (int j = d; j > 0; j--) {
+        const float scale = (float)(inv_sqrt[j] * inv_std_dev);
+        for (int p = 0; p < n; p++) {
+            const int i = i0 + p;
+            const float f = j == 1 ? (float)px[p] / sxy
+                          : j == 2 ? (float)py[p] / sxy
+                                   : (float)image[i * 3 + (j - 3)] / srgb;
+            const float cf = f * scale;
+            el[j][p] = sm[p] - (float)j * cf;
+            sm[p] += cf;
+        }
+    }
+    int outside = 0;
+    for (int p = 0; p < n; p++) el[0][p] = sm[p];
+    for (int k = 0; k <= d; k++)
+        for (int p = 0; p < n; p++) outside |= !(el[k][p] > -32767.f && el[k][p] < 32767.f);
+    if (outside) {
+        for (int p = 0; p < n; p++) crf_embed_pixel(i0 + p, image, W, d, sxy, srgb, keys, weights, overflow);
+        return;
+    }
+    const float down_factor = 1.0f / (float)(d + 1);
+    const float up_factor = (float)(d + 1);
+    for (int p = 0; p < n; p++) sum[p] = 0;
+    for (int k = 0; k <= d; k++)
+        for (int p = 0; p < n; p++) {
+            const float v = down_factor * el[k][p];
+            const float up = ceilf(v) * up_factor;
+            const float down = floorf(v) * up_factor;
+            rem0[k][p] = (up - el[k][p] < el[k][p] - down) ? up : down;
+            sum[p] += (int)rem0[k][p] / (d + 1);
+        }
+    // Rank of each residual, as crf_embed_pixel counts it (the earlier index loses ties): for
+    // coordinate k, the later ones it is below, and the earlier ones it is not below.
+    float res[CRF_MAX_D + 1][CRF_MAX_PIXELS_PER_THREAD];
+    for (int k = 0; k <= d; k++)
+        for (int p = 0; p < n; p++) res[k][p] = el[k][p] - rem0[k][p];
+    for (int k = 0; k <= d; k++) {
+        int count[CRF_MAX_PIXELS_PER_THREAD];
+        for (int p = 0; p < n; p++) count[p] = sum[p];
+        for (int b = 0; b < k; b++)
+            for (int p = 0; p < n; p++) count[p] += !(res[b][p] < res[k][p]);
+        for (int b = k + 1; b <= d; b++)
+            for (int p = 0; p < n; p++) count[p] += res[k][p] < res[b][p];
+        for (int p = 0; p < n; p++) rank[k][p] = count[p];
+    }
+    for (int k = 0; k <= d; k++)
+        CRF_SIMD
+        for (int p = 0; p < n; p++) {
+            const int r = rank[k][p];
+            rank[k][p] = r < 0 ? r + (d + 1) : (r > d ? r - (d + 1) : r);
+            rem0[k][p] = r < 0 ? rem0[k][p] + (float)(d + 1) : (r > d ? rem0[k][p] - (float)(d + 1) : rem0[k][p]);
+        }
+    // The residual of rank t (exactly one k has it; rem0 as corrected above): selects, not sums, so
+    // that even the sign of a zero is kept. by_rank[t] = v[k] with rank[k] == t.
+    float v[CRF_MAX_D + 1][CRF_MAX_PIXELS_PER_THREAD], by_rank[CRF_MAX_D + 1][CRF_MAX_PIXELS_PER_THREAD];
+    for (int k = 0; k <= d; k++)
+        for (int p = 0; p < n; p++) v[k][p] = (el[k][p] - rem0[k][p]) * down_factor;
+    for (int t = 0; t <= d; t++) {
+        float pick[CRF_MAX_PIXELS_PER_THREAD];
+        for (int p = 0; p < n; p++) pick[p] = 0.f;
+        for (int k = 0; k <= d; k++) {
+            CRF_SIMD
+            for (int p = 0; p < n; p++) pick[p] = rank[k][p] == t ? v[k][p] : pick[p];
+        }
+        for (int p = 0; p < n; p++) by_rank[t][p] = pick[p];
+    }
+    float bary[CRF_MAX_D + 2][CRF_MAX_PIXELS_PER_THREAD];
+    for (int p = 0; p < n; p++) bary[0][p] = by_rank[d][p];
+    for (int r = 1; r <= d; r++)
+        for (int p = 0; p < n; p++) bary[r][p] = by_rank[d - r][p] - by_rank[d - r + 1][p];
+    for (int p = 0; p < n; p++) bary[d + 1][p] = -by_rank[0][p];
+    for (int p = 0; p < n; p++) bary[0][p] = (float)((double)bary[0][p] + (1.0 + (double)bary[d + 1][p]));
+    int bad = 0;
+    for (int r = 0; r <= d; r++) {
+        short key[CRF_MAX_D][CRF_MAX_PIXELS_PER_THREAD];
+        for (int k = 0; k < d; k++) {
+            int kv[CRF_MAX_PIXELS_PER_THREAD];
+            CRF_SIMD
+            for (int p = 0; p < n; p++) kv[p] = (int)rem0[k][p] + (rank[k][p] <= d - r ? r : r - (d + 1));
+            for (int p = 0; p < n; p++) bad |= kv[p] < -32768 || kv[p] > 32767;
+            for (int p = 0; p < n; p++) key[k][p] = (short)kv[p];
+        }
+        for (int p = 0; p < n; p++) {
+            const int e = (i0 + p) * (d + 1) + r;
+            for (int k = 0; k < d; k++) keys[(long long)e * d + k] = key[k][p];
+            weights[e] = bary[r][p];
+        }
+    }
+    if (bad) overflow[0] = 1;
+}
+
+// Features of pixels P*t .. P*t + P - 1 (thread t; the GPU takes one), see crf_embed_pixel.
+extern "C" __global__ void crf_embed(const unsigned char* image, int H, int W, int d, float sxy, float srgb,
+                                     short* keys, float* weights, int* overflow, int P)
+{
+    int i0, n;
+    if (!crf_pixel_run(H * W, P, i0, n)) return;
+    if (n == CRF_MAX_PIXELS_PER_THREAD && W >= CRF_MAX_PIXELS_PER_THREAD)
+        crf_embed_run(i0, CRF_MAX_PIXELS_PER_THREAD, image, W, d, sxy, srgb, keys, weights, overflow);
+    else
+        for (int p = 0; p < n; p++) crf_embed_pixel(i0 + p, image, W, d, sxy, srgb, keys, weights, overflow);
 }
 
 template <typename K>
