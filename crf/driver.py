@@ -134,10 +134,11 @@ FIXED_SPLAT_SLOTS = 32  # list slots per thread in crf_splat_fixed
 #   insert:      lattice vertices found and numbered by "atomic" hash insertion + mark + scan +
 #                number + offsets, or "serial": one thread inserting in entry order, numbering as
 #                it goes (one pass, no atomics; the same numbering)
-#   pixels_per_thread: of the update, the unary and the marginals (1 to 16): the CPU takes 16
-#                and does each step for all of them before the next, so that a core overlaps their
-#                chains of dependent steps and reads or writes whole cache lines of each label
-#                plane; the same bits whatever the count
+#   pixels_per_thread: of the update, the unary, the marginals and the embedding (1 to 16): the
+#                CPU takes 16 and does each step for all of them before the next, so that a core
+#                overlaps their chains of dependent steps, reads or writes whole cache lines of
+#                each label plane, and embeds 16 pixels in vector operations; the same bits
+#                whatever the count
 #   lists:       the per-vertex entry lists (for the gather and fixed splats) built by "atomic"
 #                count + scan + fill (+ sort for the gather splat), or "serial": one thread, in
 #                entry order, sorted as it goes (on the CPU, atomics cost more than the work; the

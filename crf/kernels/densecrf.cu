@@ -20,7 +20,7 @@
 
 #define CRF_MAX_D 5  // bilateral kernel: x, y and three colour channels
 #define CRF_PAD_ENERGY 1e30f  // unary of a padding label: never the maximum, exp() of it is 0
-#define CRF_MAX_PIXELS_PER_THREAD 16  // crf_update, crf_unary, crf_marginals: pixels per thread, at most
+#define CRF_MAX_PIXELS_PER_THREAD 16  // crf_update, crf_unary, crf_marginals, crf_embed: pixels per thread, at most
 #define CRF_PLANE_AHEAD 128  // floats ahead of a planar read or write that the CPU prefetches
 #ifndef CRF_SIMD
 #define CRF_SIMD  // the CPU build (cpu_shim.h) marks some label loops for vectorisation
@@ -31,7 +31,7 @@
 
 __device__ __forceinline__ int crf_tid() { return (int)(blockIdx.x * blockDim.x + threadIdx.x); }
 
-// The pixels of this thread in the kernels that take P pixels per thread (crf_update, crf_unary,
+// The pixels of this thread in the kernels that take P pixels per thread (crf_update, crf_unary, crf_embed,
 // crf_marginals): i0 .. i0 + n - 1, n at most CRF_MAX_PIXELS_PER_THREAD; false when none is left.
 __device__ __forceinline__ bool crf_pixel_run(int N, int P, int& i0, int& n)
 {
