@@ -152,6 +152,7 @@ __device__ __forceinline__ void crf_embed_pixel(int i, const unsigned char* imag
 __device__ __forceinline__ void crf_embed_run(int i0, int n, const unsigned char* image, int W, int d, float sxy,
                                               float srgb, short* keys, float* weights, int* overflow)
 {
+    d = min(max(d, 1), CRF_MAX_D);  // 2 or 5 always: said for the compiler's bounds analysis (else a warning)
     float el[CRF_MAX_D + 1][CRF_MAX_PIXELS_PER_THREAD], rem0[CRF_MAX_D + 1][CRF_MAX_PIXELS_PER_THREAD];
     int rank[CRF_MAX_D + 1][CRF_MAX_PIXELS_PER_THREAD], sum[CRF_MAX_PIXELS_PER_THREAD];
     float sm[CRF_MAX_PIXELS_PER_THREAD];
