@@ -25,6 +25,11 @@
 #ifndef CRF_SIMD
 #define CRF_SIMD  // the CPU build (cpu_shim.h) marks some label loops for vectorisation
 #endif
+#ifndef CRF_EMBED_RUNS
+// crf_embed's 16-pixel path, the CPU's (cpu_shim.h): compiled into the GPU's kernel, which takes
+// one pixel per thread and never runs it, it would cost a 2.4 KB stack frame and register spills
+#define CRF_EMBED_RUNS 0
+#endif
 #ifndef CRF_PREFETCH
 #define CRF_PREFETCH(address, for_write)  // the CPU build (cpu_shim.h) fetches lines ahead of use
 #endif
@@ -265,7 +270,7 @@ extern "C" __global__ void crf_embed(const unsigned char* image, int H, int W, i
 {
     int i0, n;
     if (!crf_pixel_run(H * W, P, i0, n)) return;
-    if (n == CRF_MAX_PIXELS_PER_THREAD && W >= CRF_MAX_PIXELS_PER_THREAD)
+    if (CRF_EMBED_RUNS && n == CRF_MAX_PIXELS_PER_THREAD && W >= CRF_MAX_PIXELS_PER_THREAD)
         crf_embed_run(i0, CRF_MAX_PIXELS_PER_THREAD, image, W, d, sxy, srgb, keys, weights, overflow);
     else
         for (int p = 0; p < n; p++) crf_embed_pixel(i0 + p, image, W, d, sxy, srgb, keys, weights, overflow);
