@@ -28,6 +28,7 @@ static thread_local dim3 gridDim;
 // A line wanted soon, where the hardware's prefetchers do not see it coming (a few lines of each
 // of C label planes at once, C up to hundreds of streams). Past the end of an array it is harmless.
 #define CRF_PREFETCH(address, for_write) __builtin_prefetch((address), (for_write))
+#define CRF_PREFETCHES 1
 // crf_embed embeds runs of 16 pixels in vector operations (densecrf.cu)
 #define CRF_EMBED_RUNS 1
 

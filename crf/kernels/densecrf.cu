@@ -21,6 +21,7 @@
 #define CRF_MAX_D 5  // bilateral kernel: x, y and three colour channels
 #define CRF_PAD_ENERGY 1e30f  // unary of a padding label: never the maximum, exp() of it is 0
 #define CRF_MAX_PIXELS_PER_THREAD 16  // crf_update, crf_unary, crf_marginals, crf_embed: pixels per thread, at most
+#define CRF_NEIGHBOURS_AHEAD 8  // vertices ahead whose hash slots crf_neighbours prefetches on the CPU
 #define CRF_PLANE_AHEAD 128  // floats ahead of a planar read or write that the CPU prefetches
 #ifndef CRF_SIMD
 #define CRF_SIMD  // the CPU build (cpu_shim.h) marks some label loops for vectorisation
@@ -29,6 +30,9 @@
 // crf_embed's 16-pixel path, the CPU's (cpu_shim.h): compiled into the GPU's kernel, which takes
 // one pixel per thread and never runs it, it would cost a 2.4 KB stack frame and register spills
 #define CRF_EMBED_RUNS 0
+#endif
+#ifndef CRF_PREFETCHES
+#define CRF_PREFETCHES 0  // 1 where CRF_PREFETCH does something (cpu_shim.h): work done only to prefetch is skipped
 #endif
 #ifndef CRF_PREFETCH
 #define CRF_PREFETCH(address, for_write)  // the CPU build (cpu_shim.h) fetches lines ahead of use
@@ -423,6 +427,13 @@ __device__ int crf_find(const int* key, int d, const short* keys, const int* ver
     }
 }
 
+// The keys of a vertex's two neighbours along direction j (crf_neighbours).
+__device__ __forceinline__ void crf_neighbour_keys(const short* key, int j, int d, int* n1, int* n2)
+{
+    for (int k = 0; k < d; k++) { n1[k] = key[k] - 1; n2[k] = key[k] + 1; }
+    if (j < d) { n1[j] = key[j] + d; n2[j] = key[j] - d; }
+}
+
 // Blur neighbours of vertex v along direction j: key -1 on every coordinate and +d on coordinate j
 // (and the opposite); direction d moves all coordinates by -1/+1. nbr[(j*M + v)*2 + {0,1}]; an
 // absent neighbour is M, a row of zeros kept at the end of the value buffers (no branch in the blur).
@@ -433,10 +444,15 @@ extern "C" __global__ void crf_neighbours(const short* keys, const int* vertex_e
     const int t = crf_tid();
     if (t >= M * (d + 1)) return;
     const int v = t % M, j = t / M;
-    const short* key = crf_vertex_key(keys, vertex_entry, v, d);
     int n1[CRF_MAX_D], n2[CRF_MAX_D];
-    for (int k = 0; k < d; k++) { n1[k] = key[k] - 1; n2[k] = key[k] + 1; }
-    if (j < d) { n1[j] = key[j] + d; n2[j] = key[j] - d; }
+    // The hash slots of the vertex a few ahead (the CPU's threads of a block take the vertices in
+    // order): a lattice of 200,000 vertices has a table of megabytes, each probe a cache miss.
+    if (CRF_PREFETCHES && v + CRF_NEIGHBOURS_AHEAD < M) {
+        crf_neighbour_keys(crf_vertex_key(keys, vertex_entry, v + CRF_NEIGHBOURS_AHEAD, d), j, d, n1, n2);
+        CRF_PREFETCH(table + (crf_hash(n1, d) & mask), 0);
+        CRF_PREFETCH(table + (crf_hash(n2, d) & mask), 0);
+    }
+    crf_neighbour_keys(crf_vertex_key(keys, vertex_entry, v, d), j, d, n1, n2);
     const int a = crf_find(n1, d, keys, vertex_entry, table, mask);
     const int b = crf_find(n2, d, keys, vertex_entry, table, mask);
     nbr[t * 2] = a < 0 ? M : a;
