@@ -45,8 +45,7 @@ class CPUKernels(KernelBackend):
 
     def alloc(self, nbytes: int) -> Buffer:
         # Aligned to a cache line (numpy's memory is 16-byte aligned): label rows of 16 floats or
-        # a multiple are then whole lines, and two threads writing different labels of one row
-        # (the scatter splat's tasks) never share a line.
+        # a multiple are then whole lines, and no vector load of a row is split across two.
         arr = np.empty(max(int(nbytes), 4) + CACHE_LINE, np.uint8)
         skip = -arr.ctypes.data % CACHE_LINE
         return Buffer(int(nbytes), arr.ctypes.data + skip, arr)

@@ -207,6 +207,10 @@ class DenseCRFDriver:
         float sums, the float splats' own), rather than filtering ones held in the unary's buffer."""
         return self.choices["insert"] == "serial" and self.splat != "fixed"
 
+    def _pixel_threads(self, n: int) -> int:
+        """Threads of a kernel that takes pixels_per_thread of n pixels each."""
+        return -(-n // self.choices["pixels_per_thread"])
+
     def _fill_int(self, buf: Buffer, n: int, value: int) -> None:
         self.k.launch("crf_fill_int", n, buf, I32(n), I32(value))
 
@@ -224,9 +228,8 @@ class DenseCRFDriver:
         # flags: [0] a key overflowed 16 bits (crf_embed), [1] hash slots taken, [2] table too full
         flags = self._buf(scratch + "flags", 12)
         self._fill_int(flags, 3, 0)
-        ppt = self.choices["pixels_per_thread"]
-        k.launch("crf_embed", -(-n // ppt), image, I32(h), I32(w), I32(d), F32(sxy), F32(srgb), keys, lat.weights, flags,
-                 I32(ppt))
+        k.launch("crf_embed", self._pixel_threads(n), image, I32(h), I32(w), I32(d), F32(sxy), F32(srgb), keys,
+                 lat.weights, flags, I32(self.choices["pixels_per_thread"]))
 
         serial = self.choices["insert"] == "serial"
         sums = None
@@ -559,7 +562,7 @@ class DenseCRFDriver:
         symmetric = params.normalization == "symmetric"
         u = self._buf("unary", n * s * 4)
         ppt = self.choices["pixels_per_thread"]
-        rows = -(-n // ppt)  # threads of the per-pixel kernels, ppt pixels each
+        rows = self._pixel_threads(n)
 
         def unary() -> None:  # U from the scores, Q = softmax(-U)
             k.launch("crf_unary", rows, src, I32(n), I32(c), I32(s), I32(1 if is_logits else 0), u, I32(ppt), flag)

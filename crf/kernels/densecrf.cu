@@ -54,6 +54,44 @@ __device__ __forceinline__ bool crf_pixel_run(int N, int P, int& i0, int& n)
 // ------------------------------------------------------------------------------------------------
 // Lattice construction (once per image and Gaussian kernel)
 
+// The arithmetic of one pixel's embedding that crf_embed_pixel and crf_embed_run share, step for
+// step (both must give the same bits).
+
+// Feature j - 1's scale in the elevation onto the hyperplane: 1.0 / sqrt((double)((j + 1) * j)) for
+// j = 1..5, as the reference computes it per pixel (IEEE sqrt and division are correctly rounded,
+// so these literals are the same doubles), times the inverse standard deviation.
+__device__ __forceinline__ float crf_elevation_scale(int j, int d)
+{
+    const double inv_sqrt[CRF_MAX_D + 1] = {0.0, 0.7071067811865475, 0.4082482904638631, 0.2886751345948129,
+                                            0.22360679774997896, 0.18257418583505536};
+    const float inv_std_dev = (float)(sqrt(2.0 / 3.0) * (d + 1));
+    return (float)(inv_sqrt[j] * inv_std_dev);
+}
+
+// Whether an elevated coordinate fits the 16-bit keys (NaN does not).
+__device__ __forceinline__ bool crf_in_key_range(float elevated) { return elevated > -32767.f && elevated < 32767.f; }
+
+// The closest remainder-0 coordinate (ties round down, as the reference).
+__device__ __forceinline__ float crf_nearest_rem0(float elevated, int d)
+{
+    const float v = 1.0f / (float)(d + 1) * elevated;
+    const float up = ceilf(v) * (float)(d + 1);
+    const float down = floorf(v) * (float)(d + 1);
+    return (up - elevated < elevated - down) ? up : down;
+}
+
+// Coordinate of vertex r of the simplex, from the remainder-0 coordinate and its rank.
+__device__ __forceinline__ int crf_vertex_coordinate(float rem0, int rank, int r, int d)
+{
+    return (int)rem0 + (rank <= d - r ? r : r - (d + 1));
+}
+
+// The first barycentric weight, completed as the reference does it (in double).
+__device__ __forceinline__ float crf_first_weight(float first, float last)
+{
+    return (float)((double)first + (1.0 + (double)last));
+}
+
 // Features of pixel i (pydensecrf's order: x/sxy, y/sxy, c0/srgb, c1/srgb, c2/srgb), elevated onto
 // the hyperplane, rounded to the enclosing simplex: writes the d+1 vertex keys (d ints each) and
 // barycentric weights. image may be NULL when d == 2 (the spatial kernel). Keys are stored as
@@ -67,16 +105,10 @@ __device__ __forceinline__ void crf_embed_pixel(int i, const unsigned char* imag
     f[1] = (float)(i / W) / sxy;
     for (int c = 0; c < d - 2; c++) f[2 + c] = (float)image[i * 3 + c] / srgb;
 
-    const float inv_std_dev = (float)(sqrt(2.0 / 3.0) * (d + 1));
-    // 1.0 / sqrt((double)((j + 1) * j)) for j = 1..5, as the reference computes it per pixel
-    // (IEEE sqrt and division are correctly rounded, so these literals are the same doubles).
-    const double inv_sqrt[CRF_MAX_D + 1] = {0.0, 0.7071067811865475, 0.4082482904638631, 0.2886751345948129,
-                                            0.22360679774997896, 0.18257418583505536};
     float elevated[CRF_MAX_D + 1];
     float sm = 0.f;
     for (int j = d; j > 0; j--) {
-        const float scale = (float)(inv_sqrt[j] * inv_std_dev);
-        const float cf = f[j - 1] * scale;
+        const float cf = f[j - 1] * crf_elevation_scale(j, d);
         elevated[j] = sm - (float)j * cf;
         sm += cf;
     }
@@ -85,7 +117,7 @@ __device__ __forceinline__ void crf_embed_pixel(int i, const unsigned char* imag
     // beyond int: the host refuses such inputs before launching (crf/driver.py check_limits); this
     // stops here anyway, before any float -> int conversion, with the entries zeroed (NaN fails too).
     for (int k = 0; k <= d; k++) {
-        if (!(elevated[k] > -32767.f && elevated[k] < 32767.f)) {
+        if (!crf_in_key_range(elevated[k])) {
             overflow[0] = 1;
             for (int e = i * (d + 1); e < (i + 1) * (d + 1); e++) {
                 for (int c = 0; c < d; c++) keys[(long long)e * d + c] = 0;
@@ -95,16 +127,12 @@ __device__ __forceinline__ void crf_embed_pixel(int i, const unsigned char* imag
         }
     }
 
-    // Closest remainder-0 point, coordinate-wise (ties round down, as the reference).
+    // Closest remainder-0 point, coordinate-wise.
     const float down_factor = 1.0f / (float)(d + 1);
-    const float up_factor = (float)(d + 1);
     float rem0[CRF_MAX_D + 1];
     int sum = 0;
     for (int k = 0; k <= d; k++) {
-        const float v = down_factor * elevated[k];
-        const float up = ceilf(v) * up_factor;
-        const float down = floorf(v) * up_factor;
-        rem0[k] = (up - elevated[k] < elevated[k] - down) ? up : down;
+        rem0[k] = crf_nearest_rem0(elevated[k], d);
         sum += (int)rem0[k] / (d + 1);
     }
     // Rank of each residual; the earlier index loses ties.
@@ -140,12 +168,12 @@ __device__ __forceinline__ void crf_embed_pixel(int i, const unsigned char* imag
     bary[0] = v[by_rank[d]];
     for (int r = 1; r <= d; r++) bary[r] = v[by_rank[d - r]] - v[by_rank[d - r + 1]];
     bary[d + 1] = -v[by_rank[0]];
-    bary[0] = (float)((double)bary[0] + (1.0 + (double)bary[d + 1]));
+    bary[0] = crf_first_weight(bary[0], bary[d + 1]);
 
     for (int r = 0; r <= d; r++) {
         const int e = i * (d + 1) + r;
         for (int k = 0; k < d; k++) {
-            const int key = (int)rem0[k] + (rank[k] <= d - r ? r : r - (d + 1));
+            const int key = crf_vertex_coordinate(rem0[k], rank[k], r, d);
             if (key < -32768 || key > 32767) overflow[0] = 1;
             keys[(long long)e * d + k] = (short)key;
         }
@@ -165,9 +193,6 @@ __device__ __forceinline__ void crf_embed_run(int i0, int n, const unsigned char
     float el[CRF_MAX_D + 1][CRF_MAX_PIXELS_PER_THREAD], rem0[CRF_MAX_D + 1][CRF_MAX_PIXELS_PER_THREAD];
     int rank[CRF_MAX_D + 1][CRF_MAX_PIXELS_PER_THREAD], sum[CRF_MAX_PIXELS_PER_THREAD];
     float sm[CRF_MAX_PIXELS_PER_THREAD];
-    const float inv_std_dev = (float)(sqrt(2.0 / 3.0) * (d + 1));
-    const double inv_sqrt[CRF_MAX_D + 1] = {0.0, 0.7071067811865475, 0.4082482904638631, 0.2886751345948129,
-                                            0.22360679774997896, 0.18257418583505536};
     // x and y of each pixel without a division per pixel (the caller ensures n <= W: one wrap at most)
     int px[CRF_MAX_PIXELS_PER_THREAD], py[CRF_MAX_PIXELS_PER_THREAD];
     const int x0 = i0 % W, y0 = i0 / W;
@@ -178,7 +203,7 @@ __device__ __forceinline__ void crf_embed_run(int i0, int n, const unsigned char
     }
     for (int p = 0; p < n; p++) sm[p] = 0.f;
     for (int j = d; j > 0; j--) {
-        const float scale = (float)(inv_sqrt[j] * inv_std_dev);
+        const float scale = crf_elevation_scale(j, d);
         for (int p = 0; p < n; p++) {
             const int i = i0 + p;
             const float f = j == 1 ? (float)px[p] / sxy
@@ -192,20 +217,16 @@ __device__ __forceinline__ void crf_embed_run(int i0, int n, const unsigned char
     int outside = 0;
     for (int p = 0; p < n; p++) el[0][p] = sm[p];
     for (int k = 0; k <= d; k++)
-        for (int p = 0; p < n; p++) outside |= !(el[k][p] > -32767.f && el[k][p] < 32767.f);
+        for (int p = 0; p < n; p++) outside |= !crf_in_key_range(el[k][p]);
     if (outside) {
         for (int p = 0; p < n; p++) crf_embed_pixel(i0 + p, image, W, d, sxy, srgb, keys, weights, overflow);
         return;
     }
     const float down_factor = 1.0f / (float)(d + 1);
-    const float up_factor = (float)(d + 1);
     for (int p = 0; p < n; p++) sum[p] = 0;
     for (int k = 0; k <= d; k++)
         for (int p = 0; p < n; p++) {
-            const float v = down_factor * el[k][p];
-            const float up = ceilf(v) * up_factor;
-            const float down = floorf(v) * up_factor;
-            rem0[k][p] = (up - el[k][p] < el[k][p] - down) ? up : down;
+            rem0[k][p] = crf_nearest_rem0(el[k][p], d);
             sum[p] += (int)rem0[k][p] / (d + 1);
         }
     // Rank of each residual, as crf_embed_pixel counts it (the earlier index loses ties): for
@@ -248,14 +269,14 @@ __device__ __forceinline__ void crf_embed_run(int i0, int n, const unsigned char
     for (int r = 1; r <= d; r++)
         for (int p = 0; p < n; p++) bary[r][p] = by_rank[d - r][p] - by_rank[d - r + 1][p];
     for (int p = 0; p < n; p++) bary[d + 1][p] = -by_rank[0][p];
-    for (int p = 0; p < n; p++) bary[0][p] = (float)((double)bary[0][p] + (1.0 + (double)bary[d + 1][p]));
+    for (int p = 0; p < n; p++) bary[0][p] = crf_first_weight(bary[0][p], bary[d + 1][p]);
     int bad = 0;
     for (int r = 0; r <= d; r++) {
         short key[CRF_MAX_D][CRF_MAX_PIXELS_PER_THREAD];
         for (int k = 0; k < d; k++) {
             int kv[CRF_MAX_PIXELS_PER_THREAD];
             CRF_SIMD
-            for (int p = 0; p < n; p++) kv[p] = (int)rem0[k][p] + (rank[k][p] <= d - r ? r : r - (d + 1));
+            for (int p = 0; p < n; p++) kv[p] = crf_vertex_coordinate(rem0[k][p], rank[k][p], r, d);
             for (int p = 0; p < n; p++) bad |= kv[p] < -32768 || kv[p] > 32767;
             for (int p = 0; p < n; p++) key[k][p] = (short)kv[p];
         }
