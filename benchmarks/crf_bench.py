@@ -6,12 +6,15 @@
     python benchmarks/crf_bench.py --regime hard --labels 40                 # colour bandwidth 3, spatial 1
     python benchmarks/crf_bench.py --sizes 500x375 --labels 21 --instructions   # + callgrind counts
     python benchmarks/crf_bench.py --contention 2     # with two busy processes on the same cores
+    python benchmarks/crf_bench.py --freed-memory release   # freed arrays go back to the kernel (see below)
 
 A grid of label counts (default 2, 7, 21, 40, 60) and sizes (500x375 and 1024x768, scikit-image
 photographs resized), 10 iterations, DeepLab-LargeFOV's parameters with normalisation "after"
 (pydensecrf2 given the same). For each cell: the median time of each contender (runs alternate
-between them, so that the machine's drift hits all alike), warm (the spatial lattice, which depends
-on the size only, kept from the previous call) and cold (nothing kept); the speed-up over
+between them, so that the machine's drift hits all alike, and each round runs every cell once, so
+that a slow spell hits one run of many cells rather than all runs of one), warm (the spatial
+lattice, which depends on the size and label count only, kept from an untimed call of the same
+cell just before) and cold (nothing kept); the speed-up over
 pydensecrf2; the split between lattice build and iterations; per-kernel times (CUDA events on a
 GPU, wall time on the CPU); the agreement (labels equal, max |dQ|) with pydensecrf2. Then each of
 the CPU targets (see TARGETS) is judged, met or not, from the numbers of this run.
@@ -19,6 +22,13 @@ the CPU targets (see TARGETS) is judged, met or not, from the numbers of this ru
 one thread: the same count on a busy machine), for each size at 21 labels or the first label count,
 with the library built for x86-64-v3 (AVX2 + FMA: valgrind runs no AVX-512), so that counts from
 different machines compare.
+By default the memory every contender frees stays inside the process (glibc: no mmap, no trim;
+``--freed-memory hold``) rather than going back to the kernel. On a VM whose guest reports free
+pages to its host (virtio-balloon free page reporting, e.g. Firecracker), memory handed back is
+discarded by the host, and touching it again costs ~2 ms per MB: pydensecrf2, which allocates its
+arrays anew on every call, then took 5.8 s instead of 4.3-4.9 s at 1024x768 with 60 labels, and a
+fresh 189 MB marginals array 50 or 400 ms by chance. Holding it measures the CRFs as on a machine
+whose freed memory stays warm; ``--freed-memory release`` measures as before. Recorded in the result.
 """
 from __future__ import annotations
 
@@ -54,6 +64,25 @@ def timed(fn):
     t = time.perf_counter()
     out = fn()
     return out, (time.perf_counter() - t) * 1e3
+
+
+def hold_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process: no allocation served by mmap (whose
+    free is an munmap) and no trimming of the heap's top. False where that is not glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def free_page_reporting() -> bool:
+    """Whether this (virtual) machine's kernel reports free pages to its host, which discards them."""
+    return Path("/sys/module/page_reporting").exists()
 
 
 def start_contenders(n: int) -> list:
@@ -183,6 +212,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="threads of the CPU build (1: single-threaded; default: all CPUs)")
     ap.add_argument("--contention", type=int, default=0, metavar="N",
                     help="run N busy CPU-bound processes for the duration of the measurement")
+    ap.add_argument("--freed-memory", choices=["hold", "release"], default="hold",
+                    help="hold: memory freed by any contender stays in the process (glibc); release: it goes "
+                         "back to the kernel (default: %(default)s; see above)")
     ap.add_argument("--instructions", action="store_true", help="also count instructions with callgrind (slow)")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--markdown", metavar="RESULT_JSON", help="print a saved result as a markdown table, measure nothing")
@@ -198,6 +230,8 @@ def main(argv=None) -> int:
         ap.error("--labels must be from 1 to 256")
     if args.runs < 1:
         ap.error("--runs must be 1 or more")
+    if args.freed_memory == "hold" and not hold_freed_memory():
+        ap.error("--freed-memory hold needs glibc's mallopt: pass --freed-memory release")
     contenders = start_contenders(args.contention)
     try:
         return run(args, REGIMES[args.regime])
@@ -205,56 +239,91 @@ def main(argv=None) -> int:
         stop_contenders(contenders)
 
 
-def measure_cell(size: str, labels: int, backends: list, p, runs: int) -> dict:
-    """One (size, label count): every contender, alternating, and the CPU / GPU details."""
+class Cell:
+    """One (size, label count): its inputs and its contenders, timed a run at a time by run_rounds."""
+
+    def __init__(self, size: str, labels: int, backends: list, p):
+        from crf import _driver, refine_unary
+        from crf.features import unary_from_scores
+        from benchmarking.inputs import photo, pydensecrf_marginals, smooth_logits
+
+        self.size, self.labels, self.backends, self.p = size, labels, backends, p
+        name, w, h = SIZES[size]
+        try:
+            img = photo(name, w, h)
+        except ImportError:  # no scikit-image (the GPU machine): a generated scene of the same size
+            from scenes import make_scene
+
+            img = make_scene(w, h, w)[0]
+        self.img, self.unary = img, unary_from_scores(smooth_logits(h, w, labels, seed=w))
+        unary = self.unary
+        for b in backends:  # warm up (compile / build once)
+            refine_unary(unary, img, p, backend=b)
+        # Before each run of this cell, an untimed call of each compiled backend: the spatial lattice,
+        # which depends on the size and label count only, is then the one a warm call keeps.
+        self.prepare = [lambda b=b: refine_unary(unary, img, p, backend=b) for b in backends if b != "numpy"]
+        self.contenders = {b: (lambda b=b: refine_unary(unary, img, p, backend=b)) for b in backends}
+        # "cold": nothing kept from the previous call
+        for b in [b for b in backends if b != "numpy"]:
+            self.contenders[b + " cold"] = lambda b=b: (_driver(b).clear_cache(),
+                                                        refine_unary(unary, img, p, backend=b))[1]
+        try:
+            import pydensecrf.densecrf  # noqa: F401
+
+            self.contenders = {"pydensecrf2": lambda: pydensecrf_marginals(unary, img, p), **self.contenders}
+        except ImportError:
+            print(f"{size}: pydensecrf2 not installed here: no reference timing or agreement")
+        self.times: dict = {name: [] for name in self.contenders}
+        self.agreement: dict = {}
+
+    def run_once(self, last: bool) -> None:
+        """One run of every contender, in turn (the untimed preparation first); on the last run, the
+        agreement of each backend's marginals with pydensecrf2's."""
+        for fn in self.prepare:
+            fn()
+        outs = {}
+        for name, fn in self.contenders.items():
+            out, t = timed(fn)
+            self.times[name].append(t)
+            if last and (name == "pydensecrf2" or name in self.backends):
+                outs[name] = out
+        ref = outs.get("pydensecrf2")
+        if ref is not None:
+            for b in self.backends:
+                self.agreement[b] = {"labels_equal_pct": 100 * float((outs[b].argmax(0) == ref.argmax(0)).mean()),
+                                     "max_abs_dq": float(np.abs(outs[b] - ref).max())}
+
+
+def run_rounds(cells: list, runs: int) -> None:
+    """runs rounds, each one run of every cell: a slow spell of the machine (on a shared VM they come
+    and go over minutes) hits one run of many cells rather than every run of one cell."""
+    for r in range(runs):
+        t0 = time.perf_counter()
+        for cell in cells:
+            cell.run_once(last=r == runs - 1)
+        print(f"round {r + 1}/{runs}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def measure_cell(cell: Cell) -> dict:
+    """The medians of a cell's runs, the speed-ups, the agreement, and the CPU / GPU details."""
     from crf import _driver, refine_unary
-    from crf.features import unary_from_scores
-    from benchmarking.inputs import photo, pydensecrf_marginals, smooth_logits
 
-    name, w, h = SIZES[size]
-    try:
-        img = photo(name, w, h)
-    except ImportError:  # no scikit-image (the GPU machine): a generated scene of the same size
-        from scenes import make_scene
-
-        img = make_scene(w, h, w)[0]
-    unary = unary_from_scores(smooth_logits(h, w, labels, seed=w))
-    for b in backends:  # warm up (compile / build once)
-        refine_unary(unary, img, p, backend=b)
-    contenders = {b: (lambda b=b: refine_unary(unary, img, p, backend=b)) for b in backends}
-    # "cold": nothing kept from the previous call (the spatial lattice, which depends on the image
-    # size only, is otherwise reused by the next call of the same size).
-    for b in [b for b in backends if b != "numpy"]:
-        contenders[b + " cold"] = lambda b=b: (_driver(b).clear_cache(), refine_unary(unary, img, p, backend=b))[1]
-    try:
-        import pydensecrf.densecrf  # noqa: F401
-
-        contenders = {"pydensecrf2": lambda: pydensecrf_marginals(unary, img, p), **contenders}
-    except ImportError:
-        print(f"{size}: pydensecrf2 not installed here: no reference timing or agreement")
-    outs: dict = {}
-    times: dict = {name: [] for name in contenders}
-    for _ in range(runs):
-        for name, fn in contenders.items():
-            outs[name], t = timed(fn)
-            times[name].append(t)
+    unary, img, p, times = cell.unary, cell.img, cell.p, cell.times
     entry: dict = {}
-    ref = outs.get("pydensecrf2")
-    if ref is not None:
+    if "pydensecrf2" in times:
         entry["pydensecrf2"] = {"median_ms": statistics.median(times["pydensecrf2"]), "runs_ms": times["pydensecrf2"]}
-    for b in backends:
-        q, t = outs[b], times[b]
+    for b in cell.backends:
+        t = times[b]
         e = {"median_ms": statistics.median(t), "runs_ms": t}
         if b + " cold" in times:
             e["cold_median_ms"] = statistics.median(times[b + " cold"])
             e["cold_runs_ms"] = times[b + " cold"]
-        if ref is not None:
+        if "pydensecrf2" in entry:
             t_ref = entry["pydensecrf2"]["median_ms"]
             e["speedup_vs_pydensecrf2"] = t_ref / e["median_ms"]
             if "cold_median_ms" in e:
                 e["cold_speedup_vs_pydensecrf2"] = t_ref / e["cold_median_ms"]
-            e["labels_equal_pct"] = 100 * float((q.argmax(0) == ref.argmax(0)).mean())
-            e["max_abs_dq"] = float(np.abs(q - ref).max())
+            e.update(cell.agreement.get(b, {}))
         if b in ("cpu", "gpu"):
             drv = _driver(b)
             drv.clear_cache()
@@ -285,7 +354,8 @@ def run(args, overrides: dict) -> int:
         _driver("cpu").k.threads = args.threads
     result: dict = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(), "regime": args.regime,
-                    "contention_processes": args.contention, "params": p.__dict__, "sizes": {}}
+                    "contention_processes": args.contention, "freed_memory": args.freed_memory,
+                    "free_page_reporting": free_page_reporting(), "params": p.__dict__, "sizes": {}}
     if "cpu" in backends:
         from crf import cpu_library
 
@@ -301,24 +371,25 @@ def run(args, overrides: dict) -> int:
         result["gpu"] = cuda.Device(0).name()
     header = f"{'size':9s} {'labels':>6s} {'pydensecrf2':>11s} " + " ".join(
         f"{b + ' warm':>10s} {'x':>5s} {b + ' cold':>10s} {'x':>5s}" for b in backends) + "  build(cold) iter  agree"
+    cells = [Cell(size, labels, backends, p) for size in args.sizes for labels in args.labels]
+    run_rounds(cells, args.runs)
     print(header)
-    for size in args.sizes:
-        result["sizes"][size] = {}
-        for labels in args.labels:
-            e = result["sizes"][size][str(labels)] = measure_cell(size, labels, backends, p, args.runs)
-            ref = e.get("pydensecrf2", {}).get("median_ms")
-            line = f"{size:9s} {labels:6d} {ref if ref is not None else float('nan'):11.1f} "
-            for b in backends:
-                be = e[b]
-                line += (f"{be['median_ms']:10.1f} {be.get('speedup_vs_pydensecrf2', float('nan')):5.2f} "
-                         f"{be.get('cold_median_ms', float('nan')):10.1f} "
-                         f"{be.get('cold_speedup_vs_pydensecrf2', float('nan')):5.2f} ")
-            cpu = e.get("cpu")
-            if cpu is not None:
-                line += f" {cpu['phases_ms']['lattice_build_cold']:6.1f} ms {cpu['per_iteration_ms']:5.2f} ms"
-                if "labels_equal_pct" in cpu:
-                    line += f"  {cpu['labels_equal_pct']:.3f}% {cpu['max_abs_dq']:.1e}"
-            print(line, flush=True)
+    for cell in cells:
+        size, labels = cell.size, cell.labels
+        e = result["sizes"].setdefault(size, {})[str(labels)] = measure_cell(cell)
+        ref = e.get("pydensecrf2", {}).get("median_ms")
+        line = f"{size:9s} {labels:6d} {ref if ref is not None else float('nan'):11.1f} "
+        for b in backends:
+            be = e[b]
+            line += (f"{be['median_ms']:10.1f} {be.get('speedup_vs_pydensecrf2', float('nan')):5.2f} "
+                     f"{be.get('cold_median_ms', float('nan')):10.1f} "
+                     f"{be.get('cold_speedup_vs_pydensecrf2', float('nan')):5.2f} ")
+        cpu = e.get("cpu")
+        if cpu is not None:
+            line += f" {cpu['phases_ms']['lattice_build_cold']:6.1f} ms {cpu['per_iteration_ms']:5.2f} ms"
+            if "labels_equal_pct" in cpu:
+                line += f"  {cpu['labels_equal_pct']:.3f}% {cpu['max_abs_dq']:.1e}"
+        print(line, flush=True)
     if args.instructions and "cpu" in backends:
         with tempfile.TemporaryDirectory() as tmp:
             lib = x86_64_v3_library(Path(tmp))

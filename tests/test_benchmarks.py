@@ -4,6 +4,8 @@ from __future__ import annotations
 import platform
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +111,28 @@ def test_crf_bench_renders_a_saved_result_one_row_per_cell():
     assert [r.split(" | ")[1] for r in rows] == ["2", "21"]
     assert "**3.00x**" in rows[0] and "300 ms" in rows[0]
     assert sum("**not met**" in line for line in table) == 2  # the speed-up and the build; the rest met
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_crf_bench_holds_freed_memory_inside_the_process():
+    # Held: a large array comes from the heap (below the program break), not from a fresh mmap that
+    # free() would hand back to the kernel; and its memory is reused by the next one.
+    code = """
+import ctypes, sys
+import numpy as np
+sys.path.insert(0, "benchmarks")
+from crf_bench import hold_freed_memory
+libc = ctypes.CDLL(None)
+libc.sbrk.restype = ctypes.c_void_p
+def in_heap():
+    a = np.empty(64 << 20, np.uint8)
+    return a.ctypes.data < libc.sbrk(0), a.ctypes.data
+before = in_heap()[0]
+assert hold_freed_memory()
+(first, at), (second, again) = in_heap(), in_heap()
+print(before, first, second, at == again)
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=root).stdout.split()
+    assert out == ["False", "True", "True", "True"]
