@@ -428,8 +428,8 @@ class DenseCRFDriver:
                 inline = b
             launches.append(self.k.prepare("crf_splat_scatter", 2, values, I32(n), I32(s), *per_lattice,
                                            *((inline.nbr, inline.vb) if inline is not None else (None, None))))
-            if inline is not None:
-                inline.result = inline.vb if inline.dp1 % 2 else inline.va
+            if inline is not None:  # the kernel blurs as _blur_passes says
+                inline.result = self._blur_passes(inline, inline.va, 0)[-1][1]
         for lat, prescale in filters:
             if lat is not inline:
                 launches += self._splat_blur_launches(lat, values, prescale, s)
@@ -463,15 +463,25 @@ class DenseCRFDriver:
         chunk = self.label_chunk(s)
         n_threads = lat.m * ((s + chunk - 1) // chunk)
         launches = []
-        src = splatted
-        for j in range(first, lat.dp1):
-            dst = lat.vb if src is lat.va else lat.va
+        passes = self._blur_passes(lat, splatted, first)
+        for j, (src, dst) in enumerate(passes, start=first):
             zero = self._pool["vfixed"] if first == 1 and j == 1 else None
             launches.append(self.k.prepare("crf_blur", n_threads, src, dst, lat.nbr, I32(j), I32(lat.m), I32(s),
                                            I32(chunk), zero))
-            src = dst
-        lat.result = src
+        lat.result = passes[-1][1] if passes else splatted
         return launches
+
+    @staticmethod
+    def _blur_passes(lat: _Lattice, splatted: Buffer, first: int) -> list:
+        """(source, destination) of the blur passes along directions first..d: from the splatted
+        sums, then back and forth between lat.va and lat.vb. crf_splat_scatter's inline blur (from
+        lat.va) follows the same rule."""
+        passes, src = [], splatted
+        for _ in range(first, lat.dp1):
+            dst = lat.vb if src is lat.va else lat.va
+            passes.append((src, dst))
+            src = dst
+        return passes
 
     def label_chunk(self, s: int) -> int:
         """Labels per thread: 1 on the GPU (coalesced), the whole row on the CPU (vectorised loop)."""

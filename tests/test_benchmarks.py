@@ -136,3 +136,13 @@ print(before, first, second, at == again)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=root).stdout.split()
     assert out == ["False", "True", "True", "True"]
+
+
+def test_crf_bench_judges_cold_against_the_warm_call_of_the_same_round():
+    from benchmarks.crf_bench import judge
+
+    cell = _cell(4.5, 1.25, 24.0)  # medians 1.25 apart: a slow spell in the cold calls' rounds
+    cell["cpu"]["cold_over_warm"] = 1.04  # but each cold call within 4 % of the warm call before it
+    cold = [(m, met) for t, m, _, met in judge({"cpu_threads": 2, "sizes": {"500x375": {"2": cell}}})
+            if t.startswith("cold_over_warm")]
+    assert cold == [(1.04, True)]

@@ -762,9 +762,10 @@ extern "C" __global__ void crf_blur_fixed(const unsigned long long* __restrict__
 // (the blur's zero row) is not touched.
 //
 // nbr_b (else NULL): thread 1 also blurs lattice b, all its directions, once its splat is done,
-// between V_b and W_b (the result in W_b for an odd d + 1, else in V_b), while thread 0 is still
-// splatting the larger lattice a (DeepLab's: 6 vertex rows per pixel against 3): what crf_blur's
-// launches would do after the splat, row for row the same arithmetic: the same bits.
+// between V_b and W_b (the result in W_b for an odd d + 1, else in V_b: the driver's _blur_passes
+// rule), while thread 0 is still splatting the larger lattice a (DeepLab's: 6 vertex rows per
+// pixel against 3): what crf_blur's launches would do after the splat, row for row the same
+// arithmetic: the same bits.
 extern "C" __global__ void crf_splat_scatter(const float* __restrict__ Q, int N, int S,
                                              const float* __restrict__ prescale_a, const int* __restrict__ offsets_a,
                                              const float* __restrict__ weights_a, int dp1_a, int M_a,
