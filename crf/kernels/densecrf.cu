@@ -955,27 +955,23 @@ __device__ __forceinline__ void crf_unary_run(const float* __restrict__ src, int
     // The scores' check: x - x is 0 for a finite x and NaN for NaN and +-inf, and a NaN added in
     // stays: no isfinite() needed on either target, and a loop of float additions vectorises.
     float nan_if_bad[CRF_MAX_PIXELS_PER_THREAD];
+    float m[CRF_MAX_PIXELS_PER_THREAD], s[CRF_MAX_PIXELS_PER_THREAD];  // logits: each pixel's maximum, sum
     for (int p = 0; p < n; p++) nan_if_bad[p] = 0.f;
-    if (!is_logits) {
-        for (int l = 0; l < C; l++) {
-            const float* x = src + (long long)l * N + i0;
-            CRF_PREFETCH(x + CRF_PLANE_AHEAD, 0);
-            for (int p = 0; p < n; p++) {
-                nan_if_bad[p] += x[p] - x[p];
-                U[(long long)(i0 + p) * S + l] = x[p];
-            }
-        }
-    } else {
-        float m[CRF_MAX_PIXELS_PER_THREAD], s[CRF_MAX_PIXELS_PER_THREAD];
-        for (int p = 0; p < n; p++) m[p] = -3.402823466e38f;
-        for (int l = 0; l < C; l++) {
-            const float* x = src + (long long)l * N + i0;
-            CRF_PREFETCH(x + CRF_PLANE_AHEAD, 0);
-            for (int p = 0; p < n; p++) {
-                nan_if_bad[p] += x[p] - x[p];
+    for (int p = 0; p < n; p++) m[p] = -3.402823466e38f;
+    // One pass over the planes: the check, and the energies copied or the logits' maxima taken
+    // (is_logits is the same for the whole loop: the compiler makes one loop of each).
+    for (int l = 0; l < C; l++) {
+        const float* x = src + (long long)l * N + i0;
+        CRF_PREFETCH(x + CRF_PLANE_AHEAD, 0);
+        for (int p = 0; p < n; p++) {
+            nan_if_bad[p] += x[p] - x[p];
+            if (is_logits)
                 m[p] = x[p] > m[p] ? x[p] : m[p];
-            }
+            else
+                U[(long long)(i0 + p) * S + l] = x[p];
         }
+    }
+    if (is_logits) {
         for (int p = 0; p < n; p++) s[p] = 0.f;
         for (int l = 0; l < C; l++)
             for (int p = 0; p < n; p++) s[p] += expf(src[(long long)l * N + i0 + p] - m[p]);
