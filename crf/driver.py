@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
@@ -139,18 +140,33 @@ FIXED_SPLAT_SLOTS = 32  # list slots per thread in crf_splat_fixed
 #                overlaps their chains of dependent steps, reads or writes whole cache lines of
 #                each label plane, and embeds 16 pixels in vector operations; the same bits
 #                whatever the count
+#   spatial_table: where the serial insertion finds the spatial lattice's vertices: "dense", a
+#                table indexed by its 2-D keys themselves (no hashing, probing or key comparisons;
+#                the box of the keys is found first), or "hash"; the same numbering either way
 #   lists:       the per-vertex entry lists (for the gather and fixed splats) built by "atomic"
 #                count + scan + fill (+ sort for the gather splat), or "serial": one thread, in
 #                entry order, sorted as it goes (on the CPU, atomics cost more than the work; the
 #                same lists)
 CHOICES = {
     "cpu": {"label_chunk": 0, "label_align": 8, "splat": "scatter", "scan_chunk": 0, "insert": "serial",
-            "lists": "serial", "pixels_per_thread": 16},
+            "lists": "serial", "pixels_per_thread": 16, "spatial_table": "dense"},
     "gpu": {"label_chunk": 1, "label_align": 1, "splat": "fixed", "scan_chunk": 32, "insert": "atomic",
-            "lists": "atomic", "pixels_per_thread": 1},
+            "lists": "atomic", "pixels_per_thread": 1, "spatial_table": "hash"},
 }
+SPATIAL_TABLES = ("dense", "hash")
+#: the spatial lattice's dense table is used up to this many slots per lattice entry (DeepLab's
+#: bandwidth 3: 0.3; bandwidth 1: 2.7; smaller bandwidths take the hash table)
+DENSE_SLOTS_PER_ENTRY = 4
 SERIAL_OR_ATOMIC = ("atomic", "serial")
 MAX_PIXELS_PER_THREAD = 16  # densecrf.cu CRF_MAX_PIXELS_PER_THREAD
+
+
+@dataclass
+class _KeyBox:
+    """The box of a spatial lattice's keys (crf_key_box: minima and spans, on the backend) and its
+    slot count: the dense table's size."""
+    buf: Buffer
+    slots: int
 
 
 class DenseCRFDriver:
@@ -170,6 +186,8 @@ class DenseCRFDriver:
         for choice in ("insert", "lists"):
             if self.choices[choice] not in SERIAL_OR_ATOMIC:
                 raise ValueError(f"{choice} must be one of {SERIAL_OR_ATOMIC}, got {self.choices[choice]!r}")
+        if self.choices["spatial_table"] not in SPATIAL_TABLES:
+            raise ValueError(f"spatial_table must be one of {SPATIAL_TABLES}, got {self.choices['spatial_table']!r}")
         ppt = self.choices["pixels_per_thread"]
         if isinstance(ppt, bool) or not isinstance(ppt, int) or not 1 <= ppt <= MAX_PIXELS_PER_THREAD:
             raise ValueError(f"pixels_per_thread must be an integer from 1 to {MAX_PIXELS_PER_THREAD}, got {ppt!r}")
@@ -244,8 +262,22 @@ class DenseCRFDriver:
         # Hash table: first sized for a typical vertex count (photographs give 3-5 % of the entries;
         # this takes up to 1/12 of them in a table that stays in cache), then, if it fills up,
         # for the worst case (every entry its own vertex), which can never fill.
+        box = self._dense_box(keys, e, d, flags, h, w, sxy, srgb, scratch) if serial else None
+        if box is not None:  # the spatial lattice: a table indexed by its 2-D keys themselves
+            table = self._buf(scratch + "table", box.slots * 4)
+            self._fill_int(table, box.slots, -1)
+            if before_insert is not None:
+                before_insert()
+            vertex_keys = self._buf(scratch + "vertex_keys", e * d * 2)
+            sums = self._buf(scratch + "weight_sums", (e + 1) * 4) if self._insertion_sums_ones else None
+            k.launch("crf_insert_dense", 1, keys, I32(e), box.buf, table, fill, vertex_keys, lat.offsets,
+                     lat.weights, sums)
+            taken = int(k.download(fill, (1,), np.int32)[0])
+        # Hash table: first sized for a typical vertex count (photographs give 3-5 % of the entries;
+        # this takes up to 1/12 of them in a table that stays in cache), then, if it fills up,
+        # for the worst case (every entry its own vertex), which can never fill.
         small, worst = _next_pow2(-(-e // 8)), _next_pow2(math.ceil(1.5 * e))
-        for cap, limit in ((small, small // 2), (worst, e + 1)):  # (slots, vertices it may take)
+        for cap, limit in ((small, small // 2), (worst, e + 1)) if box is None else ():  # (slots, vertices it may take)
             table = self._buf(scratch + "table", cap * 4)
             self._fill_int(table, cap, -1)
             self._fill_int(fill, 2, 0)
@@ -261,11 +293,10 @@ class DenseCRFDriver:
                 k.launch("crf_hash_insert", e, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill, slot_of)
                 k.launch("crf_mark_first", e, slot_of, table, I32(e), rank)
                 self._exclusive_scan(rank, e, rank)  # in place: flags -> ranks, rank[e] = vertex count
-            # the one sync of the build: whether the table held, and the vertex count, which sizes what follows
+            # the build's sync: whether the table held, and the vertex count, which sizes what follows
             key_overflow, taken, too_full = (int(v) for v in k.download(flags, (3,), np.int32))
             if key_overflow:
-                raise CRFInputError(f"lattice coordinates overflow 16 bits: the {'spatial' if d == SPATIAL_D else 'bilateral'} "
-                                    f"bandwidth (xy {sxy}, rgb {srgb}) is too small for a {h}x{w} image")
+                self._raise_key_overflow(d, h, w, sxy, srgb)
             if not too_full:
                 break
         m = taken if serial else int(k.download(Buffer(4, rank.ptr + e * 4, rank.owner), (1,), np.int32)[0])
@@ -281,7 +312,10 @@ class DenseCRFDriver:
         lat.nbr = self._buf(lat.tag + "nbr", m * dp1 * 2 * 4)
         # the vertices' keys: their own array (serial insertion), or the entries' keys through vertex_entry
         key_args = (vertex_keys, None) if serial else (keys, vertex_entry)
-        k.launch("crf_neighbours", m * dp1, *key_args, I32(m), I32(d), table, U32(cap - 1), lat.nbr)
+        if box is not None:
+            k.launch("crf_neighbours_dense", m * dp1, vertex_keys, I32(m), box.buf, table, lat.nbr)
+        else:
+            k.launch("crf_neighbours", m * dp1, *key_args, I32(m), I32(d), table, U32(cap - 1), lat.nbr)
 
         # The list splats read per-vertex entry lists with their weights in list_w; the scatter
         # splat reads the entries as they are, and list_w takes the update's coefficients instead
@@ -398,6 +432,27 @@ class DenseCRFDriver:
         else:
             self._exclusive_scan(sums, n_chunks, sums, level + 1)
         self.k.launch("crf_scan_apply", max(n_chunks, 1), counts, I32(n), I32(chunk), sums, I32(n_chunks), out)
+
+    def _dense_box(self, keys: Buffer, e: int, d: int, flags: Buffer, h: int, w: int, sxy: float, srgb: float,
+                   scratch: str) -> _KeyBox | None:
+        """The box of a spatial lattice's keys where its vertices are to be found in a table indexed
+        by the keys ("spatial_table": "dense"), else None: other lattices, or a box of more than
+        DENSE_SLOTS_PER_ENTRY slots per entry (a spatial bandwidth well below a pixel), which the
+        hash table takes instead."""
+        if d != SPATIAL_D or self.choices["spatial_table"] != "dense":
+            return None
+        buf = self._buf(scratch + "box", 16)
+        self.k.launch("crf_key_box", 1, keys, I32(e), buf)
+        if int(self.k.download(flags, (1,), np.int32)[0]):  # a key overflowed: the keys are not all there
+            self._raise_key_overflow(d, h, w, sxy, srgb)
+        _, _, span0, span1 = (int(v) for v in self.k.download(buf, (4,), np.int32))
+        slots = span0 * span1
+        return _KeyBox(buf, slots) if slots <= DENSE_SLOTS_PER_ENTRY * e else None
+
+    @staticmethod
+    def _raise_key_overflow(d: int, h: int, w: int, sxy: float, srgb: float):
+        raise CRFInputError(f"lattice coordinates overflow 16 bits: the {'spatial' if d == SPATIAL_D else 'bilateral'} "
+                            f"bandwidth (xy {sxy}, rgb {srgb}) is too small for a {h}x{w} image")
 
     def _filter(self, lat: _Lattice, values: Buffer, prescale: Buffer | None, s: int) -> None:
         """Splat ``values`` (N rows of s floats) and blur; the result is left in lat.result."""

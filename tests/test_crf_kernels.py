@@ -250,6 +250,41 @@ def test_embedding_16_pixels_at_once_gives_the_same_bits(image):
         assert got[0][2][0] == (sxy < 0.01)  # the key overflow is reported either way
 
 
+@pytest.mark.parametrize("image, params, dense", [
+    ("astronaut", CRFParams(), True),                                   # DeepLab's: 0.3 slots per entry
+    ("noise", CRFParams(pos_xy_std=1.0, normalization="symmetric"), True),  # 2.7 slots per entry
+    ("astronaut", CRFParams(pos_xy_std=0.3), False),                    # ~30 per entry: the hash table
+])
+def test_dense_spatial_table_gives_the_hash_tables_lattice(image, params, dense):
+    """The CPU finds the spatial lattice's vertices in a table indexed by their 2-D keys: the same
+    vertices, numbering and blur neighbours as the hash table, so the same bits; where the keys'
+    box would be too large a table, the hash table is used."""
+    from crf import _driver
+    from crf.driver import DenseCRFDriver
+
+    img = photo("astronaut", 150) if image == "astronaut" else \
+        np.random.default_rng(3).integers(0, 256, (70, 93, 3), dtype=np.uint8)
+    h, w = img.shape[:2]
+    s = smooth_logits(h, w, 4, seed=3)
+    k = _driver("cpu").k
+    runs = {}
+    for table in ("dense", "hash"):
+        d = DenseCRFDriver(k, spatial_table=table)
+        k.profile = {}
+        try:
+            out = d.run(s, img, h, w, 4, params)[0]
+            kernels = set(k.kernel_times())
+        finally:
+            k.profile = None
+        lat = d._spatial
+        nbr = lat.nbr.owner[lat.nbr.ptr - lat.nbr.owner.ctypes.data:][:lat.m * 3 * 2 * 4].view(np.int32).copy()
+        runs[table] = (out, dict(d.last_vertices), nbr, kernels)
+    (out, vertices, nbr, kernels), (ref, ref_vertices, ref_nbr, ref_kernels) = runs["dense"], runs["hash"]
+    assert np.array_equal(out, ref) and vertices == ref_vertices and np.array_equal(nbr, ref_nbr)
+    assert ("crf_insert_dense" in kernels) == dense and "crf_insert_dense" not in ref_kernels
+    assert ("crf_neighbours_dense" in kernels) == dense
+
+
 def test_bad_driver_choices_are_refused():
     from crf import _driver
     from crf.driver import DenseCRFDriver
@@ -261,6 +296,8 @@ def test_bad_driver_choices_are_refused():
         DenseCRFDriver(k, label_chunks=4)
     with pytest.raises(ValueError, match="splat must be one of.*'sideways'"):
         DenseCRFDriver(k, splat="sideways")
+    with pytest.raises(ValueError, match="spatial_table must be one of.*'sparse'"):
+        DenseCRFDriver(k, spatial_table="sparse")
 
 
 @pytest.mark.parametrize("choices", ["cpu", "gpu"])

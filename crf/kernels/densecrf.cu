@@ -480,6 +480,76 @@ extern "C" __global__ void crf_neighbours(const short* keys, const int* vertex_e
     nbr[t * 2 + 1] = b < 0 ? M : b;
 }
 
+// The spatial lattice's keys (d = 2) on the CPU ("spatial_table": "dense"): a table indexed by
+// the key itself, slot (k0 - box[0]) * box[3] + (k1 - box[1]), in place of the hash table: no
+// hashing, no probing and no key comparison. The keys' box: box[0], box[1] their minima,
+// box[2], box[3] the spans (max - min + 1). One thread.
+extern "C" __global__ void crf_key_box(const short* keys, int n_entries, int* box)
+{
+    if (crf_tid() != 0) return;
+    int lo0 = 32767, lo1 = 32767, hi0 = -32768, hi1 = -32768;
+    for (int e = 0; e < n_entries; e++) {
+        const int k0 = keys[2 * (long long)e], k1 = keys[2 * (long long)e + 1];
+        lo0 = k0 < lo0 ? k0 : lo0;
+        hi0 = k0 > hi0 ? k0 : hi0;
+        lo1 = k1 < lo1 ? k1 : lo1;
+        hi1 = k1 > hi1 ? k1 : hi1;
+    }
+    box[0] = lo0;
+    box[1] = lo1;
+    box[2] = n_entries ? hi0 - lo0 + 1 : 0;
+    box[3] = n_entries ? hi1 - lo1 + 1 : 0;
+}
+
+// The dense table's slot of a 2-D key, or -1 outside the box.
+template <typename K>
+__device__ __forceinline__ long long crf_dense_slot(const K* key, const int* box)
+{
+    const int a = key[0] - box[0], b = key[1] - box[1];
+    if (a < 0 || a >= box[2] || b < 0 || b >= box[3]) return -1;
+    return (long long)a * box[3] + b;
+}
+
+// crf_insert_serial with the dense table (every slot -1 before): the same vertices, numbering,
+// vertex keys, offsets and weight sums. fill[0] := the vertex count (the table cannot fill up).
+extern "C" __global__ void crf_insert_dense(const short* keys, int n_entries, const int* box, int* table, int* fill,
+                                            short* vertex_keys, int* offsets, const float* weights,
+                                            float* weight_sums)
+{
+    if (crf_tid() != 0) return;
+    int m = 0;
+    for (int e = 0; e < n_entries; e++) {
+        const short* key = keys + 2 * (long long)e;
+        int* slot = table + crf_dense_slot(key, box);
+        int v = *slot;
+        if (v < 0) {
+            *slot = v = m++;
+            vertex_keys[2 * (long long)v] = key[0];
+            vertex_keys[2 * (long long)v + 1] = key[1];
+            if (weight_sums) weight_sums[v] = weights[e];
+        } else if (weight_sums) {
+            weight_sums[v] += weights[e];
+        }
+        offsets[e] = v;
+    }
+    fill[0] = m;
+}
+
+// crf_neighbours with the dense table (vertex keys as crf_insert_serial's): the same nbr.
+extern "C" __global__ void crf_neighbours_dense(const short* vertex_keys, int M, const int* box, const int* table,
+                                                int* nbr)
+{
+    const int t = crf_tid();
+    if (t >= M * 3) return;
+    const int v = t % M, j = t / M;
+    int n1[2], n2[2];
+    crf_neighbour_keys(vertex_keys + 2 * (long long)v, j, 2, n1, n2);
+    const long long s1 = crf_dense_slot(n1, box), s2 = crf_dense_slot(n2, box);
+    const int a = s1 < 0 ? -1 : table[s1], b = s2 < 0 ? -1 : table[s2];
+    nbr[t * 2] = a < 0 ? M : a;
+    nbr[t * 2 + 1] = b < 0 ? M : b;
+}
+
 // Entry lists per vertex (CSR), so that splatting is a gather without float atomics.
 extern "C" __global__ void crf_count(const int* offsets, int n_entries, int* counts)
 {
