@@ -67,8 +67,10 @@ def timed(fn):
 
 
 def hold_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory in the process: no allocation served by mmap (whose
-    free is an munmap) and no trimming of the heap's top. False where that is not glibc."""
+    """Make glibc's malloc keep freed memory in the process: one arena for every thread (other
+    threads' arenas serve large blocks by mmap and unmap whole heaps whatever the settings), no
+    allocation served by mmap (whose free is an munmap) and no trimming of the heap's top. False
+    where that is not glibc."""
     import ctypes
 
     try:
@@ -76,13 +78,22 @@ def hold_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's malloc.h
+    return (bool(mallopt(m_arena_max, 1)) and bool(mallopt(m_mmap_max, 0))
+            and bool(mallopt(m_trim_threshold, 2**31 - 1)))
 
 
 def free_page_reporting() -> bool:
-    """Whether this (virtual) machine's kernel reports free pages to its host, which discards them."""
-    return Path("/sys/module/page_reporting").exists()
+    """Whether this virtual machine reports free pages to its host, which discards them: a
+    virtio balloon bound to its driver with the reporting feature (bit 5, VIRTIO_BALLOON_F_REPORTING)."""
+    for device in Path("/sys/bus/virtio/drivers/virtio_balloon").glob("virtio*"):
+        try:
+            features = (device / "features").read_text().strip()
+        except OSError:
+            continue
+        if len(features) > 5 and features[5] == "1":
+            return True
+    return False
 
 
 def start_contenders(n: int) -> list:
@@ -206,7 +217,9 @@ def callgrind_instructions(size: str, labels: int, overrides: dict, library: Pat
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["500x375", "1024x768"], choices=list(SIZES),
-                    help="2048x2048 (the largest size the kernels are specified for) is left out by default: ~2.3 GB")
+                    help="2048x2048 (the largest size the kernels are specified for) is left out by default: ~2.3 GB "
+                         "for the CRF, and every cell's inputs are held for the whole run (~0.5 GB for the default grid, "
+                         "~2.2 GB more with 2048x2048)")
     ap.add_argument("--labels", nargs="+", type=int, default=list(LABELS), help="label counts (default: %(default)s)")
     ap.add_argument("--backends", nargs="+", default=["cpu", "gpu"], choices=["cpu", "gpu", "numpy"])
     ap.add_argument("--runs", type=int, default=5)
@@ -321,7 +334,7 @@ def measure_cell(cell: Cell) -> dict:
         if b + " cold" in times:
             e["cold_median_ms"] = statistics.median(times[b + " cold"])
             e["cold_runs_ms"] = times[b + " cold"]
-            # paired: each cold call ran right after a warm one (a slow spell hits both alike)
+            # paired: each cold call against the warm call of the same round (a slow spell hits both alike)
             e["cold_over_warm"] = statistics.median(c / w for w, c in zip(t, times[b + " cold"]))
         if "pydensecrf2" in entry:
             t_ref = entry["pydensecrf2"]["median_ms"]

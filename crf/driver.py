@@ -259,9 +259,6 @@ class DenseCRFDriver:
             lat.lists = rank = self._buf(lat.tag + "lists", (e + 1) * 4)
         lat.offsets = self._buf(lat.tag + "offsets", e * 4)
         fill = Buffer(8, flags.ptr + 4, flags.owner)
-        # Hash table: first sized for a typical vertex count (photographs give 3-5 % of the entries;
-        # this takes up to 1/12 of them in a table that stays in cache), then, if it fills up,
-        # for the worst case (every entry its own vertex), which can never fill.
         box = self._dense_box(keys, e, d, flags, h, w, sxy, srgb, scratch) if serial else None
         if box is not None:  # the spatial lattice: a table indexed by its 2-D keys themselves
             table = self._buf(scratch + "table", box.slots * 4)

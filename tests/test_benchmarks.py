@@ -1,6 +1,7 @@
 """Benchmark helpers whose logic decides what a benchmark reports (not the benchmarks themselves)."""
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import subprocess
@@ -123,7 +124,7 @@ import numpy as np
 sys.path.insert(0, "benchmarks")
 from crf_bench import hold_freed_memory
 libc = ctypes.CDLL(None)
-libc.sbrk.restype = ctypes.c_void_p
+libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
 def in_heap():
     a = np.empty(64 << 20, np.uint8)
     return a.ctypes.data < libc.sbrk(0), a.ctypes.data
@@ -133,8 +134,11 @@ assert hold_freed_memory()
 print(before, first, second, at == again)
 """
     root = Path(__file__).resolve().parents[1]
+    # glibc's malloc as configured by nothing but the call under test (no tunables, no other malloc)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=root).stdout.split()
+                         cwd=root, env=env).stdout.split()
     assert out == ["False", "True", "True", "True"]
 
 
