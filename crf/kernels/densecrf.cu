@@ -270,15 +270,20 @@ __device__ __forceinline__ void crf_embed_run(int i0, int n, const unsigned char
         for (int p = 0; p < n; p++) bary[r][p] = by_rank[d - r][p] - by_rank[d - r + 1][p];
     for (int p = 0; p < n; p++) bary[d + 1][p] = -by_rank[0][p];
     for (int p = 0; p < n; p++) bary[0][p] = crf_first_weight(bary[0][p], bary[d + 1][p]);
-    int bad = 0;
+    // Each pixel's smallest and largest key coordinate, for the 16-bit check after the loop: lane
+    // by lane, so the loop stays vector code (an "any out of range" flag made GCC extract every lane).
+    int lo[CRF_MAX_PIXELS_PER_THREAD], hi[CRF_MAX_PIXELS_PER_THREAD];
+    for (int p = 0; p < n; p++) lo[p] = hi[p] = 0;
     for (int r = 0; r <= d; r++) {
         short key[CRF_MAX_D][CRF_MAX_PIXELS_PER_THREAD];
         for (int k = 0; k < d; k++) {
-            int kv[CRF_MAX_PIXELS_PER_THREAD];
             CRF_SIMD
-            for (int p = 0; p < n; p++) kv[p] = crf_vertex_coordinate(rem0[k][p], rank[k][p], r, d);
-            for (int p = 0; p < n; p++) bad |= kv[p] < -32768 || kv[p] > 32767;
-            for (int p = 0; p < n; p++) key[k][p] = (short)kv[p];
+            for (int p = 0; p < n; p++) {
+                const int kv = crf_vertex_coordinate(rem0[k][p], rank[k][p], r, d);
+                lo[p] = kv < lo[p] ? kv : lo[p];
+                hi[p] = kv > hi[p] ? kv : hi[p];
+                key[k][p] = (short)kv;
+            }
         }
         for (int p = 0; p < n; p++) {
             const int e = (i0 + p) * (d + 1) + r;
@@ -286,6 +291,8 @@ __device__ __forceinline__ void crf_embed_run(int i0, int n, const unsigned char
             weights[e] = bary[r][p];
         }
     }
+    int bad = 0;
+    for (int p = 0; p < n; p++) bad |= lo[p] < -32768 || hi[p] > 32767;
     if (bad) overflow[0] = 1;
 }
 
