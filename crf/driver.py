@@ -345,7 +345,7 @@ class DenseCRFDriver:
         k.launch("crf_normaliser", n, lat.norm, I32(n), I32(1 if symmetric else 0), lat.norm)  # in place
         self._zero_row(lat, s)  # for the label filters of every iteration (rows of s floats)
         lat.coef = lat.list_w if self.splat == "scatter" else lat.weights
-        k.launch("crf_coefficients", e, lat.weights, lat.norm, I32(dp1), I32(n), F32(np.float32(lat.weight) * lat.alpha),
+        k.launch("crf_coefficients", n, lat.weights, lat.norm, I32(dp1), I32(n), F32(np.float32(lat.weight) * lat.alpha),
                  lat.coef)
 
     def _beside(self, build: Callable[..., None], builds: list, then: Callable[[], None]) -> float | None:

@@ -895,9 +895,10 @@ extern "C" __global__ void crf_normaliser(const float* ones_filtered, int N, int
 extern "C" __global__ void crf_coefficients(const float* weights, const float* norm, int dp1, int N, float scale,
                                             float* coef)
 {
-    const int e = crf_tid();
-    if (e >= N * dp1) return;
-    coef[e] = scale * norm[e / dp1] * weights[e];
+    const int i = crf_tid();  // a pixel per thread: no integer division per entry on the CPU
+    if (i >= N) return;
+    const float f = scale * norm[i];
+    for (int r = 0; r < dp1; r++) coef[i * dp1 + r] = f * weights[i * dp1 + r];
 }
 
 // max of q[0..n): eight running maxima, so that the CPU build compares whole vectors (one running
