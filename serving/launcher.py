@@ -12,8 +12,8 @@ once into the cache with pip: the Python backend of that server needs numpy < 2,
 Python has. Triton does not start a model process (the Python backend's stub) again when one dies
 (killed, out of memory): its requests then fail with "Stub process is not healthy" while the model
 still reads as ready, and loading the model again through Triton's repository API hangs on the dead
-instance (Triton 2.51). So a watchdog sees a stub go and restarts the server on the same ports (a
-few seconds; requests meanwhile are refused).
+instance (Triton 2.51). So a watchdog sees a stub go, or the server itself crash (a dead stub can
+abort it), and restarts the server on the same ports (a few seconds; requests meanwhile are refused).
 
 What a server leaves in the file system carries the process id of its owner (the process that
 started it): its temporary folder <tmp>/deeplab-triton-<pid>-*, the Python backend's shared memory
@@ -321,15 +321,25 @@ class TritonServer:
         return "\n".join(text.splitlines()[-lines:])
 
 
+#: exit statuses of a server that was stopped on purpose (SIGTERM, SIGINT) or ended cleanly: not restarted
+_STOPPED = (0, -signal.SIGTERM, -signal.SIGINT)
+
+
 def _watch(server: TritonServer, interval: float = 0.5) -> None:
-    """Restart the server whenever fewer stub processes run than after the last start."""
+    """Restart the server whenever fewer stub processes run than after the last start, or the
+    server itself crashed (a dead stub can take the server down with it, SIGABRT, before the
+    stub's absence is seen)."""
     expected = len(stub_processes(server.process.pid))
-    while not server._stop.wait(interval) and server.process.poll() is None:
-        running = len(stub_processes(server.process.pid))
-        if running >= expected or server._stop.is_set():
+    while not server._stop.wait(interval):
+        status = server.process.poll()
+        if status is not None and status in _STOPPED:
+            return
+        running = len(stub_processes(server.process.pid)) if status is None else 0
+        if (status is None and running >= expected) or server._stop.is_set():
             continue
-        print(f"a model process of {MODEL_NAME!r} died ({running} of {expected} running): restarting the server",
-              file=sys.stderr, flush=True)
+        why = (f"a model process of {MODEL_NAME!r} died ({running} of {expected} running)" if status is None
+               else f"the server crashed (exit status {status})")
+        print(f"{why}: restarting the server", file=sys.stderr, flush=True)
         _end_process_group(server.process, 2.0)  # it would wait out its exit timeout on the dead stub
         _remove_regions(server.shm_prefix)  # what a server killed outright leaves
         try:

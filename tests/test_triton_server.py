@@ -230,6 +230,20 @@ def test_a_killed_model_process_is_replaced(server, local):
     assert all(np.array_equal(seg(_small(3)).labels, want) for _ in range(3))
 
 
+def test_a_crashed_server_is_restarted(server, local):
+    # A killed stub can take the server down with it (SIGABRT) before the watchdog sees the stub
+    # gone: a crash of the server itself is restarted too; a server stopped on purpose is not.
+    before, crashed = server.restarts, server.process
+    os.kill(crashed.pid, signal.SIGABRT)
+    want = local[0](_small(3)).labels
+    deadline = time.monotonic() + 60
+    while server.restarts == before:
+        assert time.monotonic() < deadline, f"not restarted after 60 s; the server's log ends:\n{server.log_tail()}"
+        time.sleep(0.5)
+    assert crashed.returncode == -signal.SIGABRT and server.process is not crashed
+    assert np.array_equal(TritonSegmenter(server.http_url)(_small(3)).labels, want)
+
+
 # -- the tools' bad input -------------------------------------------------------------------------
 def test_repository_tool_refuses_a_missing_model_and_an_unwritable_folder(tmp_path, capsys):
     assert triton_repo.main([str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "r")]) == 2
