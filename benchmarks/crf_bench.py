@@ -126,7 +126,7 @@ def judge(result: dict) -> list:
         out.append((f"{name} (worst: {where})", worst, TARGETS[name], worst >= TARGETS[name]))
     # a cold call against the warm call just before it, in the same round (the median over the
     # rounds); results saved before runs were paired: the ratio of the medians
-    cold = [(e.get("cold_over_warm", e.get("cold_median_ms", 0) / e["median_ms"]), f"{s} {c} labels")
+    cold = [(e.get("cold_over_warm", e["cold_median_ms"] / e["median_ms"]), f"{s} {c} labels")
             for s, c, e in cells if "cold_median_ms" in e]
     if cold:
         worst, where = max(cold)
@@ -275,10 +275,10 @@ class Cell:
         unary = self.unary
         for b in backends:  # warm up (compile / build once)
             refine_unary(unary, img, p, backend=b)
+        self.contenders = {b: (lambda b=b: refine_unary(unary, img, p, backend=b)) for b in backends}
         # Before each run of this cell, an untimed call of each compiled backend: the spatial lattice,
         # which depends on the size and label count only, is then the one a warm call keeps.
-        self.prepare = [lambda b=b: refine_unary(unary, img, p, backend=b) for b in backends if b != "numpy"]
-        self.contenders = {b: (lambda b=b: refine_unary(unary, img, p, backend=b)) for b in backends}
+        self.prepare = [self.contenders[b] for b in backends if b != "numpy"]
         # "cold": nothing kept from the previous call
         for b in [b for b in backends if b != "numpy"]:
             self.contenders[b + " cold"] = lambda b=b: (_driver(b).clear_cache(),

@@ -270,32 +270,33 @@ class DenseCRFDriver:
             k.launch("crf_insert_dense", 1, keys, I32(e), box.buf, table, fill, vertex_keys, lat.offsets,
                      lat.weights, sums)
             taken = int(k.download(fill, (1,), np.int32)[0])
-        # Hash table: first sized for a typical vertex count (photographs give 3-5 % of the entries;
-        # this takes up to 1/12 of them in a table that stays in cache), then, if it fills up,
-        # for the worst case (every entry its own vertex), which can never fill.
-        small, worst = _next_pow2(-(-e // 8)), _next_pow2(math.ceil(1.5 * e))
-        for cap, limit in ((small, small // 2), (worst, e + 1)) if box is None else ():  # (slots, vertices it may take)
-            table = self._buf(scratch + "table", cap * 4)
-            self._fill_int(table, cap, -1)
-            self._fill_int(fill, 2, 0)
-            if before_insert is not None:
-                before_insert()
-                before_insert = None
-            if serial:  # numbered as inserted: table, vertex keys and offsets in one pass
-                vertex_keys = self._buf(scratch + "vertex_keys", limit * d * 2)
-                sums = self._buf(scratch + "weight_sums", (limit + 1) * 4) if self._insertion_sums_ones else None
-                k.launch("crf_insert_serial", 1, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill,
-                         vertex_keys, lat.offsets, lat.weights, sums)
-            else:
-                k.launch("crf_hash_insert", e, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill, slot_of)
-                k.launch("crf_mark_first", e, slot_of, table, I32(e), rank)
-                self._exclusive_scan(rank, e, rank)  # in place: flags -> ranks, rank[e] = vertex count
-            # the build's sync: whether the table held, and the vertex count, which sizes what follows
-            key_overflow, taken, too_full = (int(v) for v in k.download(flags, (3,), np.int32))
-            if key_overflow:
-                self._raise_key_overflow(d, h, w, sxy, srgb)
-            if not too_full:
-                break
+        else:
+            # Hash table: first sized for a typical vertex count (photographs give 3-5 % of the entries;
+            # this takes up to 1/12 of them in a table that stays in cache), then, if it fills up,
+            # for the worst case (every entry its own vertex), which can never fill.
+            small, worst = _next_pow2(-(-e // 8)), _next_pow2(math.ceil(1.5 * e))
+            for cap, limit in ((small, small // 2), (worst, e + 1)):  # (slots, vertices it may take)
+                table = self._buf(scratch + "table", cap * 4)
+                self._fill_int(table, cap, -1)
+                self._fill_int(fill, 2, 0)
+                if before_insert is not None:
+                    before_insert()
+                    before_insert = None
+                if serial:  # numbered as inserted: table, vertex keys and offsets in one pass
+                    vertex_keys = self._buf(scratch + "vertex_keys", limit * d * 2)
+                    sums = self._buf(scratch + "weight_sums", (limit + 1) * 4) if self._insertion_sums_ones else None
+                    k.launch("crf_insert_serial", 1, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill,
+                             vertex_keys, lat.offsets, lat.weights, sums)
+                else:
+                    k.launch("crf_hash_insert", e, keys, I32(e), I32(d), table, U32(cap - 1), I32(limit), fill, slot_of)
+                    k.launch("crf_mark_first", e, slot_of, table, I32(e), rank)
+                    self._exclusive_scan(rank, e, rank)  # in place: flags -> ranks, rank[e] = vertex count
+                # the build's sync: whether the table held, and the vertex count, which sizes what follows
+                key_overflow, taken, too_full = (int(v) for v in k.download(flags, (3,), np.int32))
+                if key_overflow:
+                    self._raise_key_overflow(d, h, w, sxy, srgb)
+                if not too_full:
+                    break
         m = taken if serial else int(k.download(Buffer(4, rank.ptr + e * 4, rank.owner), (1,), np.int32)[0])
         self._check_counts(h, w, s, {"fixed-point vertex sums": (m + 1) * s * 2, "vertex rows": (m + 1) * s,
                                      "blur neighbours": m * dp1 * 2})

@@ -332,13 +332,17 @@ def _watch(server: TritonServer, interval: float = 0.5) -> None:
     expected = len(stub_processes(server.process.pid))
     while not server._stop.wait(interval):
         status = server.process.poll()
-        if status is not None and status in _STOPPED:
+        if status in _STOPPED:
             return
-        running = len(stub_processes(server.process.pid)) if status is None else 0
-        if (status is None and running >= expected) or server._stop.is_set():
-            continue
-        why = (f"a model process of {MODEL_NAME!r} died ({running} of {expected} running)" if status is None
-               else f"the server crashed (exit status {status})")
+        if status is None:
+            running = len(stub_processes(server.process.pid))
+            if running >= expected:
+                continue
+            why = f"a model process of {MODEL_NAME!r} died ({running} of {expected} running)"
+        else:
+            why = f"the server crashed (exit status {status})"
+        if server._stop.is_set():
+            return
         print(f"{why}: restarting the server", file=sys.stderr, flush=True)
         _end_process_group(server.process, 2.0)  # it would wait out its exit timeout on the dead stub
         _remove_regions(server.shm_prefix)  # what a server killed outright leaves
