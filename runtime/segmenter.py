@@ -245,18 +245,21 @@ class Segmenter(ClassAccessors):
             t2 = time.perf_counter()
             nh, nw = net_img.shape[:2]
             crop = pipe.crop(scores, shape, j, nh, nw)
-            pipe.mark("start")  # the crop counts in postprocess, as in the wall-clock timings
             if (isinstance(pipe, DevicePipeline) and pipe.driver is not None and self.crf_params is not None
                     and s == 1.0 and nh * nw <= self.limits.crf_pixels(c)):
                 timings["postprocess"] = _ms(t2)
                 check_deadline(call.deadline, 0, self.crf_params.iterations)
                 t2 = time.perf_counter()
+                # After t2: the marked "crf" stage lies inside the wall-clock one (the crop counts in
+                # postprocess in both), so its time can never exceed it.
+                pipe.mark("start")
                 labels, probs = pipe.labels(crop, img, c, self.crf_params, call.probabilities, name)
                 timings["crf"] = _ms(t2)
                 full = pipe.download(crop, c, nh, nw) if call.scores else None
                 timings["total"] = sum(timings.values())
                 result = Segmentation(labels, probs, timings, img, full, 1.0)
             else:
+                pipe.mark("start")
                 sc = pipe.download(crop, c, nh, nw)
                 timings["postprocess"] = _ms(t2)
                 result = self._finish_on_host(sc, img, s, name, timings, call)
