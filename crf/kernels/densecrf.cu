@@ -901,16 +901,19 @@ extern "C" __global__ void crf_coefficients(const float* weights, const float* n
     for (int r = 0; r < dp1; r++) coef[i * dp1 + r] = f * weights[i * dp1 + r];
 }
 
-// max of q[0..n): eight running maxima, so that the CPU build compares whole vectors (one running
-// maximum is a chain of n dependent scalar compares: a serial reduction the compiler may not
-// reorder without fast-math). The maximum does not depend on the order: same result on both targets.
+// max of q[0..n): eight running maxima, a vector register on the CPU (one running maximum is a
+// chain of n dependent scalar compares: a serial reduction the compiler may not reorder without
+// fast-math). Unmarked, GCC kept the eight in scalar registers, a vmaxss per label. The maximum
+// does not depend on the order: same result on both targets.
 __device__ __forceinline__ float crf_row_max(const float* q, int n)
 {
     float m8[8];
     for (int j = 0; j < 8; j++) m8[j] = -3.402823466e38f;
     int l = 0;
-    for (; l + 8 <= n; l += 8)
+    for (; l + 8 <= n; l += 8) {
+        CRF_SIMD
         for (int j = 0; j < 8; j++) m8[j] = q[l + j] > m8[j] ? q[l + j] : m8[j];  // not fmaxf: a libm call on the CPU
+    }
     for (; l < n; l++) m8[0] = q[l] > m8[0] ? q[l] : m8[0];
     float m = m8[0];
     for (int j = 1; j < 8; j++) m = m8[j] > m ? m8[j] : m;
