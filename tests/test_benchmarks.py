@@ -142,6 +142,25 @@ print(before, first, second, at == again)
     assert out == ["False", "True", "True", "True"]
 
 
+def test_crf_bench_without_mallopt_asks_for_freed_memory_release(monkeypatch, capsys):
+    """A C library without glibc's mallopt (musl, macOS) cannot hold freed memory: the default
+    --freed-memory hold is refused before anything is measured, naming the way out."""
+    import ctypes
+
+    from benchmarks import crf_bench
+
+    class NoMallopt:
+        def __init__(self, name):
+            pass
+
+    monkeypatch.setattr(ctypes, "CDLL", NoMallopt)
+    monkeypatch.setattr(crf_bench, "run", lambda *a: pytest.fail("measured without holding freed memory"))
+    with pytest.raises(SystemExit) as exit_info:
+        crf_bench.main(["--sizes", "500x375", "--labels", "2"])
+    assert exit_info.value.code == 2
+    assert "--freed-memory release" in capsys.readouterr().err
+
+
 def test_crf_bench_judges_cold_against_the_warm_call_of_the_same_round():
     from benchmarks.crf_bench import judge
 
