@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import signal
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from serving.client import COMPUTE_STEPS, ModelStats, TritonSegmenter
 from serving.contract import MODEL_NAME
 from serving.repository import RepositoryError, write_repository
 from tools.benchmark import parse_on_off, parse_size, positive_seconds
-from tools.cli import int_at_least, refuse_unwritable
+from tools.cli import int_at_least, refuse_unwritable, seconds
 
 MAX_CLIENTS = 256
 PROTOCOL_NAMES = {"http": "HTTP", "grpc": "gRPC"}
@@ -81,14 +80,7 @@ def parse_crf_settings(s: str) -> List[bool]:
     return out
 
 
-def parse_warmup(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {s!r}") from None
-    if not v >= 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {s!r}")
-    return v
+parse_warmup = seconds(zero_allowed=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

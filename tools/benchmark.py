@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 from runtime.backend_choice import BACKENDS
 
-from .cli import int_at_least, plain_warnings, refuse_unwritable, write_output
+from .cli import int_at_least, plain_warnings, refuse_unwritable, seconds, write_output
 
 CONFIG_KEYS = ("model", "backend", "crf", "size", "batch", "threads", "label")
 MAX_THREADS = 256  # the CPU CRF's thread pool limit
@@ -92,14 +91,7 @@ def parse_config(s: str) -> Dict[str, Any]:
     return out
 
 
-def positive_seconds(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {s!r}") from None
-    if not v > 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {s!r}")
-    return v
+positive_seconds = seconds()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import warnings
 
 
@@ -34,6 +35,19 @@ def int_in(low: int, high: int):
         if n > high:
             raise argparse.ArgumentTypeError(f"must be <= {high}, got {n}")
         return n
+    return parse
+
+
+def seconds(zero_allowed: bool = False):
+    """An argparse type: a finite number of seconds, > 0 (>= 0 where zero_allowed)."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected seconds, got {s!r}") from None
+        if math.isinf(v) or not (v >= 0 if zero_allowed else v > 0):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero_allowed else '>'} 0 seconds, got {s!r}")
+        return v
     return parse
 
 
