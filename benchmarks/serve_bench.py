@@ -39,7 +39,7 @@ from serving import launcher
 from serving.client import COMPUTE_STEPS, ModelStats, TritonSegmenter
 from serving.contract import MODEL_NAME
 from serving.repository import RepositoryError, write_repository
-from tools.benchmark import parse_on_off, parse_size, positive_seconds
+from tools.benchmark import parse_on_off, parse_size
 from tools.cli import int_at_least, refuse_unwritable, seconds
 
 MAX_CLIENTS = 256
@@ -80,9 +80,6 @@ def parse_crf_settings(s: str) -> List[bool]:
     return out
 
 
-parse_warmup = seconds(zero_allowed=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="the .onnx to serve (a repository is written for it)")
@@ -95,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--protocol", choices=("http", "grpc"), default="http", help="default http")
     ap.add_argument("--concurrency", type=parse_concurrency, default=[1, 2, 4, 8], metavar="N,N,...",
                     help="client threads per window (default 1,2,4,8)")
-    ap.add_argument("--duration", type=positive_seconds, default=10.0, help="measured seconds per window (default 10)")
-    ap.add_argument("--warmup", type=parse_warmup, default=2.0, help="seconds of load before each window (default 2)")
+    ap.add_argument("--duration", type=seconds(), default=10.0, help="measured seconds per window (default 10)")
+    ap.add_argument("--warmup", type=seconds(zero_allowed=True), default=2.0,
+                    help="seconds of load before each window (default 2)")
     ap.add_argument("--crf", type=parse_crf_settings, default=[True, False], metavar="on,off",
                     help="CRF settings, in order (default on,off)")
     image = ap.add_mutually_exclusive_group()

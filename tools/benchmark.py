@@ -91,9 +91,6 @@ def parse_config(s: str) -> Dict[str, Any]:
     return out
 
 
-positive_seconds = seconds()
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="ONNX model (deeplab-export) or TensorRT plan")
@@ -109,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int_at_least(0), default=3, help="calls before measuring (default 3)")
     how_long = ap.add_mutually_exclusive_group()
     how_long.add_argument("--runs", type=int_at_least(1), help="measured calls per configuration (default 20)")
-    how_long.add_argument("--duration", type=positive_seconds, help="seconds of calls per configuration instead")
+    how_long.add_argument("--duration", type=seconds(), help="seconds of calls per configuration instead")
     ap.add_argument("--block", type=int_at_least(1), default=5,
                     help="calls of one configuration before the next one's (default 5)")
     ap.add_argument("--json", help="write the report here")
