@@ -362,6 +362,22 @@ extern "C" __global__ void crf_hash_insert(const short* keys, int n_entries, int
     }
 }
 
+// Entry e's bookkeeping in the serial insertions (crf_insert_serial, crf_insert_dense), once its
+// vertex v is known: a new vertex gets the key and the entry's weight as its first sum, a known
+// one adds the weight; the entry's offset is v.
+__device__ __forceinline__ void crf_serial_entry(int e, int v, bool is_new, const short* key, int d,
+                                                 short* vertex_keys, int* offsets, const float* weights,
+                                                 float* weight_sums)
+{
+    if (is_new) {
+        for (int k = 0; k < d; k++) vertex_keys[(long long)v * d + k] = key[k];
+        if (weight_sums) weight_sums[v] = weights[e];
+    } else if (weight_sums) {
+        weight_sums[v] += weights[e];
+    }
+    offsets[e] = v;
+}
+
 // The CPU's insertion (crf/driver.py "insert": "serial"): one thread walks the entries in order,
 // so a vertex is numbered when its first entry arrives, which is the numbering crf_hash_insert +
 // crf_mark_first + the scan + crf_number_vertices + crf_offsets make in five passes with atomics:
@@ -390,14 +406,11 @@ extern "C" __global__ void crf_insert_serial(const short* keys, int n_entries, i
                     return;
                 }
                 table[h] = m;
-                for (int k = 0; k < d; k++) vertex_keys[(long long)m * d + k] = key[k];
-                if (weight_sums) weight_sums[m] = weights[e];
-                offsets[e] = m++;
+                crf_serial_entry(e, m++, true, key, d, vertex_keys, offsets, weights, weight_sums);
                 break;
             }
             if (crf_same_key(vertex_keys + (long long)v * d, key, d)) {
-                if (weight_sums) weight_sums[v] += weights[e];
-                offsets[e] = v;
+                crf_serial_entry(e, v, false, key, d, vertex_keys, offsets, weights, weight_sums);
                 break;
             }
             h = (h + 1) & mask;
@@ -528,16 +541,9 @@ extern "C" __global__ void crf_insert_dense(const short* keys, int n_entries, co
     for (int e = 0; e < n_entries; e++) {
         const short* key = keys + 2 * (long long)e;
         int* slot = table + crf_dense_slot(key, box);
-        int v = *slot;
-        if (v < 0) {
-            *slot = v = m++;
-            vertex_keys[2 * (long long)v] = key[0];
-            vertex_keys[2 * (long long)v + 1] = key[1];
-            if (weight_sums) weight_sums[v] = weights[e];
-        } else if (weight_sums) {
-            weight_sums[v] += weights[e];
-        }
-        offsets[e] = v;
+        const bool is_new = *slot < 0;
+        if (is_new) *slot = m++;
+        crf_serial_entry(e, *slot, is_new, key, 2, vertex_keys, offsets, weights, weight_sums);
     }
     fill[0] = m;
 }
